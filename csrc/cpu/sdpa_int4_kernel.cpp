@@ -1,0 +1,462 @@
+// Fused attention over an affine-quantized KV cache, one work unit at a time.
+//
+// Compiled once per instruction set (TQMETAL_ISA = generic / avx2 / avx512) from
+// this one portable source: GCC/Clang vector extensions lower to AVX-512, AVX2,
+// SSE or NEON, so the same code also builds for arm64.
+//
+// Layout trick (after MLX's qdot): a chunk of 2W elements is unpacked into two
+// W-lane vectors without any per-element shift. For 4 bits, the low nibbles of W
+// bytes are the chunk's even elements and the high nibbles its odd ones; for 8
+// bits the halves are the first and last W bytes. Queries and the V accumulator
+// are stored in that permuted order, so a score is
+//   scale_g * sum(q_perm * nibbles) + bias_g * sum_g(q)
+// and a V update is o_perm += (p * scale_g) * nibbles, with p * bias_g summed
+// per group and folded in at the end. Nothing dequantized is ever stored.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "cpu/sdpa_int4_problem.h"
+
+#ifndef TQMETAL_ISA
+#define TQMETAL_ISA generic
+#endif
+#define TQ_CAT2(a, b) a##b
+#define TQ_CAT(a, b) TQ_CAT2(a, b)
+
+namespace tqmetal::cpu {
+namespace TQ_CAT(isa_, TQMETAL_ISA) {
+
+constexpr int TB = 16; // tokens per softmax block (one 16-lane vector of scores)
+
+template <int W>
+struct Vec;
+template <>
+struct Vec<16> {
+  typedef float f __attribute__((vector_size(64)));
+  typedef int32_t i __attribute__((vector_size(64)));
+  typedef uint32_t u __attribute__((vector_size(64)));
+  typedef uint8_t b __attribute__((vector_size(16)));
+};
+template <>
+struct Vec<8> {
+  typedef float f __attribute__((vector_size(32)));
+  typedef int32_t i __attribute__((vector_size(32)));
+  typedef uint32_t u __attribute__((vector_size(32)));
+  typedef uint8_t b __attribute__((vector_size(8)));
+};
+
+using f16v = Vec<16>::f;
+using i16v = Vec<16>::i;
+
+template <typename V>
+inline V loadv(const float* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(V));
+  return v;
+}
+template <typename V>
+inline void storev(float* p, V v) {
+  std::memcpy(p, &v, sizeof(V));
+}
+template <typename V>
+inline V splat(float x) {
+  return V{} + x;
+}
+template <int W>
+inline float hsum(typename Vec<W>::f v) {
+  float s = 0.f;
+  for (int i = 0; i < W; ++i) {
+    s += v[i];
+  }
+  return s;
+}
+
+// 2^x for 16 lanes; exact 0 below 2^-126 so masked (-inf) scores vanish.
+inline f16v exp2v(f16v x) {
+  f16v xc = x;
+  xc = xc < -126.f ? splat<f16v>(-126.f) : xc;
+  xc = xc > 127.f ? splat<f16v>(127.f) : xc;
+  f16v t = xc + 0.5f;
+  i16v ti = __builtin_convertvector(t, i16v);
+  f16v tf = __builtin_convertvector(ti, f16v);
+  ti -= (tf > t) ? 1 : 0; // floor
+  f16v n = __builtin_convertvector(ti, f16v);
+  f16v f = xc - n; // [-0.5, 0.5]
+  f16v px = splat<f16v>(1.535336188319500e-4f);
+  px = px * f + 1.339887440266574e-3f;
+  px = px * f + 9.618437357674640e-3f;
+  px = px * f + 5.550332471162809e-2f;
+  px = px * f + 2.402264791363012e-1f;
+  px = px * f + 6.931472028550421e-1f;
+  f16v r = px * f + 1.f;
+  i16v bits = (ti + 127) << 23;
+  f16v pow2;
+  std::memcpy(&pow2, &bits, sizeof(bits));
+  r = r * pow2;
+  return (x < -126.f) ? splat<f16v>(0.f) : r;
+}
+
+inline float load_scalar(const void* base, int64_t idx, DType dt) {
+  return to_float(base, idx, dt);
+}
+
+// Convert n strided elements to float.
+inline void load_row(const void* base, int64_t off, int64_t stride, int n, DType dt, float* out) {
+  switch (dt) {
+    case DType::f32: {
+      auto* p = static_cast<const float*>(base) + off;
+      for (int i = 0; i < n; ++i) out[i] = p[i * stride];
+      break;
+    }
+    case DType::f16: {
+      auto* p = static_cast<const _Float16*>(base) + off;
+      for (int i = 0; i < n; ++i) out[i] = float(p[i * stride]);
+      break;
+    }
+    case DType::bf16: {
+      auto* p = static_cast<const uint16_t*>(base) + off;
+      for (int i = 0; i < n; ++i) {
+        uint32_t u = uint32_t(p[i * stride]) << 16;
+        std::memcpy(&out[i], &u, 4);
+      }
+      break;
+    }
+    case DType::boolean: {
+      auto* p = static_cast<const bool*>(base) + off;
+      for (int i = 0; i < n; ++i) out[i] = p[i * stride] ? 1.f : 0.f;
+      break;
+    }
+  }
+}
+
+// Position of element e of a chunk (2W elements) in the permuted chunk layout.
+template <int W, int BITS>
+constexpr int perm_pos(int e) {
+  if constexpr (BITS == 4) {
+    return (e % 2 == 0) ? e / 2 : W + e / 2;
+  } else {
+    return e;
+  }
+}
+
+// Unpack one chunk (2W elements) of a packed row into float halves a, b.
+template <int W, int BITS>
+inline void unpack_chunk(const uint8_t* bytes, typename Vec<W>::f& a, typename Vec<W>::f& b) {
+  using VB = typename Vec<W>::b;
+  using VU = typename Vec<W>::u;
+  using VF = typename Vec<W>::f;
+  if constexpr (BITS == 4) {
+    VB raw;
+    std::memcpy(&raw, bytes, W);
+    VU w = __builtin_convertvector(raw, VU);
+    a = __builtin_convertvector(w & 15u, VF);
+    b = __builtin_convertvector(w >> 4, VF);
+  } else {
+    VB r0, r1;
+    std::memcpy(&r0, bytes, W);
+    std::memcpy(&r1, bytes + W, W);
+    a = __builtin_convertvector(__builtin_convertvector(r0, VU), VF);
+    b = __builtin_convertvector(__builtin_convertvector(r1, VU), VF);
+  }
+}
+
+// Scales/biases of TB tokens for one KV head, converted once per block.
+inline void load_group_params(
+    const View4& s,
+    int b,
+    int h,
+    int64_t n0,
+    int nt,
+    int ng,
+    float* out /* [nt][ng] */) {
+  for (int t = 0; t < nt; ++t) {
+    int64_t off = b * s.st[0] + h * s.st[1] + (n0 + t) * s.st[2];
+    load_row(s.ptr, off, s.st[3], ng, s.dt, out + t * ng);
+  }
+}
+
+template <int W, int KB, int VB, int RT>
+void process_unit(const Problem& P, const Plan& plan, const Unit& u, float* partials) {
+  using VF = typename Vec<W>::f;
+  constexpr int CH = 2 * W; // elements per chunk
+  const int D = P.D;
+  const int G = P.group();
+  const int gs = P.group_size;
+  const int ng = D / gs;
+  const int nch = D / CH;
+  const int cpg = gs / CH; // chunks per group
+  const int64_t N = P.N;
+  const int64_t Ntot = P.n_total();
+  const int R = u.nrows;
+  const float log2e = 1.4426950408889634f;
+  const float qscale = P.scale * log2e; // scores live in the log2 domain
+
+  // Per-thread scratch, reused across units.
+  thread_local std::vector<float> scratch;
+  const size_t need = size_t(RT) * D * 3 + size_t(RT) * ng * 2 + size_t(TB) * ng * 4 +
+      size_t(RT) * TB + 2 * D + 64;
+  if (scratch.size() < need) {
+    scratch.assign(need, 0.f);
+  }
+  float* qk = scratch.data(); // [RT][D] permuted for KB
+  float* qn = qk + RT * D; // [RT][D] natural order (tail keys)
+  float* o = qn + RT * D; // [RT][D] permuted for VB
+  float* qsum = o + RT * D; // [RT][ng]
+  float* obias = qsum + RT * ng; // [RT][ng]
+  float* ks = obias + RT * ng; // [TB][ng]
+  float* kbias = ks + TB * ng;
+  float* vs = kbias + TB * ng;
+  float* vbias = vs + TB * ng;
+  float* sc = vbias + TB * ng; // [RT][TB] scores then weights
+  float* rowbuf = sc + RT * TB; // [D]
+  float* rowperm = rowbuf + D; // [D]
+
+  float m[RT], l[RT];
+  int64_t lim[RT]; // causal: last visible key index per row
+  int qpos[RT], qhead[RT];
+  for (int r = 0; r < RT; ++r) {
+    m[r] = -std::numeric_limits<float>::infinity();
+    l[r] = 0.f;
+    const int row = u.row0 + std::min(r, R - 1);
+    qpos[r] = row / G;
+    qhead[r] = u.hkv * G + row % G;
+    lim[r] = int64_t(qpos[r]) + Ntot - P.L;
+  }
+
+  // Queries: scaled, in natural and KB-permuted order, with per-group sums.
+  for (int r = 0; r < RT; ++r) {
+    float* dst = qn + r * D;
+    if (r < R) {
+      int64_t off = u.b * P.q.st[0] + int64_t(qhead[r]) * P.q.st[1] + int64_t(qpos[r]) * P.q.st[2];
+      load_row(P.q.ptr, off, P.q.st[3], D, P.q.dt, dst);
+      for (int d = 0; d < D; ++d) dst[d] *= qscale;
+    } else {
+      std::fill(dst, dst + D, 0.f);
+    }
+    for (int c = 0; c < nch; ++c) {
+      for (int e = 0; e < CH; ++e) {
+        qk[r * D + c * CH + perm_pos<W, KB>(e)] = dst[c * CH + e];
+      }
+    }
+    for (int g = 0; g < ng; ++g) {
+      float s = 0.f;
+      for (int e = 0; e < gs; ++e) s += dst[g * gs + e];
+      qsum[r * ng + g] = s;
+    }
+  }
+  std::fill(o, o + RT * D, 0.f);
+  std::fill(obias, obias + RT * ng, 0.f);
+
+  int64_t n_end = u.n1;
+  if (P.mask_kind == MaskKind::causal) {
+    int64_t maxlim = lim[0];
+    for (int r = 1; r < RT; ++r) maxlim = std::max(maxlim, lim[r]);
+    n_end = std::min(n_end, maxlim + 1);
+  }
+
+  const uint8_t* kbase = reinterpret_cast<const uint8_t*>(
+      P.k.packed + u.b * P.k.p_st[0] + u.hkv * P.k.p_st[1]);
+  const uint8_t* vbase = reinterpret_cast<const uint8_t*>(
+      P.v.packed + u.b * P.v.p_st[0] + u.hkv * P.v.p_st[1]);
+  const int64_t krow = P.k.p_st[2] * 4; // bytes between tokens
+  const int64_t vrow = P.v.p_st[2] * 4;
+
+  for (int64_t t0 = u.n0; t0 < n_end; t0 += TB) {
+    const int nt = int(std::min<int64_t>(TB, n_end - t0));
+    const int nq = int(std::max<int64_t>(0, std::min<int64_t>(nt, N - t0))); // quantized tokens
+
+    // ---- scores s[r][t] = q . k_t (log2 domain) ----
+    if (nq > 0) {
+      load_group_params(P.k.scales, u.b, u.hkv, t0, nq, ng, ks);
+      load_group_params(P.k.biases, u.b, u.hkv, t0, nq, ng, kbias);
+    }
+    for (int t = 0; t < nq; ++t) {
+      const uint8_t* kr = kbase + (t0 + t) * krow;
+      VF acc[RT];
+      float sb[RT];
+      for (int r = 0; r < RT; ++r) {
+        acc[r] = VF{};
+        sb[r] = 0.f;
+      }
+      for (int g = 0; g < ng; ++g) {
+        const float gsc = ks[t * ng + g];
+        const float gbi = kbias[t * ng + g];
+        for (int c = g * cpg; c < (g + 1) * cpg; ++c) {
+          VF a, bb;
+          unpack_chunk<W, KB>(kr + c * CH * KB / 8, a, bb);
+          a *= gsc;
+          bb *= gsc;
+          for (int r = 0; r < RT; ++r) {
+            acc[r] += a * loadv<VF>(qk + r * D + c * CH) + bb * loadv<VF>(qk + r * D + c * CH + W);
+          }
+        }
+        for (int r = 0; r < RT; ++r) sb[r] += gbi * qsum[r * ng + g];
+      }
+      for (int r = 0; r < RT; ++r) sc[r * TB + t] = hsum<W>(acc[r]) + sb[r];
+    }
+    for (int t = nq; t < nt; ++t) { // unquantized tail keys
+      const int64_t j = t0 + t - N;
+      int64_t off = u.b * P.k_tail.st[0] + u.hkv * P.k_tail.st[1] + j * P.k_tail.st[2];
+      load_row(P.k_tail.ptr, off, P.k_tail.st[3], D, P.k_tail.dt, rowbuf);
+      for (int r = 0; r < RT; ++r) {
+        float s = 0.f;
+        const float* qr = qn + r * D;
+        for (int d = 0; d < D; ++d) s += qr[d] * rowbuf[d];
+        sc[r * TB + t] = s;
+      }
+    }
+
+    // ---- masks ----
+    const float ninf = -std::numeric_limits<float>::infinity();
+    for (int r = 0; r < RT; ++r) {
+      float* s = sc + r * TB;
+      for (int t = nt; t < TB; ++t) s[t] = ninf;
+      if (r >= R) continue;
+      switch (P.mask_kind) {
+        case MaskKind::none:
+          break;
+        case MaskKind::causal:
+          for (int t = 0; t < nt; ++t) {
+            if (t0 + t > lim[r]) s[t] = ninf;
+          }
+          break;
+        case MaskKind::boolean:
+        case MaskKind::additive: {
+          const View4& mk = P.mask;
+          int64_t off = u.b * mk.st[0] + int64_t(qhead[r]) * mk.st[1] + int64_t(qpos[r]) * mk.st[2] +
+              t0 * mk.st[3];
+          load_row(mk.ptr, off, mk.st[3], nt, mk.dt, rowbuf);
+          if (P.mask_kind == MaskKind::boolean) {
+            for (int t = 0; t < nt; ++t) {
+              if (rowbuf[t] == 0.f) s[t] = ninf;
+            }
+          } else {
+            for (int t = 0; t < nt; ++t) s[t] += rowbuf[t] * log2e;
+          }
+          break;
+        }
+      }
+    }
+
+    // ---- online softmax over the block ----
+    for (int r = 0; r < RT; ++r) {
+      f16v s = loadv<f16v>(sc + r * TB);
+      float bm = ninf;
+      for (int t = 0; t < TB; ++t) bm = std::max(bm, s[t]);
+      const float mnew = std::max(m[r], bm);
+      if (mnew == ninf) { // nothing visible yet
+        storev(sc + r * TB, f16v{});
+        continue;
+      }
+      f16v p = exp2v(s - mnew);
+      storev(sc + r * TB, p);
+      const float alpha = std::exp2(m[r] - mnew);
+      l[r] = l[r] * alpha + hsum<16>(p);
+      if (alpha != 1.f) {
+        float* orow = o + r * D;
+        for (int d = 0; d < D; ++d) orow[d] *= alpha;
+        for (int g = 0; g < ng; ++g) obias[r * ng + g] *= alpha;
+      }
+      m[r] = mnew;
+    }
+
+    // ---- o += p @ v ----
+    if (nq > 0) {
+      load_group_params(P.v.scales, u.b, u.hkv, t0, nq, ng, vs);
+      load_group_params(P.v.biases, u.b, u.hkv, t0, nq, ng, vbias);
+    }
+    for (int t = 0; t < nq; ++t) {
+      const uint8_t* vr = vbase + (t0 + t) * vrow;
+      for (int g = 0; g < ng; ++g) {
+        float w[RT];
+        const float gsc = vs[t * ng + g];
+        const float gbi = vbias[t * ng + g];
+        for (int r = 0; r < RT; ++r) {
+          const float pr = sc[r * TB + t];
+          w[r] = pr * gsc;
+          obias[r * ng + g] += pr * gbi;
+        }
+        for (int c = g * cpg; c < (g + 1) * cpg; ++c) {
+          VF a, bb;
+          unpack_chunk<W, VB>(vr + c * CH * VB / 8, a, bb);
+          for (int r = 0; r < RT; ++r) {
+            float* oc = o + r * D + c * CH;
+            storev(oc, loadv<VF>(oc) + w[r] * a);
+            storev(oc + W, loadv<VF>(oc + W) + w[r] * bb);
+          }
+        }
+      }
+    }
+    for (int t = nq; t < nt; ++t) {
+      const int64_t j = t0 + t - N;
+      int64_t off = u.b * P.v_tail.st[0] + u.hkv * P.v_tail.st[1] + j * P.v_tail.st[2];
+      load_row(P.v_tail.ptr, off, P.v_tail.st[3], D, P.v_tail.dt, rowbuf);
+      for (int c = 0; c < nch; ++c) {
+        for (int e = 0; e < CH; ++e) rowperm[c * CH + perm_pos<W, VB>(e)] = rowbuf[c * CH + e];
+      }
+      for (int r = 0; r < RT; ++r) {
+        const float pr = sc[r * TB + t];
+        float* orow = o + r * D;
+        for (int d = 0; d < D; ++d) orow[d] += pr * rowperm[d];
+      }
+    }
+  }
+
+  // ---- un-permute, fold biases, emit ----
+  for (int r = 0; r < R; ++r) {
+    const float* orow = o + r * D;
+    for (int c = 0; c < nch; ++c) {
+      for (int e = 0; e < CH; ++e) {
+        rowbuf[c * CH + e] = orow[c * CH + perm_pos<W, VB>(e)] + obias[r * ng + (c * CH + e) / gs];
+      }
+    }
+    if (partials) {
+      float* dst = partials + size_t(r) * (D + 2);
+      dst[0] = m[r];
+      dst[1] = l[r];
+      std::memcpy(dst + 2, rowbuf, sizeof(float) * D);
+    } else {
+      finalize_row(P, u.b, u.hkv, u.row0 + r, m[r], l[r], rowbuf);
+    }
+  }
+}
+
+template <int W, int KB, int VB>
+UnitFn pick_rt(const Plan& plan) {
+  switch (plan.row_tile) {
+    case 1:
+      return &process_unit<W, KB, VB, 1>;
+    case 2:
+      return &process_unit<W, KB, VB, 2>;
+    case 4:
+      return &process_unit<W, KB, VB, 4>;
+    case 8:
+      return &process_unit<W, KB, VB, 8>;
+    default:
+      return &process_unit<W, KB, VB, 16>;
+  }
+}
+
+template <int W>
+UnitFn pick_bits(const Problem& p, const Plan& plan) {
+  if (p.k.bits == 4) {
+    return p.v.bits == 4 ? pick_rt<W, 4, 4>(plan) : pick_rt<W, 4, 8>(plan);
+  }
+  return p.v.bits == 4 ? pick_rt<W, 8, 4>(plan) : pick_rt<W, 8, 8>(plan);
+}
+
+} // namespace TQ_CAT(isa_, TQMETAL_ISA)
+
+// The host passes the plan through the problem-independent row_tile only.
+UnitFn TQ_CAT(unit_fn_, TQMETAL_ISA)(const Problem& p, const Plan& plan);
+
+UnitFn TQ_CAT(unit_fn_, TQMETAL_ISA)(const Problem& p, const Plan& plan) {
+  using namespace TQ_CAT(isa_, TQMETAL_ISA);
+  // A chunk is 2W elements and must not straddle groups: W = 8 for group 16.
+  return p.group_size >= 32 ? pick_bits<16>(p, plan) : pick_bits<8>(p, plan);
+}
+
+} // namespace tqmetal::cpu

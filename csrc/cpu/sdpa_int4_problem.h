@@ -1,0 +1,97 @@
+// The CPU kernel's view of one sdpa_int4 call: raw pointers and element strides
+// taken from MLX arrays in place (sliced cache views are never copied), plus the
+// work decomposition shared by the host dispatch and every ISA variant.
+#pragma once
+
+#include <cstdint>
+
+namespace tqmetal::cpu {
+
+enum class DType : uint8_t { f32, f16, bf16, boolean };
+enum class MaskKind : uint8_t { none, causal, boolean, additive };
+
+// A 4-D tensor read through element strides (stride 0 = broadcast, negative allowed).
+struct View4 {
+  const void* ptr = nullptr;
+  int64_t st[4] = {0, 0, 0, 0};
+  DType dt = DType::f32;
+};
+
+// One quantized tensor [B, H_kv, N, D]; packed rows must be contiguous words
+// (the host copies the rare view whose last axis is strided).
+struct QuantView {
+  const uint32_t* packed = nullptr;
+  int64_t p_st[3] = {0, 0, 0}; // b, h, n (words)
+  View4 scales;
+  View4 biases;
+  int bits = 4;
+};
+
+struct Problem {
+  int B = 0, Hq = 0, Hkv = 0, L = 0, D = 0;
+  int64_t N = 0; // quantized tokens
+  int64_t T = 0; // unquantized tail tokens
+  int group_size = 64;
+  float scale = 1.f;
+  View4 q;
+  QuantView k, v;
+  View4 k_tail, v_tail;
+  MaskKind mask_kind = MaskKind::none;
+  View4 mask;
+  const float* sinks = nullptr; // [Hq] in float, or null
+  void* out = nullptr; // contiguous [B, Hq, L, D] in out_dt
+  DType out_dt = DType::f32;
+
+  int64_t n_total() const {
+    return N + T;
+  }
+  int group() const {
+    return Hq / Hkv;
+  }
+  int rows() const {
+    return group() * L; // query rows sharing one KV head
+  }
+};
+
+// A work unit: rows [row0, row0 + nrows) of KV head (b, hkv) against tokens
+// [n0, n1). Row r means query position r / G of query head hkv * G + r % G, so
+// every packed K/V byte a unit reads is shared by all its rows (GQA).
+struct Unit {
+  int b, hkv, row0, nrows;
+  int64_t n0, n1;
+  int split; // index of this token range within the rows' splits
+};
+
+struct Plan {
+  int row_tile = 16; // rows per unit (the kernel's register tile)
+  int splits = 1; // token splits per (b, hkv, row tile)
+  int64_t split_len = 0;
+  int row_tiles = 0;
+  int64_t units() const {
+    return int64_t(row_tiles) * splits;
+  }
+};
+
+// Per-row partial softmax state of one split: running max m (log2 domain),
+// sum l and unnormalized output o[D] (biases folded in).
+struct Partial {
+  float* m;
+  float* l;
+  float* o; // [D]
+};
+
+// Host-side pieces the kernels call (sdpa_int4_cpu.cpp).
+void finalize_row(const Problem& p, int b, int hkv, int row, float m, float l, const float* o);
+
+// Kernel entry of one ISA variant: process one unit. When `partials` is null the
+// unit covers the whole context and writes final rows; otherwise it stores its
+// rows' state at partials + row * (D + 2) as [m, l, o[D]].
+using UnitFn = void (*)(const Problem&, const Plan&, const Unit&, float* partials);
+
+UnitFn unit_fn_generic(const Problem&, const Plan&);
+UnitFn unit_fn_avx2(const Problem&, const Plan&);
+UnitFn unit_fn_avx512(const Problem&, const Plan&);
+
+float to_float(const void* base, int64_t idx, DType dt);
+
+} // namespace tqmetal::cpu

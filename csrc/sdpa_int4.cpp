@@ -1,0 +1,272 @@
+// The op: validate every argument against the affine-quantized cache layout and
+// build one ScaledDotProductAttentionInt4 node. Nothing is copied here: masks are
+// broadcast as views, the cache arrays are passed as they are.
+#include <cmath>
+#include <sstream>
+#include <stdexcept>
+
+#include "cpu/sdpa_int4_cpu.h"
+#include "mlx/ops.h"
+#include "primitive.h"
+#include "tqmetal.h"
+
+namespace tqmetal {
+
+using namespace mlx::core;
+
+namespace {
+
+[[noreturn]] void fail(const std::string& arg, const std::string& msg) {
+  throw std::invalid_argument("[tqmetal.sdpa_int4] " + arg + ": " + msg);
+}
+
+std::string shape_str(const Shape& s) {
+  std::ostringstream o;
+  o << "(";
+  for (size_t i = 0; i < s.size(); ++i) o << (i ? ", " : "") << s[i];
+  o << (s.size() == 1 ? ",)" : ")");
+  return o.str();
+}
+
+bool is_float(Dtype t) {
+  return t == float16 || t == bfloat16 || t == float32;
+}
+
+void check_bits(const std::string& arg, int bits) {
+  if (bits != 4 && bits != 8) {
+    fail(arg, "expected 4 or 8, got " + std::to_string(bits));
+  }
+}
+
+// Returns N after checking one (packed, scales, biases) triple.
+int check_quantized(
+    const std::string& arg,
+    const QuantizedTensor& t,
+    int B,
+    int Hkv,
+    int D,
+    int group_size,
+    int bits) {
+  const array& p = t.packed;
+  if (p.ndim() != 4) {
+    fail(arg, "packed must be 4-D [B, H_kv, N, D*bits/32], got shape " + shape_str(p.shape()));
+  }
+  if (p.dtype() != uint32) {
+    fail(arg, "packed must be uint32 (as mx.quantize returns), got another dtype");
+  }
+  const int N = p.shape(2);
+  const int words = D * bits / 32;
+  if (p.shape(0) != B || p.shape(1) != Hkv || p.shape(3) != words) {
+    fail(
+        arg,
+        "packed must have shape [B, H_kv, N, D*bits/32] = [" + std::to_string(B) + ", " +
+            std::to_string(Hkv) + ", N, " + std::to_string(words) + "] for D=" + std::to_string(D) +
+            ", bits=" + std::to_string(bits) + ", got " + shape_str(p.shape()));
+  }
+  const Shape want = {B, Hkv, N, D / group_size};
+  for (auto [name, a] : {std::pair{"scales", &t.scales}, std::pair{"biases", &t.biases}}) {
+    if (a->shape() != want) {
+      fail(
+          arg,
+          std::string(name) + " must have shape [B, H_kv, N, D/group_size] = " + shape_str(want) +
+              " for group_size=" + std::to_string(group_size) + ", got " + shape_str(a->shape()));
+    }
+    if (!is_float(a->dtype())) {
+      fail(arg, std::string(name) + " must be float16, bfloat16 or float32");
+    }
+  }
+  if (t.scales.dtype() != t.biases.dtype()) {
+    fail(arg, "scales and biases must have the same dtype");
+  }
+  return N;
+}
+
+} // namespace
+
+array sdpa_int4(
+    const array& q,
+    const QuantizedTensor& k,
+    const QuantizedTensor& v,
+    float scale,
+    const std::string& mask_mode,
+    const std::optional<array>& mask_arr,
+    int group_size,
+    int k_bits,
+    int v_bits,
+    const std::optional<array>& sinks,
+    const std::optional<array>& k_tail,
+    const std::optional<array>& v_tail,
+    StreamOrDevice s_) {
+  // ---- q and the format ----
+  if (q.ndim() != 4) {
+    fail("q", "expected a 4-D array [B, H_q, L, D], got shape " + shape_str(q.shape()));
+  }
+  if (!is_float(q.dtype())) {
+    fail("q", "expected float16, bfloat16 or float32");
+  }
+  if (group_size != 16 && group_size != 32 && group_size != 64 && group_size != 128) {
+    fail("group_size", "expected 16, 32, 64 or 128, got " + std::to_string(group_size));
+  }
+  check_bits("k_bits", k_bits);
+  check_bits("v_bits", v_bits);
+  const int B = q.shape(0), Hq = q.shape(1), L = q.shape(2), D = q.shape(3);
+  if (D <= 0 || D % group_size != 0) {
+    fail(
+        "group_size",
+        "head dim D=" + std::to_string(D) + " must be a positive multiple of group_size=" +
+            std::to_string(group_size));
+  }
+  if (L < 1) fail("q", "needs at least one query (L >= 1)");
+  if (!std::isfinite(scale)) fail("scale", "must be a finite float");
+
+  // ---- the cache ----
+  if (k.packed.ndim() != 4) {
+    fail("k", "packed must be 4-D [B, H_kv, N, D*bits/32], got shape " + shape_str(k.packed.shape()));
+  }
+  const int Hkv = k.packed.shape(1);
+  if (k.packed.shape(0) != B) {
+    fail("k", "batch size " + std::to_string(k.packed.shape(0)) + " does not match q's " + std::to_string(B));
+  }
+  if (Hkv < 1 || Hq % Hkv != 0) {
+    fail("q", "H_q=" + std::to_string(Hq) + " must be a multiple of the cache's H_kv=" + std::to_string(Hkv));
+  }
+  const int N = check_quantized("k", k, B, Hkv, D, group_size, k_bits);
+  const int Nv = check_quantized("v", v, B, Hkv, D, group_size, v_bits);
+  if (Nv != N) fail("v", "has " + std::to_string(Nv) + " tokens but k has " + std::to_string(N));
+  if (k.scales.dtype() != v.scales.dtype()) {
+    fail("v", "scales/biases must have the same dtype as k's");
+  }
+
+  // ---- the unquantized tail ----
+  int T = 0;
+  if (k_tail.has_value() != v_tail.has_value()) {
+    fail(k_tail ? "v_tail" : "k_tail", "k_tail and v_tail must be given together");
+  }
+  if (k_tail) {
+    for (auto [name, t] : {std::pair{"k_tail", &*k_tail}, std::pair{"v_tail", &*v_tail}}) {
+      if (t->ndim() != 4 || t->shape(0) != B || t->shape(1) != Hkv || t->shape(3) != D) {
+        fail(
+            name,
+            "expected shape [B, H_kv, T, D] = [" + std::to_string(B) + ", " + std::to_string(Hkv) +
+                ", T, " + std::to_string(D) + "], got " + shape_str(t->shape()));
+      }
+      if (!is_float(t->dtype())) fail(name, "expected float16, bfloat16 or float32");
+    }
+    if (k_tail->shape(2) != v_tail->shape(2)) {
+      fail("v_tail", "must have as many tokens as k_tail");
+    }
+    T = k_tail->shape(2);
+  }
+  const int Ntot = N + T;
+  if (Ntot < 1) fail("k", "the cache is empty (N + T must be at least 1)");
+
+  // ---- mask ----
+  MaskMode mode = MaskMode::none;
+  std::optional<array> mask;
+  if (mask_mode == "causal") {
+    if (mask_arr) fail("mask", "give either \"causal\" or an array, not both");
+    mode = MaskMode::causal;
+  } else if (!mask_mode.empty() && mask_mode != "array") {
+    fail("mask", "expected None, \"causal\" or an array, got \"" + mask_mode + "\"");
+  } else if (mask_arr) {
+    const array& m = *mask_arr;
+    if (m.dtype() != bool_ && !is_float(m.dtype())) {
+      fail("mask", "expected a boolean or a float (additive) array");
+    }
+    const Shape target = {B, Hq, L, Ntot};
+    bool ok = m.ndim() <= 4;
+    for (int i = 0; ok && i < int(m.ndim()); ++i) {
+      const int d = m.shape(int(m.ndim()) - 1 - i);
+      const int t = target[3 - i];
+      ok = d == 1 || d == t;
+    }
+    if (!ok) {
+      fail(
+          "mask",
+          "shape " + shape_str(m.shape()) + " is not broadcastable to [B, H_q, L, N_total] = " +
+              shape_str(target));
+    }
+    mode = MaskMode::array;
+    mask = broadcast_to(m, target, s_); // a stride-0 view, not a copy
+  }
+
+  // ---- sinks ----
+  if (sinks) {
+    if (sinks->ndim() != 1 || sinks->shape(0) != Hq) {
+      fail("sinks", "expected shape [H_q] = (" + std::to_string(Hq) + ",), got " + shape_str(sinks->shape()));
+    }
+    if (!is_float(sinks->dtype())) fail("sinks", "expected a float array");
+  }
+
+  auto stream = to_stream(s_);
+#ifndef _METAL_
+  if (stream.device == Device::gpu) {
+    fail("stream", "this build of tqmetal has no GPU backend; use stream=mx.cpu");
+  }
+#endif
+
+  std::vector<array> inputs = {q, k.packed, k.scales, k.biases, v.packed, v.scales, v.biases};
+  if (k_tail) {
+    inputs.push_back(*k_tail);
+    inputs.push_back(*v_tail);
+  }
+  if (mask) inputs.push_back(*mask);
+  if (sinks) inputs.push_back(*sinks);
+  return array(
+      q.shape(),
+      q.dtype(),
+      std::make_shared<ScaledDotProductAttentionInt4>(
+          stream, scale, mode, group_size, k_bits, v_bits, k_tail.has_value(), sinks.has_value()),
+      std::move(inputs));
+}
+
+std::tuple<array, array, array> quantize(const array& x, int group_size, int bits, StreamOrDevice s) {
+  if (bits != 4 && bits != 8) fail("bits", "expected 4 or 8, got " + std::to_string(bits));
+  if (group_size != 16 && group_size != 32 && group_size != 64 && group_size != 128) {
+    fail("group_size", "expected 16, 32, 64 or 128, got " + std::to_string(group_size));
+  }
+  if (x.ndim() < 1 || x.shape(-1) % group_size != 0) {
+    fail("x", "last dimension must be a multiple of group_size=" + std::to_string(group_size));
+  }
+  if (!is_float(x.dtype())) fail("x", "expected float16, bfloat16 or float32");
+  if (group_size >= 32) {
+    auto r = mlx::core::quantize(x, group_size, bits, "affine", std::nullopt, s);
+    return {r[0], r[1], r[2]};
+  }
+  // mx.quantize has no group 16: same affine rule (scale = range / levels,
+  // bias = group min), written in MLX ops, packed in mx.quantize's bit order.
+  const int D = x.shape(-1);
+  Shape gshape = x.shape();
+  gshape.back() = D / group_size;
+  gshape.push_back(group_size);
+  array xg = reshape(astype(x, float32, s), gshape, s);
+  array lo = min(xg, -1, true, s);
+  array hi = max(xg, -1, true, s);
+  const float levels = float((1 << bits) - 1);
+  array sc = maximum(divide(subtract(hi, lo, s), array(levels), s), array(1e-7f), s);
+  array sc_x = astype(sc, x.dtype(), s);
+  array lo_x = astype(lo, x.dtype(), s);
+  array qv = clip(
+      round(divide(subtract(xg, astype(lo_x, float32, s), s), astype(sc_x, float32, s), s), 0, s),
+      array(0.f),
+      array(levels),
+      s);
+  Shape wshape = x.shape();
+  const int per_word = 32 / bits;
+  wshape.back() = D / per_word;
+  wshape.push_back(per_word);
+  array qi = reshape(astype(qv, uint32, s), wshape, s);
+  std::vector<uint32_t> shifts(per_word);
+  for (int i = 0; i < per_word; ++i) shifts[i] = uint32_t(i * bits);
+  array sh(shifts.begin(), {per_word}, uint32);
+  array packed = sum(left_shift(qi, sh, s), -1, false, s);
+  Shape sshape = x.shape();
+  sshape.back() = D / group_size;
+  return {astype(packed, uint32, s), reshape(sc_x, sshape, s), reshape(lo_x, sshape, s)};
+}
+
+const char* cpu_isa() {
+  return cpu::isa_name();
+}
+
+} // namespace tqmetal
