@@ -187,7 +187,9 @@ array sdpa_int4(
               shape_str(target));
     }
     mode = MaskMode::array;
-    mask = broadcast_to(m, target, s_); // a stride-0 view, not a copy
+    // Passed as is: the kernel broadcasts size-1 axes with stride 0, so no copy is
+    // made and a shapeless compiled graph stays valid when L or N changes.
+    mask = m;
   }
 
   // ---- sinks ----

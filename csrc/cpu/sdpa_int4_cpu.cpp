@@ -329,8 +329,16 @@ void eval_sdpa_int4_cpu(
       p.mask_kind = MaskKind::causal;
       break;
     case MaskMode::array: {
+      // Right-align the mask on [B, H_q, L, N_total]; missing or size-1 axes
+      // broadcast through stride 0.
       const array& m = inputs[next++];
-      p.mask = view4(m);
+      p.mask.ptr = m.data<void>();
+      p.mask.dt = dtype_of(m);
+      const int nd = int(m.ndim());
+      for (int i = 0; i < 4; ++i) {
+        const int src = nd - 4 + i;
+        p.mask.st[i] = (src < 0 || m.shape(src) == 1) ? 0 : m.strides()[src];
+      }
       p.mask_kind = m.dtype() == bool_ ? MaskKind::boolean : MaskKind::additive;
       break;
     }

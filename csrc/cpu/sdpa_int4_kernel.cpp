@@ -14,11 +14,18 @@
 // per group and folded in at the end. Nothing dequantized is ever stored.
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <limits>
 #include <vector>
 
 #include "cpu/sdpa_int4_problem.h"
+
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#elif defined(__ARM_NEON)
+#include <arm_neon.h>
+#endif
 
 #ifndef TQMETAL_ISA
 #define TQMETAL_ISA generic
@@ -65,13 +72,51 @@ template <typename V>
 inline V splat(float x) {
   return V{} + x;
 }
-template <int W>
-inline float hsum(typename Vec<W>::f v) {
-  float s = 0.f;
-  for (int i = 0; i < W; ++i) {
-    s += v[i];
+// Pairwise (tree) sums: a serial lane loop would be one long dependency chain.
+inline float hsum(Vec<8>::f v) {
+  typedef float f4 __attribute__((vector_size(16)));
+  f4 a = __builtin_shufflevector(v, v, 0, 1, 2, 3) + __builtin_shufflevector(v, v, 4, 5, 6, 7);
+  a = a + __builtin_shufflevector(a, a, 2, 3, 0, 1);
+  return a[0] + a[1];
+}
+inline float hsum(Vec<16>::f v) {
+  Vec<8>::f h = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+      __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  return hsum(h);
+}
+
+// Lane sums of 16 vectors at once, result lane t = sum of v[t]: a transpose-add
+// tree costs about 3 operations per vector instead of a full reduction each.
+inline Vec<16>::f reduce16(const Vec<16>::f* v) {
+  using F = Vec<16>::f;
+  F c[8], d[4], e[2];
+  for (int i = 0; i < 8; ++i) {
+    c[i] = __builtin_shufflevector(v[2 * i], v[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19,
+                                   20, 21, 22, 23) +
+        __builtin_shufflevector(v[2 * i], v[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26,
+                                27, 28, 29, 30, 31);
   }
-  return s;
+  for (int i = 0; i < 4; ++i) {
+    d[i] = __builtin_shufflevector(c[2 * i], c[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18,
+                                   19, 24, 25, 26, 27) +
+        __builtin_shufflevector(c[2 * i], c[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23,
+                                28, 29, 30, 31);
+  }
+  for (int i = 0; i < 2; ++i) {
+    e[i] = __builtin_shufflevector(d[2 * i], d[2 * i + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20,
+                                   21, 24, 25, 28, 29) +
+        __builtin_shufflevector(d[2 * i], d[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23,
+                                26, 27, 30, 31);
+  }
+  return __builtin_shufflevector(e[0], e[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26,
+                                 28, 30) +
+      __builtin_shufflevector(e[0], e[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29,
+                              31);
+}
+inline Vec<16>::f reduce16(const Vec<8>::f* v) {
+  Vec<16>::f r;
+  for (int t = 0; t < 16; ++t) r[t] = hsum(v[t]);
+  return r;
 }
 
 // 2^x for 16 lanes; exact 0 below 2^-126 so masked (-inf) scores vanish.
@@ -142,24 +187,51 @@ constexpr int perm_pos(int e) {
   }
 }
 
+// W bytes widened to W 32-bit lanes. Compilers lower a generic u8 -> u32
+// convertvector to a byte-by-byte insert sequence, so use the ISA's widening
+// load where there is one.
+template <int W>
+inline typename Vec<W>::i widen_bytes(const uint8_t* p) {
+  using VI = typename Vec<W>::i;
+  VI r;
+#if defined(__AVX512F__)
+  if constexpr (W == 16) {
+    __m512i x = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    std::memcpy(&r, &x, sizeof(r));
+  } else {
+    __m256i x = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+    std::memcpy(&r, &x, sizeof(r));
+  }
+#elif defined(__AVX2__)
+  for (int h = 0; h < W / 8; ++h) {
+    __m256i x = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8 * h)));
+    std::memcpy(reinterpret_cast<char*>(&r) + 32 * h, &x, 32);
+  }
+#elif defined(__ARM_NEON)
+  for (int h = 0; h < W / 8; ++h) {
+    uint16x8_t w16 = vmovl_u8(vld1_u8(p + 8 * h));
+    uint32x4_t lo = vmovl_u16(vget_low_u16(w16));
+    uint32x4_t hi = vmovl_u16(vget_high_u16(w16));
+    std::memcpy(reinterpret_cast<char*>(&r) + 32 * h, &lo, 16);
+    std::memcpy(reinterpret_cast<char*>(&r) + 32 * h + 16, &hi, 16);
+  }
+#else
+  for (int i = 0; i < W; ++i) r[i] = p[i];
+#endif
+  return r;
+}
+
 // Unpack one chunk (2W elements) of a packed row into float halves a, b.
 template <int W, int BITS>
 inline void unpack_chunk(const uint8_t* bytes, typename Vec<W>::f& a, typename Vec<W>::f& b) {
-  using VB = typename Vec<W>::b;
-  using VU = typename Vec<W>::u;
   using VF = typename Vec<W>::f;
   if constexpr (BITS == 4) {
-    VB raw;
-    std::memcpy(&raw, bytes, W);
-    VU w = __builtin_convertvector(raw, VU);
-    a = __builtin_convertvector(w & 15u, VF);
+    const auto w = widen_bytes<W>(bytes);
+    a = __builtin_convertvector(w & 15, VF);
     b = __builtin_convertvector(w >> 4, VF);
   } else {
-    VB r0, r1;
-    std::memcpy(&r0, bytes, W);
-    std::memcpy(&r1, bytes + W, W);
-    a = __builtin_convertvector(__builtin_convertvector(r0, VU), VF);
-    b = __builtin_convertvector(__builtin_convertvector(r1, VU), VF);
+    a = __builtin_convertvector(widen_bytes<W>(bytes), VF);
+    b = __builtin_convertvector(widen_bytes<W>(bytes + W), VF);
   }
 }
 
@@ -197,7 +269,7 @@ void process_unit(const Problem& P, const Plan& plan, const Unit& u, float* part
   // Per-thread scratch, reused across units.
   thread_local std::vector<float> scratch;
   const size_t need = size_t(RT) * D * 3 + size_t(RT) * ng * 2 + size_t(TB) * ng * 4 +
-      size_t(RT) * TB + 2 * D + 64;
+      size_t(RT) * TB + 2 * D + size_t(RT) * TB + size_t(TB) * ng * RT + size_t(RT) * TB * W + 64;
   if (scratch.size() < need) {
     scratch.assign(need, 0.f);
   }
@@ -213,6 +285,10 @@ void process_unit(const Problem& P, const Plan& plan, const Unit& u, float* part
   float* sc = vbias + TB * ng; // [RT][TB] scores then weights
   float* rowbuf = sc + RT * TB; // [D]
   float* rowperm = rowbuf + D; // [D]
+  float* sbias = rowperm + D; // [RT][TB]
+  float* wts = sbias + RT * TB; // [TB][ng][RT]
+  VF* accs = reinterpret_cast<VF*>(
+      (reinterpret_cast<uintptr_t>(wts + TB * ng * RT) + 63) & ~uintptr_t(63)); // [RT][TB]
 
   float m[RT], l[RT];
   int64_t lim[RT]; // causal: last visible key index per row
@@ -290,12 +366,24 @@ void process_unit(const Problem& P, const Plan& plan, const Unit& u, float* part
           a *= gsc;
           bb *= gsc;
           for (int r = 0; r < RT; ++r) {
-            acc[r] += a * loadv<VF>(qk + r * D + c * CH) + bb * loadv<VF>(qk + r * D + c * CH + W);
+            acc[r] += a * loadv<VF>(qk + r * D + c * CH);
+            acc[r] += bb * loadv<VF>(qk + r * D + c * CH + W);
           }
         }
         for (int r = 0; r < RT; ++r) sb[r] += gbi * qsum[r * ng + g];
       }
-      for (int r = 0; r < RT; ++r) sc[r * TB + t] = hsum<W>(acc[r]) + sb[r];
+      for (int r = 0; r < RT; ++r) {
+        accs[r * TB + t] = acc[r];
+        sbias[r * TB + t] = sb[r];
+      }
+    }
+    if (nq > 0) {
+      for (int t = nq; t < TB; ++t) {
+        for (int r = 0; r < RT; ++r) accs[r * TB + t] = VF{};
+      }
+      for (int r = 0; r < RT; ++r) {
+        storev(sc + r * TB, reduce16(accs + r * TB) + loadv<f16v>(sbias + r * TB));
+      }
     }
     for (int t = nq; t < nt; ++t) { // unquantized tail keys
       const int64_t j = t0 + t - N;
@@ -354,7 +442,7 @@ void process_unit(const Problem& P, const Plan& plan, const Unit& u, float* part
       f16v p = exp2v(s - mnew);
       storev(sc + r * TB, p);
       const float alpha = std::exp2(m[r] - mnew);
-      l[r] = l[r] * alpha + hsum<16>(p);
+      l[r] = l[r] * alpha + hsum(p);
       if (alpha != 1.f) {
         float* orow = o + r * D;
         for (int d = 0; d < D; ++d) orow[d] *= alpha;
@@ -368,25 +456,41 @@ void process_unit(const Problem& P, const Plan& plan, const Unit& u, float* part
       load_group_params(P.v.scales, u.b, u.hkv, t0, nq, ng, vs);
       load_group_params(P.v.biases, u.b, u.hkv, t0, nq, ng, vbias);
     }
+    // Weights p * scale per (token, group, row); p * bias summed per group.
     for (int t = 0; t < nq; ++t) {
-      const uint8_t* vr = vbase + (t0 + t) * vrow;
       for (int g = 0; g < ng; ++g) {
-        float w[RT];
         const float gsc = vs[t * ng + g];
         const float gbi = vbias[t * ng + g];
         for (int r = 0; r < RT; ++r) {
           const float pr = sc[r * TB + t];
-          w[r] = pr * gsc;
+          wts[(t * ng + g) * RT + r] = pr * gsc;
           obias[r * ng + g] += pr * gbi;
         }
-        for (int c = g * cpg; c < (g + 1) * cpg; ++c) {
+      }
+    }
+    // Chunk-outer, token-inner: a row sub-tile's accumulators stay in registers.
+    constexpr int RS = RT < 4 ? RT : 4;
+    for (int c = 0; c < nch && nq > 0; ++c) {
+      const int g = c / cpg;
+      const uint8_t* vc = vbase + t0 * vrow + c * CH * VB / 8;
+      for (int r0 = 0; r0 < RT; r0 += RS) {
+        VF oa[RS], ob[RS];
+        for (int r = 0; r < RS; ++r) {
+          oa[r] = loadv<VF>(o + (r0 + r) * D + c * CH);
+          ob[r] = loadv<VF>(o + (r0 + r) * D + c * CH + W);
+        }
+        for (int t = 0; t < nq; ++t) {
           VF a, bb;
-          unpack_chunk<W, VB>(vr + c * CH * VB / 8, a, bb);
-          for (int r = 0; r < RT; ++r) {
-            float* oc = o + r * D + c * CH;
-            storev(oc, loadv<VF>(oc) + w[r] * a);
-            storev(oc + W, loadv<VF>(oc + W) + w[r] * bb);
+          unpack_chunk<W, VB>(vc + t * vrow, a, bb);
+          const float* w = wts + (t * ng + g) * RT + r0;
+          for (int r = 0; r < RS; ++r) {
+            oa[r] += w[r] * a;
+            ob[r] += w[r] * bb;
           }
+        }
+        for (int r = 0; r < RS; ++r) {
+          storev(o + (r0 + r) * D + c * CH, oa[r]);
+          storev(o + (r0 + r) * D + c * CH + W, ob[r]);
         }
       }
     }

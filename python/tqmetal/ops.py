@@ -81,6 +81,8 @@ def sdpa_int4(
     for name, x in (("sinks", sinks), ("k_tail", k_tail), ("v_tail", v_tail)):
         if x is not None and not isinstance(x, mx.array):
             raise ValueError(f"[tqmetal.sdpa_int4] {name}: expected an mx.array or None")
+    if bits not in (4, 8):
+        raise ValueError(f"[tqmetal.sdpa_int4] bits: expected 4 or 8, got {bits}")
     k_bits = bits if k_bits is None else k_bits
     v_bits = bits if v_bits is None else v_bits
     return _ext.sdpa_int4(
