@@ -14,6 +14,7 @@
 // per group and folded in at the end. Nothing dequantized is ever stored.
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <cstdint>
 #include <cstring>
 #include <limits>
@@ -235,7 +236,25 @@ inline void unpack_chunk(const uint8_t* bytes, typename Vec<W>::f& a, typename V
   }
 }
 
-// Scales/biases of TB tokens for one KV head, converted once per block.
+// Scales/biases of nt tokens for one KV head, converted once per block into
+// [group][TB] order so per-group work vectorizes over tokens.
+template <typename T>
+inline void load_params_t(const T* p, int64_t st_n, int64_t st_g, int nt, int ng, float* out) {
+  for (int t = 0; t < nt; ++t) {
+    for (int g = 0; g < ng; ++g) {
+      if constexpr (std::is_same_v<T, uint16_t>) { // bfloat16
+        uint32_t u = uint32_t(p[t * st_n + g * st_g]) << 16;
+        std::memcpy(&out[g * TB + t], &u, 4);
+      } else {
+        out[g * TB + t] = float(p[t * st_n + g * st_g]);
+      }
+    }
+  }
+  for (int g = 0; g < ng; ++g) {
+    for (int t = nt; t < TB; ++t) out[g * TB + t] = 0.f;
+  }
+}
+
 inline void load_group_params(
     const View4& s,
     int b,
@@ -243,10 +262,18 @@ inline void load_group_params(
     int64_t n0,
     int nt,
     int ng,
-    float* out /* [nt][ng] */) {
-  for (int t = 0; t < nt; ++t) {
-    int64_t off = b * s.st[0] + h * s.st[1] + (n0 + t) * s.st[2];
-    load_row(s.ptr, off, s.st[3], ng, s.dt, out + t * ng);
+    float* out /* [ng][TB] */) {
+  const int64_t off = b * s.st[0] + h * s.st[1] + n0 * s.st[2];
+  switch (s.dt) {
+    case DType::f16:
+      load_params_t(static_cast<const _Float16*>(s.ptr) + off, s.st[2], s.st[3], nt, ng, out);
+      break;
+    case DType::bf16:
+      load_params_t(static_cast<const uint16_t*>(s.ptr) + off, s.st[2], s.st[3], nt, ng, out);
+      break;
+    default:
+      load_params_t(static_cast<const float*>(s.ptr) + off, s.st[2], s.st[3], nt, ng, out);
+      break;
   }
 }
 
@@ -344,6 +371,16 @@ void process_unit(const Problem& P, const Plan& plan, const Unit& u, float* part
     const int nt = int(std::min<int64_t>(TB, n_end - t0));
     const int nq = int(std::max<int64_t>(0, std::min<int64_t>(nt, N - t0))); // quantized tokens
 
+    // The next block's K and V rows are independent streams the hardware
+    // prefetcher ramps up on too slowly; ask for them one block ahead.
+    {
+      const int64_t pn = t0 + TB;
+      const int64_t pq = std::min<int64_t>(TB, N - pn);
+      for (int t = 0; t < pq; ++t) {
+        for (int64_t off = 0; off < krow; off += 64) __builtin_prefetch(kbase + (pn + t) * krow + off);
+        for (int64_t off = 0; off < vrow; off += 64) __builtin_prefetch(vbase + (pn + t) * vrow + off);
+      }
+    }
     // ---- scores s[r][t] = q . k_t (log2 domain) ----
     if (nq > 0) {
       load_group_params(P.k.scales, u.b, u.hkv, t0, nq, ng, ks);
@@ -358,8 +395,8 @@ void process_unit(const Problem& P, const Plan& plan, const Unit& u, float* part
         sb[r] = 0.f;
       }
       for (int g = 0; g < ng; ++g) {
-        const float gsc = ks[t * ng + g];
-        const float gbi = kbias[t * ng + g];
+        const float gsc = ks[g * TB + t];
+        const float gbi = kbias[g * TB + t];
         for (int c = g * cpg; c < (g + 1) * cpg; ++c) {
           VF a, bb;
           unpack_chunk<W, KB>(kr + c * CH * KB / 8, a, bb);
@@ -432,8 +469,11 @@ void process_unit(const Problem& P, const Plan& plan, const Unit& u, float* part
     // ---- online softmax over the block ----
     for (int r = 0; r < RT; ++r) {
       f16v s = loadv<f16v>(sc + r * TB);
-      float bm = ninf;
-      for (int t = 0; t < TB; ++t) bm = std::max(bm, s[t]);
+      Vec<8>::f h8 = __builtin_shufflevector(s, s, 0, 1, 2, 3, 4, 5, 6, 7);
+      h8 = h8 > __builtin_shufflevector(s, s, 8, 9, 10, 11, 12, 13, 14, 15)
+          ? h8 : __builtin_shufflevector(s, s, 8, 9, 10, 11, 12, 13, 14, 15);
+      float bm = h8[0];
+      for (int t = 1; t < 8; ++t) bm = std::max(bm, h8[t]);
       const float mnew = std::max(m[r], bm);
       if (mnew == ninf) { // nothing visible yet
         storev(sc + r * TB, f16v{});
@@ -456,15 +496,14 @@ void process_unit(const Problem& P, const Plan& plan, const Unit& u, float* part
       load_group_params(P.v.scales, u.b, u.hkv, t0, nq, ng, vs);
       load_group_params(P.v.biases, u.b, u.hkv, t0, nq, ng, vbias);
     }
-    // Weights p * scale per (token, group, row); p * bias summed per group.
-    for (int t = 0; t < nq; ++t) {
-      for (int g = 0; g < ng; ++g) {
-        const float gsc = vs[t * ng + g];
-        const float gbi = vbias[t * ng + g];
-        for (int r = 0; r < RT; ++r) {
-          const float pr = sc[r * TB + t];
-          wts[(t * ng + g) * RT + r] = pr * gsc;
-          obias[r * ng + g] += pr * gbi;
+    // Weights p * scale per (group, row, token); p * bias summed per group.
+    // Lanes past nq hold zero scales and biases, so they add nothing.
+    if (nq > 0) {
+      for (int r = 0; r < RT; ++r) {
+        const f16v pr = loadv<f16v>(sc + r * TB);
+        for (int g = 0; g < ng; ++g) {
+          storev(wts + (g * RT + r) * TB, pr * loadv<f16v>(vs + g * TB));
+          obias[r * ng + g] += hsum(pr * loadv<f16v>(vbias + g * TB));
         }
       }
     }
@@ -482,10 +521,10 @@ void process_unit(const Problem& P, const Plan& plan, const Unit& u, float* part
         for (int t = 0; t < nq; ++t) {
           VF a, bb;
           unpack_chunk<W, VB>(vc + t * vrow, a, bb);
-          const float* w = wts + (t * ng + g) * RT + r0;
+          const float* w = wts + (g * RT + r0) * TB + t;
           for (int r = 0; r < RS; ++r) {
-            oa[r] += w[r] * a;
-            ob[r] += w[r] * bb;
+            oa[r] += w[r * TB] * a;
+            ob[r] += w[r * TB] * bb;
           }
         }
         for (int r = 0; r < RS; ++r) {
