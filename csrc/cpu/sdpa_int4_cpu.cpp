@@ -133,11 +133,16 @@ void finalize_row(const Problem& p, int b, int hkv, int row, float m, float l, c
   for (int d = 0; d < D; ++d) store_out(p.out, base + d, p.out_dt, tmp[d] * inv);
 }
 
+constexpr int kPrefillRows = 32; // rows per prefill unit (the kernel's PROWS)
+
 Plan make_plan(const Problem& p) {
   Plan plan;
   const int R = p.rows();
+  // Many rows per KV head (prefill, or long speculative/GQA-8 decode) go to the
+  // rows-as-lanes prefill kernel; group 16 (W = 8 chunks) stays on the row kernel.
   int rt = 1;
   while (rt < std::min(R, 16)) rt *= 2;
+  if (R >= kPrefillRows && p.group_size >= 32) rt = kPrefillRows;
   plan.row_tile = rt;
   const int tiles_per_head = (R + rt - 1) / rt;
   plan.row_tiles = p.B * p.Hkv * tiles_per_head;
