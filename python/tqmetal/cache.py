@@ -1,0 +1,667 @@
+"""KV caches for mlx-lm that store old tokens int4/int8-quantized.
+
+    from tqmetal.cache import make_prompt_cache
+    from tqmetal.patch import patch_mlx_lm
+
+    patch_mlx_lm()                       # models' attention -> tqmetal.sdpa_int4
+    cache = make_prompt_cache(model, kv="int4")
+    text = mlx_lm.generate(model, tokenizer, prompt, prompt_cache=cache)
+
+Layout of one layer's cache (positions are token indices in the sequence)::
+
+    quantized  [qstart, qstart + nq)   affine int4/int8, group_size, one triple each for K, V
+    fp buffer  [0, ns) sinks | [offset - nw, offset) window     full precision, one buffer
+
+Tokens arrive in the fp buffer: the first ``sinks`` tokens stay there for good
+(attention sinks), the others join the recent-token window. When the window
+reaches ``window + chunk_size`` tokens, its oldest tokens are quantized
+(``tqmetal.quantize``) and appended to the quantized part, leaving ``window``
+tokens. An update of S > window tokens (prefill) quantizes the tokens that
+leave the window at once: no full-precision copy of the prompt is kept.
+
+The op attends ``[quantized..., fp buffer...]``, so it sees the keys in the
+order ``[qstart..), [0..ns), [offset - nw..)``, not in sequence order.
+Attention is order-independent except for the mask, so :meth:`fused_attention`
+translates mlx-lm's masks (made in sequence order by :meth:`make_mask`, as
+``KVCache`` makes them) into the op's key order: ``None`` stays ``None``;
+``"causal"`` stays ``"causal"`` (bottom-right) while the newest L keys of the
+op order are the L new tokens, that is while the window holds all of them,
+else it becomes a boolean mask built from the key positions; arrays have their
+last axis permuted.
+
+With ``rotate_keys`` the keys are multiplied by the orthonormal Hadamard matrix
+H (``mx.hadamard_transform``) before they are stored, sinks and window
+included, and the queries once per call: (Hq).(Hk) = q.k, while the rotated
+keys spread outlier channels over the group so 4-bit keys lose far less.
+``rotate_values`` does the same to V and un-rotates the output with H^T.
+
+``update_and_fetch`` returns, lazily, the dequantized K and V in sequence
+order: an attention function that does not know this cache (mlx-lm without
+:func:`tqmetal.patch.patch_mlx_lm`) is still correct, just not economical;
+the patched one never evaluates them, so they cost a few graph nodes only.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Optional, Sequence
+
+import mlx.core as mx
+from mlx_lm.models import cache as _mlc
+from mlx_lm.models.base import create_causal_mask
+
+from .ops import quantize, sdpa_int4
+
+__all__ = ["Int4KVCache", "RotatingInt4KVCache", "make_prompt_cache", "fused_op_available"]
+
+_KV_BITS = {"int4": (4, 4), "int8": (8, 8), "k8v4": (8, 4), "k4v8": (4, 8)}
+
+
+def _round_up(n: int, step: int) -> int:
+    return (n + step - 1) // step * step
+
+
+_SHIFTS = {}
+
+
+def _dequantize(packed, scales, biases, group_size, bits):
+    """mx.dequantize for any group size, in cheap-to-build ops.
+
+    Built on every fetch and usually never evaluated, so graph-building time
+    is what counts: this takes a third of mx.dequantize's.
+    """
+    if bits not in _SHIFTS:
+        _SHIFTS[bits] = mx.arange(0, 32, bits, dtype=mx.uint32)
+    q = (mx.expand_dims(packed, -1) >> _SHIFTS[bits]) & ((1 << bits) - 1)
+    q = q.reshape(*packed.shape[:-1], -1, group_size).astype(scales.dtype)
+    x = q * mx.expand_dims(scales, -1) + mx.expand_dims(biases, -1)
+    return x.reshape(*packed.shape[:-1], -1)
+
+
+def _hadamard_kind(d: int) -> Optional[str]:
+    """How mx.hadamard_transform handles size d: "symmetric" (its own inverse),
+    "orthogonal" (20 or 28 times a power of two: the inverse is the transpose)
+    or None (unsupported; MLX 0.32.4's CPU backend corrupts memory on those)."""
+    m = d
+    while m > 1 and m % 2 == 0:
+        m //= 2
+    if m == 1 or (m == 3 and d % 12 == 0):
+        return "symmetric"
+    if (m == 5 and d % 20 == 0) or (m == 7 and d % 28 == 0):
+        return "orthogonal"
+    return None
+
+
+_INVERSE = {}
+
+
+def _unrotate(x):
+    d = x.shape[-1]
+    if _hadamard_kind(d) == "symmetric":
+        return mx.hadamard_transform(x)
+    key = (d, x.dtype)
+    if key not in _INVERSE:  # hadamard_transform(x) = x @ A with A = hadamard(I)
+        _INVERSE[key] = mx.hadamard_transform(mx.eye(d)).T.astype(x.dtype)
+    return x @ _INVERSE[key]
+
+
+_GPU_OK = None
+
+
+def fused_op_available() -> bool:
+    """Whether tqmetal.sdpa_int4 runs on the default device (CPU always; GPU with a Metal build)."""
+    global _GPU_OK
+    if mx.default_device() == mx.cpu:
+        return True
+    if _GPU_OK is None:
+        try:
+            z = mx.zeros((1, 1, 1, 32))
+            zq = quantize(z, 32, 4)
+            sdpa_int4(z, zq, zq, scale=1.0, group_size=32, stream=mx.gpu)
+            _GPU_OK = True
+        except Exception:
+            _GPU_OK = False
+    return _GPU_OK
+
+
+# One memo entry shared by all layers: every layer of a model has the same
+# layout, so the mask translated for layer 0 serves the others in the step.
+_MASK_MEMO = [None, None]
+
+
+class Int4KVCache(_mlc._BaseCache):
+    """mlx-lm KV cache keeping old tokens int4/int8-quantized for ``tqmetal.sdpa_int4``.
+
+    Args:
+        group_size: quantization group along the head dim (16, 32, 64, 128).
+        bits: 4 or 8, for K and V unless ``k_bits`` / ``v_bits`` say otherwise
+            (``k_bits=8, v_bits=4`` is "K8V4").
+        window: most recent tokens kept in full precision.
+        sinks: first tokens kept in full precision for good.
+        rotate_keys: Hadamard-rotate keys (and queries). None = only for 4-bit
+            keys, when the head dim has a Hadamard transform.
+        rotate_values: Hadamard-rotate values (the output is rotated back).
+        chunk_size: tokens quantized at a time once the window overflows.
+
+    ``nbytes`` counts every buffer as allocated (quantized capacity grows in
+    steps of 256 tokens; the fp buffer holds ``sinks + window + chunk_size``
+    tokens), like mlx-lm's caches; ``nbytes_used`` counts only held tokens.
+    """
+
+    step = 256
+    max_size = None  # no sliding window: nothing is ever dropped
+
+    def __init__(
+        self,
+        group_size: int = 64,
+        bits: int = 4,
+        *,
+        k_bits: Optional[int] = None,
+        v_bits: Optional[int] = None,
+        window: int = 128,
+        sinks: int = 4,
+        rotate_keys: Optional[bool] = None,
+        rotate_values: bool = False,
+        chunk_size: int = 64,
+    ):
+        self.group_size = group_size
+        self.k_bits = bits if k_bits is None else k_bits
+        self.v_bits = bits if v_bits is None else v_bits
+        for b in (self.k_bits, self.v_bits):
+            if b not in (4, 8):
+                raise ValueError(f"bits must be 4 or 8, got {b}")
+        if group_size not in (16, 32, 64, 128):
+            raise ValueError(f"group_size must be 16, 32, 64 or 128, got {group_size}")
+        if window < 0 or sinks < 0 or chunk_size < 1:
+            raise ValueError("window and sinks must be >= 0 and chunk_size >= 1")
+        self.window = window
+        self.num_sinks = sinks
+        self.chunk_size = chunk_size
+        self.rotate_keys = rotate_keys
+        self.rotate_values = rotate_values
+        self._reset()
+
+    def _reset(self):
+        self.offset = 0
+        self._ns = 0  # sink tokens held
+        self._nw = 0  # window tokens held
+        self._nq = 0  # quantized tokens held, at slots [qlo, qlo + nq)
+        self._qlo = 0
+        self._qstart = 0  # position of the token in slot qlo
+        self._rot_k = self._rot_v = None  # resolved on the first update
+        self._fk = self._fv = None  # fp buffers [B, H, sinks + window + chunk, D]
+        self._qk = self._qv = None  # lists (packed, scales, biases)
+        self._fetched = None
+        self._qviews = None  # (key, k views, v views) of the held quantized slots
+
+    # ---- layout helpers -------------------------------------------------
+
+    @property
+    def _span(self):
+        """How many non-sink positions back a query sees (None: all)."""
+        return None
+
+    def _needed_from(self, first_query: int) -> int:
+        """Oldest non-sink position any query from ``first_query`` on sees."""
+        return 0
+
+    @property
+    def _qcap(self) -> int:
+        return 0 if self._qk is None else self._qk[0].shape[2]
+
+    def _target_cap(self, need: int) -> Optional[int]:
+        """Capacity to allocate for ``need`` tokens; None keeps the buffer."""
+        if self._qlo + need <= self._qcap:
+            return None
+        return _round_up(need, self.step)
+
+    def _setup(self, keys, values):
+        B, H, _, D = keys.shape
+        Dv = values.shape[-1]
+        for name, d in (("keys", D), ("values", Dv)):
+            if d % self.group_size:
+                raise ValueError(
+                    f"Int4KVCache: {name} head dim {d} is not a multiple of "
+                    f"group_size={self.group_size} (try group_size=16 or 32)"
+                )
+        for attr, want, d, bits in (
+            ("_rot_k", self.rotate_keys, D, self.k_bits),
+            ("_rot_v", self.rotate_values, Dv, self.v_bits),
+        ):
+            ok = _hadamard_kind(d) is not None
+            if want and not ok:
+                raise ValueError(f"Int4KVCache: no Hadamard transform of size {d}")
+            if want is None:
+                want = bits == 4 and ok
+            setattr(self, attr, bool(want))
+        n = self.num_sinks + self.window + self.chunk_size
+        self._fk = mx.zeros((B, H, n, D), keys.dtype)
+        self._fv = mx.zeros((B, H, n, Dv), values.dtype)
+
+    def _reserve(self, n: int):
+        """Make room for n more quantized tokens after slot qlo + nq."""
+        need = self._nq + n
+        cap = self._target_cap(need)
+        if cap is None:
+            return
+        lo, hi = self._qlo, self._qlo + self._nq
+
+        def realloc(buf):
+            shape = (*buf.shape[:2], cap - self._nq, buf.shape[3])
+            fresh = mx.zeros(shape, buf.dtype)
+            return mx.concatenate([buf[..., lo:hi, :], fresh], axis=2) if hi > lo else fresh
+
+        self._qviews = None
+        self._qk = [realloc(b) for b in self._qk]
+        self._qv = [realloc(b) for b in self._qv]
+        self._qlo = 0
+
+    def _drop_dead(self, first_query: int):
+        dead = min(self._nq, max(0, self._needed_from(first_query) - self._qstart))
+        self._qlo += dead
+        self._nq -= dead
+        self._qstart += dead
+
+    def _push(self, k, v, first_query: int):
+        """Quantize k, v (the oldest tokens leaving the window) into the quantized part."""
+        n = k.shape[2]
+        skip = min(n, max(0, self._needed_from(first_query) - (self._qstart + self._nq)))
+        if skip:  # too old for every query from now on (only with a sliding window)
+            k, v, n = k[..., skip:, :], v[..., skip:, :], n - skip
+            self._qstart += skip
+        if n == 0:
+            return
+        kq = quantize(k, self.group_size, self.k_bits)
+        vq = quantize(v, self.group_size, self.v_bits)
+        if self._qk is None:
+            B, H = k.shape[:2]
+            self._qk = [mx.zeros((B, H, 0, x.shape[-1]), x.dtype) for x in kq]
+            self._qv = [mx.zeros((B, H, 0, x.shape[-1]), x.dtype) for x in vq]
+        self._reserve(n)
+        self._qviews = None  # views would keep MLX from updating the buffers in place
+        a = self._qlo + self._nq
+        for buf, new in zip(self._qk + self._qv, kq + vq):
+            buf[..., a : a + n, :] = new
+        self._nq += n
+
+    # ---- the cache protocol ---------------------------------------------
+
+    def update_and_fetch(self, keys, values):
+        if self._fk is None:
+            self._setup(keys, values)
+        S = keys.shape[2]
+        first = self.offset
+        if self._rot_k:
+            keys = mx.hadamard_transform(keys)
+        if self._rot_v:
+            values = mx.hadamard_transform(values)
+        self._drop_dead(first)
+        i = 0
+        if self._ns < self.num_sinks:
+            i = min(self.num_sinks - self._ns, S)
+            self._fk[..., self._ns : self._ns + i, :] = keys[..., :i, :]
+            self._fv[..., self._ns : self._ns + i, :] = values[..., :i, :]
+            self._ns += i
+            self._qstart = self._ns
+        if i < S:
+            k, v = (keys[..., i:, :], values[..., i:, :]) if i else (keys, values)
+            n, nw, W, s0 = S - i, self._nw, self.window, self.num_sinks
+            if nw + n < W + self.chunk_size:
+                self._fk[..., s0 + nw : s0 + nw + n, :] = k
+                self._fv[..., s0 + nw : s0 + nw + n, :] = v
+                self._nw += n
+            else:
+                if nw:
+                    k = mx.concatenate([self._fk[..., s0 : s0 + nw, :], k], axis=2)
+                    v = mx.concatenate([self._fv[..., s0 : s0 + nw, :], v], axis=2)
+                out = nw + n - W  # tokens leaving the window, oldest first
+                self._push(k[..., :out, :], v[..., :out, :], first)
+                if W:
+                    self._fk[..., s0 : s0 + W, :] = k[..., out:, :]
+                    self._fv[..., s0 : s0 + W, :] = v[..., out:, :]
+                self._nw = W
+        self.offset += S
+        return self._fetch()
+
+    def _quantized_views(self):
+        if self._qk is None:
+            return None, None
+        lo, hi = self._qlo, self._qlo + self._nq
+        if self._qviews is None or self._qviews[0] != (lo, hi):
+            if lo == 0 and hi == self._qcap:
+                views = self._qk, self._qv
+            else:
+                views = [x[..., lo:hi, :] for x in self._qk], [x[..., lo:hi, :] for x in self._qv]
+            self._qviews = ((lo, hi), *views)
+        return self._qviews[1:]
+
+    def _empty_quantized(self, bits):
+        B, H, _, D = self._fk.shape
+        gs = mx.zeros((B, H, 0, D // self.group_size), self._fk.dtype)
+        return [mx.zeros((B, H, 0, D * bits // 32), mx.uint32), gs, gs]
+
+    def keys_and_values(self):
+        """K and V dequantized, un-rotated, in sequence order (lazy)."""
+        s0, ns, nw = self.num_sinks, self._ns, self._nw
+        qk, qv = self._quantized_views()
+        out = []
+        for fp, q, bits, rot in (
+            (self._fk, qk, self.k_bits, self._rot_k),
+            (self._fv, qv, self.v_bits, self._rot_v),
+        ):
+            parts = []
+            if ns:
+                parts.append(fp[..., :ns, :])
+            if self._nq:
+                parts.append(_dequantize(*q, self.group_size, bits).astype(fp.dtype))
+            if nw:
+                parts.append(fp[..., s0 : s0 + nw, :])
+            x = parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=2)
+            out.append(_unrotate(x) if rot else x)
+        return tuple(out)
+
+    def _fetch(self):
+        k, v = self.keys_and_values()
+        # Weak references: the patched attention checks that it is handed what
+        # this call returned (models that edit K/V after fetching get the
+        # fallback) without keeping buffers alive, which would block MLX from
+        # updating them in place.
+        self._fetched = (weakref.ref(k), weakref.ref(v))
+        return k, v
+
+    def fused_attention(self, queries, keys, values, *, scale, mask=None, sinks=None):
+        """``tqmetal.sdpa_int4`` over this cache, or None if it cannot serve this call.
+
+        ``keys``/``values`` must be what the last ``update_and_fetch`` returned;
+        ``mask`` is in sequence order as mlx-lm makes it.
+        """
+        f = self._fetched
+        if f is None or f[0]() is not keys or f[1]() is not values:
+            return None
+        D = queries.shape[-1]
+        if self._fk.shape[-1] != D or self._fv.shape[-1] != D or not fused_op_available():
+            return None
+        L = queries.shape[2]
+        q = mx.hadamard_transform(queries) if self._rot_k else queries
+        qk, qv = self._quantized_views()
+        if qk is None:
+            qk, qv = self._empty_quantized(self.k_bits), self._empty_quantized(self.v_bits)
+        t = self._ns + self._nw
+        kt, vt = (self._fk[..., :t, :], self._fv[..., :t, :]) if t else (None, None)
+        out = sdpa_int4(
+            q, qk, qv, scale=scale, mask=self._op_mask(mask, L),
+            group_size=self.group_size, k_bits=self.k_bits, v_bits=self.v_bits,
+            sinks=sinks, k_tail=kt, v_tail=vt,
+        )
+        return _unrotate(out) if self._rot_v else out
+
+    # ---- masks ----------------------------------------------------------
+
+    def _layout(self):
+        return (self.offset, self.num_sinks, self._ns, self._qstart, self._nq, self._nw, self._span)
+
+    def _positions(self):
+        """Sequence position of every key in the op's order."""
+        parts = []
+        if self._nq:
+            parts.append(mx.arange(self._qstart, self._qstart + self._nq))
+        if self._ns:
+            parts.append(mx.arange(self._ns))
+        if self._nw:
+            parts.append(mx.arange(self.offset - self._nw, self.offset))
+        return mx.concatenate(parts) if len(parts) > 1 else parts[0]
+
+    def _positional_mask(self, L):
+        pos = self._positions()[None]
+        t = mx.arange(self.offset - L, self.offset)[:, None]
+        m = pos <= t
+        if self._span is not None:
+            m = m & ((pos > t - self._span) | (pos < self.num_sinks))
+        return m
+
+    def _op_mask(self, mask, L):
+        key = (self._layout(), L, id(mask))
+        memo = _MASK_MEMO
+        if memo[0] is not None and memo[0][0] == key and memo[0][1] is mask:
+            return memo[1]
+        out = self._translate_mask(mask, L)
+        memo[0], memo[1] = (key, mask), out
+        return out
+
+    def _translate_mask(self, mask, L):
+        s0, nq, nw = self.num_sinks, self._nq, self._nw
+        reordered = self._ns > 0 and nq > 0
+        if self._span is not None:
+            # Sliding window: the mask follows from the positions held.
+            oldest = self._qstart if nq else self.offset - nw
+            if (nq or nw) and oldest <= self.offset - 1 - self._span:
+                return self._positional_mask(L)
+            mask = None if L == 1 else "causal"
+        if mask is None:
+            return None
+        if isinstance(mask, str):
+            if mask != "causal":
+                raise ValueError(f"unsupported mask {mask!r}")
+            return mask if not reordered or nw >= L else self._positional_mask(L)
+        if not reordered or mask.shape[-1] == 1:
+            return mask
+        if mask.shape[-1] != self.offset:
+            raise ValueError(
+                f"Int4KVCache: mask covers {mask.shape[-1]} keys, the cache holds {self.offset}"
+            )
+        return mx.concatenate(
+            [mask[..., s0 : s0 + nq], mask[..., :s0], mask[..., s0 + nq :]], axis=-1
+        )
+
+    def make_mask(self, N: int, return_array: bool = False, window_size: Optional[int] = None):
+        return _mlc.create_attention_mask(
+            N, offset=self.offset, return_array=return_array, window_size=window_size
+        )
+
+    # ---- state, trim, sizes ---------------------------------------------
+
+    _META = (
+        "offset", "_ns", "_nw", "_nq", "_qlo", "_qstart", "_rot_k", "_rot_v",
+        "group_size", "k_bits", "v_bits", "window", "num_sinks", "chunk_size",
+        "rotate_keys", "rotate_values", "max_size", "keep",
+    )
+
+    @property
+    def state(self):
+        # The buffers as held (no copies: mlx-lm evaluates state every prefill
+        # chunk), plus every scalar, so that from_state alone rebuilds the cache.
+        meta = {k: getattr(self, k, None) for k in self._META}
+        return self._fk, self._fv, self._qk, self._qv, meta
+
+    @state.setter
+    def state(self, v):
+        fk, fv, qk, qv, meta = v
+        self._reset()
+        for k in self._META:
+            setattr(self, k, meta.get(k))
+        self._fk, self._fv = fk, fv
+        self._qk = None if qk is None else list(qk)
+        self._qv = None if qv is None else list(qv)
+
+    @property
+    def meta_state(self):
+        """The scalars of ``state`` as strings (mlx-lm's older convention)."""
+        return tuple(str(getattr(self, k, None)) for k in self._META)
+
+    @meta_state.setter
+    def meta_state(self, v):
+        special = {"None": None, "True": True, "False": False}
+        for k, s in zip(self._META, v):
+            setattr(self, k, special[s] if s in special else int(s))
+
+    @classmethod
+    def from_state(cls, state, meta_state=None):
+        obj = cls.__new__(cls)
+        obj.state = state
+        if meta_state is not None:
+            obj.meta_state = meta_state
+        return obj
+
+    def is_trimmable(self):
+        return True
+
+    def trim(self, n):
+        n = min(self.offset, n)
+        k = min(n, self._nw)
+        self._nw -= k
+        r = n - k
+        k = min(r, self._nq)
+        self._nq -= k
+        self._ns -= r - k
+        self.offset -= n
+        return n
+
+    def size(self):
+        return self.offset
+
+    def empty(self):
+        return self._fk is None
+
+    @property
+    def nbytes(self):
+        """Bytes of all buffers as allocated (see the class docstring)."""
+        arrays = [self._fk, self._fv] + (self._qk or []) + (self._qv or [])
+        return sum(a.nbytes for a in arrays if a is not None)
+
+    @property
+    def nbytes_used(self):
+        """Bytes of the tokens held: quantized triples plus sinks and window."""
+        if self._fk is None:
+            return 0
+        per_fp = (self._fk.nbytes + self._fv.nbytes) // self._fk.shape[2]
+        per_q = sum(a.nbytes // max(a.shape[2], 1) for a in (self._qk or []) + (self._qv or []))
+        return per_fp * (self._ns + self._nw) + per_q * self._nq
+
+
+class RotatingInt4KVCache(Int4KVCache):
+    """Sliding-window :class:`Int4KVCache`, for layers mlx-lm gives a ``RotatingKVCache``.
+
+    Each query at position t attends the first ``keep`` tokens (held in full
+    precision: they are this cache's sinks) and positions ``(t - (max_size -
+    keep), t]``: what ``RotatingKVCache(max_size, keep)`` keeps for one-token
+    steps. For multi-token updates this is the exact sliding window, where
+    mlx-lm's own cache masks by slot index (identical when ``keep == 0``).
+    Tokens that no query can see any more are dropped (by bookkeeping: the
+    live quantized tokens are a slice of one buffer whose dead front is
+    reclaimed when the buffer is full); the quantized buffer holds
+    ``max_size - keep - window`` tokens plus up to as many (at most 256, at
+    least ``chunk_size``) of slack, and more during a long prefill, given back
+    at the next flush.
+
+    The mask comes from the positions held, not from the ``mask`` argument:
+    use it through the patched attention (:mod:`tqmetal.patch`).
+    """
+
+    def __init__(self, max_size: int, keep: int = 0, group_size: int = 64, bits: int = 4, **kwargs):
+        if kwargs.pop("sinks", keep) != keep:
+            raise ValueError("RotatingInt4KVCache: the sinks are the keep tokens")
+        if max_size <= keep:
+            raise ValueError("max_size must be larger than keep")
+        self.max_size = max_size
+        self.keep = keep
+        super().__init__(group_size, bits, sinks=keep, **kwargs)
+
+    @property
+    def _span(self):
+        return self.max_size - self.keep
+
+    def _needed_from(self, first_query):
+        return max(self.keep, first_query - self._span + 1)
+
+    def _target_cap(self, need):
+        # In steady state at most span - window tokens are held; the slack lets
+        # dead tokens accumulate at the front before the live ones move down.
+        held = max(self._span - self.window, 0)
+        steady = held + max(self.chunk_size, min(self.step, held))
+        if self._qlo + need <= self._qcap and not (self._qcap > steady and need <= held):
+            return None
+        return max(steady, need if need <= steady else _round_up(need, self.step))
+
+    def update_and_fetch(self, keys, values):
+        from . import patch
+
+        if not patch.is_patched():
+            raise RuntimeError(
+                "RotatingInt4KVCache needs the patched attention: call "
+                "tqmetal.patch.patch_mlx_lm() first"
+            )
+        return super().update_and_fetch(keys, values)
+
+    def make_mask(self, N: int, window_size: Optional[int] = None, return_array: bool = False):
+        # What RotatingKVCache.make_mask returns, for layers of other cache types
+        # that share this mask; this cache derives its own mask from positions.
+        if N > 1:
+            window_size = window_size or self.max_size
+            offset = min(self.max_size - 1, self.offset)
+            if offset + N > window_size or return_array:
+                return create_causal_mask(N, offset, window_size=window_size)
+            return "causal"
+        return None
+
+    def is_trimmable(self):
+        return self.offset < self.max_size
+
+    def size(self):
+        return min(self.offset, self.max_size)
+
+
+for _cls in (Int4KVCache, RotatingInt4KVCache):
+    # load_prompt_cache resolves class names in mlx_lm.models.cache's globals.
+    setattr(_mlc, _cls.__name__, _cls)
+
+
+def make_prompt_cache(
+    model,
+    kv: str = "int4",
+    group_size: int = 64,
+    window: int = 128,
+    sinks: int = 4,
+    rotate_keys: Optional[bool] = None,
+    full_precision_layers: Sequence[int] = (),
+    max_kv_size: Optional[int] = None,
+    rotate_values: bool = False,
+):
+    """mlx-lm's ``make_prompt_cache`` with quantized caches.
+
+    ``kv``: "int4", "int8", "k8v4" (8-bit keys, 4-bit values), "k4v8" or
+    "fp16" (mlx-lm's caches). The model's own ``make_cache()`` (else one
+    ``KVCache`` per layer) says what each layer needs: a ``KVCache`` becomes an
+    :class:`Int4KVCache`, a ``RotatingKVCache`` a :class:`RotatingInt4KVCache`
+    with its max_size and keep; other caches (SSM states, ...) and the layers
+    in ``full_precision_layers`` (indices; negative ones count from the end)
+    keep mlx-lm's. ``max_kv_size`` bounds every full-attention layer to a
+    sliding window of that many tokens keeping the first ``sinks`` (mlx-lm's
+    ``RotatingKVCache(max_kv_size, keep=4)``), also for models with
+    ``make_cache``, where mlx-lm 0.32 ignores it.
+    """
+    base = _mlc.make_prompt_cache(model)
+    if max_kv_size is not None:
+        base = [
+            _mlc.RotatingKVCache(max_kv_size, keep=sinks) if type(c) is _mlc.KVCache else c
+            for c in base
+        ]
+    if kv == "fp16":
+        return base
+    if kv not in _KV_BITS:
+        raise ValueError(f"kv must be one of {sorted(_KV_BITS) + ['fp16']}, got {kv!r}")
+    k_bits, v_bits = _KV_BITS[kv]
+    n = len(base)
+    keep_fp = {i % n for i in full_precision_layers}
+    opts = dict(group_size=group_size, k_bits=k_bits, v_bits=v_bits, window=window,
+                rotate_keys=rotate_keys, rotate_values=rotate_values)
+    out = []
+    for i, c in enumerate(base):
+        if i in keep_fp:
+            out.append(c)
+        elif type(c) is _mlc.KVCache:
+            out.append(Int4KVCache(sinks=sinks, **opts))
+        elif type(c) is _mlc.RotatingKVCache:
+            out.append(RotatingInt4KVCache(c.max_size, c.keep, **opts))
+        else:
+            out.append(c)
+    return out

