@@ -38,6 +38,7 @@ namespace tqmetal::cpu {
 namespace TQ_CAT(isa_, TQMETAL_ISA) {
 
 constexpr int TB = 16; // tokens per softmax block (one 16-lane vector of scores)
+constexpr int64_t kPrefetchAhead = 48; // tokens
 
 template <int W>
 struct Vec;
@@ -371,16 +372,6 @@ void process_unit(const Problem& P, const Plan& plan, const Unit& u, float* part
     const int nt = int(std::min<int64_t>(TB, n_end - t0));
     const int nq = int(std::max<int64_t>(0, std::min<int64_t>(nt, N - t0))); // quantized tokens
 
-    // The next block's K and V rows are independent streams the hardware
-    // prefetcher ramps up on too slowly; ask for them one block ahead.
-    {
-      const int64_t pn = t0 + TB;
-      const int64_t pq = std::min<int64_t>(TB, N - pn);
-      for (int t = 0; t < pq; ++t) {
-        for (int64_t off = 0; off < krow; off += 64) __builtin_prefetch(kbase + (pn + t) * krow + off);
-        for (int64_t off = 0; off < vrow; off += 64) __builtin_prefetch(vbase + (pn + t) * vrow + off);
-      }
-    }
     // ---- scores s[r][t] = q . k_t (log2 domain) ----
     if (nq > 0) {
       load_group_params(P.k.scales, u.b, u.hkv, t0, nq, ng, ks);
@@ -388,6 +379,13 @@ void process_unit(const Problem& P, const Plan& plan, const Unit& u, float* part
     }
     for (int t = 0; t < nq; ++t) {
       const uint8_t* kr = kbase + (t0 + t) * krow;
+      // Decode is a stream over two arrays; request rows a few blocks ahead,
+      // one token's K and V lines per token so the fill buffers never flood.
+      if (t0 + t + kPrefetchAhead < N) {
+        const int64_t ahead = (t0 + t + kPrefetchAhead);
+        for (int64_t off = 0; off < krow; off += 64) __builtin_prefetch(kbase + ahead * krow + off, 0, 2);
+        for (int64_t off = 0; off < vrow; off += 64) __builtin_prefetch(vbase + ahead * vrow + off, 0, 2);
+      }
       VF acc[RT];
       float sb[RT];
       for (int r = 0; r < RT; ++r) {
