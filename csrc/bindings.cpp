@@ -4,13 +4,125 @@
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/tuple.h>
 #include <nanobind/stl/variant.h>
+#include <nanobind/stl/vector.h>
 
 #include "cpu/thread_pool.h"
+#include "metal/dispatch_plan.h"
 #include "tqmetal.h"
 
 namespace nb = nanobind;
 using namespace nb::literals;
 using mlx::core::array;
+
+namespace {
+
+// plan_sdpa_int4_decode(problem: dict) -> dict: the Metal decode plan (csrc/metal/
+// dispatch_plan.h) for tests and tools. Tensors are given as
+// {"dtype": "float16", "offset": bytes, "strides": [...]}.
+nb::dict plan_decode_py(const nb::dict& d) {
+  namespace tm = tqmetal::metal;
+  auto get_int = [&](const char* k, int64_t dflt) {
+    return d.contains(k) ? nb::cast<int64_t>(d[k]) : dflt;
+  };
+  auto dtype = [](const std::string& s) {
+    if (s == "float16") return tm::DType::f16;
+    if (s == "bfloat16") return tm::DType::bf16;
+    if (s == "bool") return tm::DType::boolean;
+    if (s == "float32" || s == "uint32") return tm::DType::f32;
+    throw nb::value_error(("unknown dtype " + s).c_str());
+  };
+  auto tensor = [&](const char* k) {
+    tm::TensorRef t;
+    if (!d.contains(k)) return t;
+    nb::dict td = nb::cast<nb::dict>(d[k]);
+    t.dtype = dtype(nb::cast<std::string>(td["dtype"]));
+    if (td.contains("offset")) t.offset = nb::cast<int64_t>(td["offset"]);
+    for (auto h : nb::cast<nb::list>(td["strides"])) t.strides.push_back(nb::cast<int64_t>(h));
+    return t;
+  };
+  tm::DecodeProblem p;
+  p.B = int(get_int("B", 1));
+  p.Hq = int(get_int("Hq", 1));
+  p.Hkv = int(get_int("Hkv", 1));
+  p.L = int(get_int("L", 1));
+  p.D = int(get_int("D", 128));
+  p.N = get_int("N", 0);
+  p.T = get_int("T", 0);
+  p.group_size = int(get_int("group_size", 64));
+  p.k_bits = int(get_int("k_bits", 4));
+  p.v_bits = int(get_int("v_bits", 4));
+  p.scale = d.contains("scale") ? nb::cast<float>(d["scale"]) : 1.f;
+  p.q = tensor("q");
+  p.k_packed = tensor("k_packed");
+  p.k_scales = tensor("k_scales");
+  p.k_biases = tensor("k_biases");
+  p.v_packed = tensor("v_packed");
+  p.v_scales = tensor("v_scales");
+  p.v_biases = tensor("v_biases");
+  p.has_tail = d.contains("k_tail");
+  p.k_tail = tensor("k_tail");
+  p.v_tail = tensor("v_tail");
+  const std::string mk = d.contains("mask_kind") ? nb::cast<std::string>(d["mask_kind"]) : "none";
+  p.mask_kind = mk == "causal" ? tm::MaskKind::causal
+      : mk == "bool"           ? tm::MaskKind::boolean
+      : mk == "additive"       ? tm::MaskKind::additive
+                               : tm::MaskKind::none;
+  p.mask = tensor("mask");
+  p.has_sinks = d.contains("sinks");
+  p.sinks = tensor("sinks");
+  p.blocks = int(get_int("blocks", 0));
+  p.gpu_cores = int(get_int("gpu_cores", 32));
+
+  const tm::DecodePlan plan = tm::plan_sdpa_int4_decode(p);
+  nb::dict r;
+  r["supported"] = plan.supported;
+  r["reason"] = plan.reason;
+  r["two_pass"] = plan.two_pass;
+  r["blocks"] = plan.blocks;
+  r["block_len"] = plan.block_len;
+  r["rows"] = plan.rows;
+  r["rows_per_threadgroup"] = plan.rows_per_threadgroup;
+  r["row_tiles"] = plan.row_tiles;
+  r["simdgroups"] = plan.simdgroups;
+  nb::dict scratch;
+  for (const auto& s : plan.scratch) scratch[s.name.c_str()] = s.bytes;
+  r["scratch"] = scratch;
+  nb::list launches;
+  static const char* kinds[] = {"input", "output", "scratch", "int32", "int64", "float32"};
+  for (const auto& l : plan.launches) {
+    nb::dict ld;
+    ld["kernel"] = l.kernel;
+    nb::dict fcs;
+    for (const auto& f : l.constants) {
+      if (f.is_bool) {
+        fcs[nb::int_(f.index)] = bool(f.value);
+      } else {
+        fcs[nb::int_(f.index)] = f.value;
+      }
+    }
+    ld["function_constants"] = fcs;
+    nb::list bufs;
+    for (const auto& b : l.buffers) {
+      nb::dict bd;
+      bd["index"] = b.index;
+      bd["kind"] = kinds[int(b.kind)];
+      bd["name"] = b.name;
+      bd["offset"] = b.offset;
+      if (b.kind == tm::Binding::Kind::int32s) bd["value"] = nb::cast(b.i32);
+      if (b.kind == tm::Binding::Kind::int64s) bd["value"] = nb::cast(b.i64);
+      if (b.kind == tm::Binding::Kind::float32) bd["value"] = b.f32;
+      bufs.append(bd);
+    }
+    ld["buffers"] = bufs;
+    ld["grid"] = nb::make_tuple(l.grid[0], l.grid[1], l.grid[2]);
+    ld["threadgroup"] = nb::make_tuple(l.threadgroup[0], l.threadgroup[1], l.threadgroup[2]);
+    launches.append(ld);
+  }
+  r["launches"] = launches;
+  return r;
+}
+
+} // namespace
 
 NB_MODULE(_ext, m) {
   m.doc() = "tqmetal native extension: fused attention on quantized KV caches";
@@ -63,4 +175,6 @@ NB_MODULE(_ext, m) {
 
   m.def("cpu_isa", &tqmetal::cpu_isa, "The CPU kernel variant in use (avx512, avx2, generic).");
   m.def("num_threads", &tqmetal::cpu::num_threads, "Threads the CPU kernels use.");
+  m.def("plan_sdpa_int4_decode", &plan_decode_py, "problem"_a,
+        "The Metal decode kernels' launch plan (csrc/metal/dispatch_plan.h) as a dict.");
 }
