@@ -241,6 +241,19 @@ inline void unpack_chunk(const uint8_t* bytes, typename Vec<W>::f& a, typename V
 // [group][TB] order so per-group work vectorizes over tokens.
 template <typename T>
 inline void load_params_t(const T* p, int64_t st_n, int64_t st_g, int nt, int ng, float* out) {
+  if (st_g == 1 && st_n == ng && !std::is_same_v<T, uint16_t>) {
+    // The usual layout: the block is nt * ng contiguous values; convert them in
+    // one vectorizable pass, then transpose.
+    float tmp[TB * 16];
+    if (ng <= 16) {
+      for (int i = 0; i < nt * ng; ++i) tmp[i] = float(p[i]);
+      for (int g = 0; g < ng; ++g) {
+        for (int t = 0; t < nt; ++t) out[g * TB + t] = tmp[t * ng + g];
+        for (int t = nt; t < TB; ++t) out[g * TB + t] = 0.f;
+      }
+      return;
+    }
+  }
   for (int t = 0; t < nt; ++t) {
     for (int g = 0; g < ng; ++g) {
       if constexpr (std::is_same_v<T, uint16_t>) { // bfloat16
@@ -297,7 +310,7 @@ void process_unit(const Problem& P, const Plan& plan, const Unit& u, float* part
   // Per-thread scratch, reused across units.
   thread_local std::vector<float> scratch;
   const size_t need = size_t(RT) * D * 3 + size_t(RT) * ng * 2 + size_t(TB) * ng * 4 +
-      size_t(RT) * TB + 2 * D + size_t(RT) * TB + size_t(TB) * ng * RT + size_t(RT) * TB * W + 64;
+      size_t(RT) * TB + 2 * D + size_t(TB) * ng * RT + size_t(RT) * TB * W + 64;
   if (scratch.size() < need) {
     scratch.assign(need, 0.f);
   }
@@ -313,8 +326,7 @@ void process_unit(const Problem& P, const Plan& plan, const Unit& u, float* part
   float* sc = vbias + TB * ng; // [RT][TB] scores then weights
   float* rowbuf = sc + RT * TB; // [D]
   float* rowperm = rowbuf + D; // [D]
-  float* sbias = rowperm + D; // [RT][TB]
-  float* wts = sbias + RT * TB; // [TB][ng][RT]
+  float* wts = rowperm + D; // [ng][RT][TB]
   VF* accs = reinterpret_cast<VF*>(
       (reinterpret_cast<uintptr_t>(wts + TB * ng * RT) + 63) & ~uintptr_t(63)); // [RT][TB]
 
@@ -383,18 +395,13 @@ void process_unit(const Problem& P, const Plan& plan, const Unit& u, float* part
       // one token's K and V lines per token so the fill buffers never flood.
       if (t0 + t + kPrefetchAhead < N) {
         const int64_t ahead = (t0 + t + kPrefetchAhead);
-        for (int64_t off = 0; off < krow; off += 64) __builtin_prefetch(kbase + ahead * krow + off, 0, 2);
-        for (int64_t off = 0; off < vrow; off += 64) __builtin_prefetch(vbase + ahead * vrow + off, 0, 2);
+        for (int64_t off = 0; off < krow; off += 64) __builtin_prefetch(kbase + ahead * krow + off, 0, 3);
+        for (int64_t off = 0; off < vrow; off += 64) __builtin_prefetch(vbase + ahead * vrow + off, 0, 3);
       }
       VF acc[RT];
-      float sb[RT];
-      for (int r = 0; r < RT; ++r) {
-        acc[r] = VF{};
-        sb[r] = 0.f;
-      }
+      for (int r = 0; r < RT; ++r) acc[r] = VF{};
       for (int g = 0; g < ng; ++g) {
         const float gsc = ks[g * TB + t];
-        const float gbi = kbias[g * TB + t];
         for (int c = g * cpg; c < (g + 1) * cpg; ++c) {
           VF a, bb;
           unpack_chunk<W, KB>(kr + c * CH * KB / 8, a, bb);
@@ -405,19 +412,18 @@ void process_unit(const Problem& P, const Plan& plan, const Unit& u, float* part
             acc[r] += bb * loadv<VF>(qk + r * D + c * CH + W);
           }
         }
-        for (int r = 0; r < RT; ++r) sb[r] += gbi * qsum[r * ng + g];
       }
-      for (int r = 0; r < RT; ++r) {
-        accs[r * TB + t] = acc[r];
-        sbias[r * TB + t] = sb[r];
-      }
+      for (int r = 0; r < RT; ++r) accs[r * TB + t] = acc[r];
     }
     if (nq > 0) {
       for (int t = nq; t < TB; ++t) {
         for (int r = 0; r < RT; ++r) accs[r * TB + t] = VF{};
       }
+      // bias_g * sum_g(q), for all tokens of the block at once.
       for (int r = 0; r < RT; ++r) {
-        storev(sc + r * TB, reduce16(accs + r * TB) + loadv<f16v>(sbias + r * TB));
+        f16v sv = reduce16(accs + r * TB);
+        for (int g = 0; g < ng; ++g) sv += qsum[r * ng + g] * loadv<f16v>(kbias + g * TB);
+        storev(sc + r * TB, sv);
       }
     }
     for (int t = nq; t < nt; ++t) { // unquantized tail keys
