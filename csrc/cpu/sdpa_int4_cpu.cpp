@@ -3,7 +3,10 @@
 // the per-split softmax states.
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
+#include <stdexcept>
+#include <string>
 #include <limits>
 #include <memory>
 #include <vector>
@@ -19,12 +22,18 @@ namespace tqmetal::cpu {
 
 using namespace mlx::core;
 
+float* thread_scratch(size_t n) {
+  thread_local std::vector<float> buf;
+  if (buf.size() < n + 16) buf.resize(n + 16);
+  return reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(buf.data()) + 63) & ~uintptr_t(63));
+}
+
 float to_float(const void* base, int64_t idx, DType dt) {
   switch (dt) {
     case DType::f32:
       return static_cast<const float*>(base)[idx];
     case DType::f16:
-      return float(static_cast<const _Float16*>(base)[idx]);
+      return float(static_cast<const half_t*>(base)[idx]);
     case DType::bf16: {
       uint32_t u = uint32_t(static_cast<const uint16_t*>(base)[idx]) << 16;
       float f;
@@ -66,7 +75,7 @@ void store_out(void* out, int64_t idx, DType dt, float x) {
       static_cast<float*>(out)[idx] = x;
       break;
     case DType::f16:
-      static_cast<_Float16*>(out)[idx] = _Float16(x);
+      static_cast<half_t*>(out)[idx] = half_t(x);
       break;
     case DType::bf16: {
       // Round to nearest even, keeping NaN a NaN.
@@ -160,39 +169,48 @@ Plan make_plan(const Problem& p) {
   return plan;
 }
 
-UnitFn pick_kernel(const Problem& p, const Plan& plan) {
-#if defined(TQMETAL_HAVE_X86_VARIANTS)
+// 2 = AVX-512, 1 = AVX2 + FMA + F16C, 0 = portable. TQMETAL_CPU_ISA=generic|avx2
+// lowers the choice (tests cover every variant on one machine); it never raises it
+// above what the CPU supports.
+int isa_level() {
   static const int level = [] {
+    int best = 0;
+#if defined(TQMETAL_HAVE_X86_VARIANTS)
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")) {
-      return 2;
+      best = 2;
+    } else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+      best = 1;
     }
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-        __builtin_cpu_supports("f16c")) {
-      return 1;
-    }
-    return 0;
-  }();
-  if (level == 2) return unit_fn_avx512(p, plan);
-  if (level == 1) return unit_fn_avx2(p, plan);
 #endif
-  return unit_fn_generic(p, plan);
+    if (const char* s = std::getenv("TQMETAL_CPU_ISA")) {
+      const std::string want(s);
+      if (want == "generic") best = 0;
+      if (want == "avx2") best = std::min(best, 1);
+    }
+    return best;
+  }();
+  return level;
+}
+
+UnitFn pick_kernel(const Problem& p, const Plan& plan) {
+  UnitFn fn = nullptr;
+#if defined(TQMETAL_HAVE_X86_VARIANTS)
+  const int level = isa_level();
+  if (level == 2) fn = unit_fn_avx512(p, plan);
+  if (level == 1) fn = unit_fn_avx2(p, plan);
+#endif
+  if (!fn && isa_level() == 0) fn = unit_fn_generic(p, plan);
+  if (!fn) {
+    throw std::logic_error("[tqmetal.sdpa_int4] internal error: no kernel for this row tile");
+  }
+  return fn;
 }
 
 const char* isa_name() {
-#if defined(TQMETAL_HAVE_X86_VARIANTS)
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")) {
-    return "avx512";
-  }
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-      __builtin_cpu_supports("f16c")) {
-    return "avx2";
-  }
-#endif
-  return "generic";
+  static const char* names[] = {"generic", "avx2", "avx512"};
+  return names[isa_level()];
 }
 
 void run_problem(const Problem& p) {

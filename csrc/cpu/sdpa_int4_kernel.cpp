@@ -18,7 +18,6 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
-#include <vector>
 
 #include "cpu/sdpa_int4_problem.h"
 
@@ -159,7 +158,7 @@ inline void load_row(const void* base, int64_t off, int64_t stride, int n, DType
       break;
     }
     case DType::f16: {
-      auto* p = static_cast<const _Float16*>(base) + off;
+      auto* p = static_cast<const half_t*>(base) + off;
       for (int i = 0; i < n; ++i) out[i] = float(p[i * stride]);
       break;
     }
@@ -280,7 +279,7 @@ inline void load_group_params(
   const int64_t off = b * s.st[0] + h * s.st[1] + n0 * s.st[2];
   switch (s.dt) {
     case DType::f16:
-      load_params_t(static_cast<const _Float16*>(s.ptr) + off, s.st[2], s.st[3], nt, ng, out);
+      load_params_t(static_cast<const half_t*>(s.ptr) + off, s.st[2], s.st[3], nt, ng, out);
       break;
     case DType::bf16:
       load_params_t(static_cast<const uint16_t*>(s.ptr) + off, s.st[2], s.st[3], nt, ng, out);
@@ -307,14 +306,9 @@ void process_unit(const Problem& P, const Plan& plan, const Unit& u, float* part
   const float log2e = 1.4426950408889634f;
   const float qscale = P.scale * log2e; // scores live in the log2 domain
 
-  // Per-thread scratch, reused across units.
-  thread_local std::vector<float> scratch;
   const size_t need = size_t(RT) * D * 3 + size_t(RT) * ng * 2 + size_t(TB) * ng * 4 +
       size_t(RT) * TB + 2 * D + size_t(TB) * ng * RT + size_t(RT) * TB * W + 64;
-  if (scratch.size() < need) {
-    scratch.assign(need, 0.f);
-  }
-  float* qk = scratch.data(); // [RT][D] permuted for KB
+  float* qk = thread_scratch(need); // [RT][D] permuted for KB
   float* qn = qk + RT * D; // [RT][D] natural order (tail keys)
   float* o = qn + RT * D; // [RT][D] permuted for VB
   float* qsum = o + RT * D; // [RT][ng]
@@ -628,11 +622,9 @@ void process_unit_prefill(const Problem& P, const Plan& plan, const Unit& u, flo
   const float log2e = 1.4426950408889634f;
   const float ninf = -std::numeric_limits<float>::infinity();
 
-  thread_local std::vector<float> scratch;
   const size_t need = size_t(D) * PROWS * 2 + size_t(TB) * D * 2 + size_t(TB) * PROWS +
       size_t(TB) * ng * 4 + size_t(PROWS) * ng + 3 * size_t(D) + 64;
-  if (scratch.size() < need) scratch.assign(need, 0.f);
-  float* base = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(scratch.data()) + 63) & ~uintptr_t(63));
+  float* base = thread_scratch(need);
   float* qT = base; // [D][PROWS], d in K's chunk-permuted order
   float* oT = qT + D * PROWS; // [D][PROWS], d in V's chunk-permuted order
   float* kf = oT + D * PROWS; // [TB][D]
@@ -828,8 +820,10 @@ UnitFn pick_rt(const Plan& plan) {
       return &process_unit<W, KB, VB, 4>;
     case 8:
       return &process_unit<W, KB, VB, 8>;
-    default:
+    case 16:
       return &process_unit<W, KB, VB, 16>;
+    default:
+      return nullptr; // the host checks: a wrong tile would overrun the row arrays
   }
 }
 

@@ -3,9 +3,18 @@
 // work decomposition shared by the host dispatch and every ISA variant.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 
 namespace tqmetal::cpu {
+
+// IEEE half as a C++ arithmetic type: GCC gained _Float16 for C++ on aarch64 only
+// in version 13, while __fp16 converts with one fcvt there.
+#if defined(__aarch64__)
+using half_t = __fp16;
+#else
+using half_t = _Float16;
+#endif
 
 enum class DType : uint8_t { f32, f16, bf16, boolean };
 enum class MaskKind : uint8_t { none, causal, boolean, additive };
@@ -93,5 +102,10 @@ UnitFn unit_fn_avx2(const Problem&, const Plan&);
 UnitFn unit_fn_avx512(const Problem&, const Plan&);
 
 float to_float(const void* base, int64_t idx, DType dt);
+
+// Per-thread scratch of at least n floats, 64-byte aligned. It lives in the host
+// file, built for the baseline ISA: a std::vector instantiated inside an ISA
+// variant would be a weak symbol the linker may pick for every variant.
+float* thread_scratch(size_t n);
 
 } // namespace tqmetal::cpu
