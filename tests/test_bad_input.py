@@ -271,3 +271,13 @@ def test_sinks_shape(shape):
 def test_sinks_dtype():
     with pytest.raises(ValueError, match=r"sinks"):
         call(sinks=mx.zeros((HQ,), mx.int32))
+
+
+def test_gpu_stream_is_refused_with_its_name():
+    """No GPU kernel is wired yet: an explicit GPU stream is a ValueError naming `stream`."""
+    k = mx.quantize(mx.random.normal((1, 1, 8, 64)), group_size=64, bits=4)
+    q = mx.random.normal((1, 1, 1, 64))
+    with pytest.raises(ValueError, match="stream"):
+        tqmetal.sdpa_int4(q, k, k, scale=0.1, stream=mx.gpu)
+    # The default stream works wherever the op runs (the CPU here).
+    assert tqmetal.sdpa_int4(q, k, k, scale=0.1).shape == (1, 1, 1, 64)

@@ -1,6 +1,8 @@
 // CPU evaluation of ScaledDotProductAttentionInt4: reads the MLX arrays in place,
 // plans the work units, runs the best kernel variant on the thread pool and merges
 // the per-split softmax states.
+#include <alloca.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
