@@ -9,7 +9,6 @@ import sys
 COMMANDS = {
     "generate": ("tqmetal.generate", "generate text with an int4 KV cache (mlx-lm model or GGUF)"),
     "eval": ("tqmetal.fidelity", "fidelity report: int4/int8 cache against fp16 on a real model"),
-    "bench": ("tqmetal.bench", "benchmark suite: JSON and plots"),
     "plan": ("tqmetal.plan", "memory planner: which context fits in how much memory"),
 }
 
