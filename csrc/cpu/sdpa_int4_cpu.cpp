@@ -144,8 +144,6 @@ void finalize_row(const Problem& p, int b, int hkv, int row, float m, float l, c
   for (int d = 0; d < D; ++d) store_out(p.out, base + d, p.out_dt, tmp[d] * inv);
 }
 
-constexpr int kPrefillRows = 32; // rows per prefill unit (the kernel's PROWS)
-
 Plan make_plan(const Problem& p) {
   Plan plan;
   const int R = p.rows();
@@ -218,7 +216,6 @@ const char* isa_name() {
 void run_problem(const Problem& p) {
   const Plan plan = make_plan(p);
   const UnitFn fn = pick_kernel(p, plan);
-  const int G = p.group();
   const int R = p.rows();
   const int tiles_per_head = plan.row_tiles / (p.B * p.Hkv);
   auto unit_at = [&](int64_t i) {
@@ -231,12 +228,10 @@ void run_problem(const Problem& p) {
     u.hkv = bh % p.Hkv;
     u.row0 = rt * plan.row_tile;
     u.nrows = std::min(plan.row_tile, R - u.row0);
-    u.split = split;
     u.n0 = int64_t(split) * plan.split_len;
     u.n1 = std::min(p.n_total(), u.n0 + plan.split_len);
     return u;
   };
-  (void)G;
   if (plan.splits == 1) {
     parallel_for(plan.units(), [&](int64_t i) { fn(p, plan, unit_at(i), nullptr); });
     return;
@@ -368,7 +363,6 @@ void eval_sdpa_int4_cpu(
       break;
     }
   }
-  std::shared_ptr<std::vector<float>> sinks;
   std::optional<array> sinks_arr;
   if (prim.has_sinks()) {
     sinks_arr = inputs[next++];

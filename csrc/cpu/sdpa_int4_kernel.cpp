@@ -145,10 +145,6 @@ inline f16v exp2v(f16v x) {
   return (x < -126.f) ? splat<f16v>(0.f) : r;
 }
 
-inline float load_scalar(const void* base, int64_t idx, DType dt) {
-  return to_float(base, idx, dt);
-}
-
 // Convert n strided elements to float.
 inline void load_row(const void* base, int64_t off, int64_t stride, int n, DType dt, float* out) {
   switch (dt) {
@@ -571,8 +567,9 @@ void process_unit(const Problem& P, const Plan& plan, const Unit& u, float* part
 // L1-sized float tiles (never more than TB rows), and both products run as
 // register-blocked outer products: S^T[t] += K[t][d] * Q^T[d], O^T[d] += V[t][d] * P^T[t].
 // No horizontal reductions, and the dequantization is shared by all 32 rows.
-constexpr int PRV = 2; // row vectors per unit
-constexpr int PROWS = 16 * PRV;
+constexpr int PROWS = kPrefillRows;
+constexpr int PRV = PROWS / 16; // row vectors per unit
+static_assert(PROWS % 16 == 0, "prefill rows come in 16-lane vectors");
 
 // Dequantize nq quantized tokens of one head into dst[t][D] (chunk-permuted order).
 template <int BITS>
@@ -844,7 +841,6 @@ UnitFn TQ_CAT(unit_fn_, TQMETAL_ISA)(const Problem& p, const Plan& plan) {
   using namespace TQ_CAT(isa_, TQMETAL_ISA);
   // A chunk is 2W elements and must not straddle groups: W = 8 for group 16.
   return p.group_size >= 32 ? pick_bits<16>(p, plan) : pick_bits<8>(p, plan);
-  static_assert(TQ_CAT(isa_, TQMETAL_ISA)::PROWS == 32, "host plan assumes 32 prefill rows");
 }
 
 } // namespace tqmetal::cpu

@@ -68,8 +68,10 @@ struct Problem {
 struct Unit {
   int b, hkv, row0, nrows;
   int64_t n0, n1;
-  int split; // index of this token range within the rows' splits
 };
+
+// Query rows per prefill unit: the rows-as-lanes kernel's tile, two 16-lane vectors.
+constexpr int kPrefillRows = 32;
 
 struct Plan {
   int row_tile = 16; // rows per unit (the kernel's register tile)
