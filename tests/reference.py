@@ -143,6 +143,27 @@ def causal_mask(L: int, N: int) -> np.ndarray:
     return j <= i + (N - L)
 
 
+def _masked_logits(q, k, scale: float, mask):
+    """scale * q k^T with the mask applied (-inf where a boolean/causal mask hides a key),
+    and the boolean view of the mask (None for no mask or an additive one)."""
+    L, N = q.shape[2], k.shape[2]
+    logits = float(scale) * np.einsum("bhld,bhnd->bhln", q, k)
+    allowed = None
+    if isinstance(mask, str):
+        if mask != "causal":
+            raise ValueError(f"unknown mask string {mask!r}")
+        allowed = np.broadcast_to(causal_mask(L, N), logits.shape)
+    elif mask is not None:
+        m = to_numpy(mask)
+        if m.dtype == np.bool_:
+            allowed = np.broadcast_to(m, logits.shape)
+        else:
+            logits = logits + np.broadcast_to(m.astype(np.float64), logits.shape)
+    if allowed is not None:
+        logits = np.where(allowed, logits, -np.inf)
+    return logits, allowed
+
+
 def attention_ref(q, k, v, *, scale: float, mask=None, sinks=None) -> np.ndarray:
     """float64 softmax(scale * q k^T + mask) v with GQA, sinks and MLX's masked-row rules.
 
@@ -159,24 +180,7 @@ def attention_ref(q, k, v, *, scale: float, mask=None, sinks=None) -> np.ndarray
     rep = Hq // Hkv
     k = np.repeat(k, rep, axis=1)
     v = np.repeat(v, rep, axis=1)
-    logits = float(scale) * np.einsum("bhld,bhnd->bhln", q, k)
-
-    allowed = None  # boolean view of the mask, if any
-    if mask is None:
-        pass
-    elif isinstance(mask, str):
-        if mask != "causal":
-            raise ValueError(f"unknown mask string {mask!r}")
-        allowed = np.broadcast_to(causal_mask(L, N), logits.shape)
-    else:
-        m = to_numpy(mask)
-        if m.dtype == np.bool_:
-            allowed = np.broadcast_to(m, logits.shape)
-        else:
-            logits = logits + np.broadcast_to(m.astype(np.float64), logits.shape)
-
-    if allowed is not None:
-        logits = np.where(allowed, logits, -np.inf)
+    logits, allowed = _masked_logits(q, k, scale, mask)
 
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
         if sinks is not None:
@@ -247,19 +251,7 @@ def attention_grad_q_ref(q, k, v, cotangent, *, scale: float, mask=None, sinks=N
     rep = Hq // k.shape[1]
     k = np.repeat(k, rep, axis=1)
     v = np.repeat(v, rep, axis=1)
-    N = k.shape[2]
-    logits = float(scale) * np.einsum("bhld,bhnd->bhln", q, k)
-    allowed = None
-    if isinstance(mask, str):
-        allowed = np.broadcast_to(causal_mask(L, N), logits.shape)
-    elif mask is not None:
-        m = to_numpy(mask)
-        if m.dtype == np.bool_:
-            allowed = np.broadcast_to(m, logits.shape)
-        else:
-            logits = logits + np.broadcast_to(m.astype(np.float64), logits.shape)
-    if allowed is not None:
-        logits = np.where(allowed, logits, -np.inf)
+    logits, allowed = _masked_logits(q, k, scale, mask)
     with np.errstate(invalid="ignore", divide="ignore"):
         if sinks is not None:
             s = np.broadcast_to(to_f64(sinks).reshape(1, Hq, 1, 1), (B, Hq, L, 1))
