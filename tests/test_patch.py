@@ -2,7 +2,6 @@
 
 import importlib
 import sys
-from pathlib import Path
 
 import mlx.core as mx
 import mlx_lm.models
@@ -14,14 +13,7 @@ from mlx_lm.models import llama
 
 import tqmetal
 
-# The pure-Python modules under test come from this source tree even when the
-# installed package (which provides the compiled extension) is an older build.
-_SRC = str(Path(__file__).resolve().parents[1] / "python" / "tqmetal")
-if Path(_SRC).is_dir() and _SRC not in tqmetal.__path__:
-    tqmetal.__path__.insert(0, _SRC)
-
-from tqmetal import cache as tqcache  # noqa: E402
-from tqmetal import patch as tqpatch  # noqa: E402
+from lm_testing import rel_err, run, tiny_llama, tqcache, tqpatch
 
 ORIGINAL = base.scaled_dot_product_attention
 SDPA = tqmetal.sdpa_int4
@@ -36,15 +28,7 @@ def _clean():
 
 @pytest.fixture(scope="module")
 def model():
-    mx.random.seed(0)
-    args = llama.ModelArgs(
-        model_type="llama", hidden_size=128, num_hidden_layers=1, intermediate_size=256,
-        num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, vocab_size=256,
-        head_dim=64, rope_theta=10000.0, tie_word_embeddings=True,
-    )
-    m = llama.Model(args)
-    mx.eval(m.parameters())
-    return m
+    return tiny_llama(layers=1)
 
 
 @pytest.fixture
@@ -59,19 +43,6 @@ def spy(monkeypatch):
     monkeypatch.setattr(tqpatch, "sdpa_int4", wrap)
     monkeypatch.setattr(tqcache, "sdpa_int4", wrap)
     return calls
-
-
-def run(model, cache, tokens, chunks):
-    outs, i = [], 0
-    for n in chunks:
-        outs.append(model(tokens[:, i : i + n], cache=cache))
-        mx.eval(outs[-1])
-        i += n
-    return mx.concatenate(outs, axis=1)
-
-
-def rel_err(a, b):
-    return float(mx.abs(a - b).max() / mx.abs(b).max())
 
 
 # ---- rebinding ----------------------------------------------------------------

@@ -1,0 +1,44 @@
+"""Shared pieces of the mlx-lm integration tests (test_cache.py, test_patch.py)."""
+
+from pathlib import Path
+
+import mlx.core as mx
+from mlx_lm.models import llama
+
+import tqmetal
+
+# The pure-Python modules under test come from this source tree even when the
+# installed package (which provides the compiled extension) is an older build.
+_SRC = str(Path(__file__).resolve().parents[1] / "python" / "tqmetal")
+if Path(_SRC).is_dir() and _SRC not in tqmetal.__path__:
+    tqmetal.__path__.insert(0, _SRC)
+
+from tqmetal import cache as tqcache  # noqa: E402
+from tqmetal import patch as tqpatch  # noqa: E402
+
+
+def tiny_llama(layers=2, hidden=128, heads=4, kv_heads=2, head_dim=64, vocab=256, inter=256):
+    mx.random.seed(0)
+    args = llama.ModelArgs(
+        model_type="llama", hidden_size=hidden, num_hidden_layers=layers,
+        intermediate_size=inter, num_attention_heads=heads, num_key_value_heads=kv_heads,
+        rms_norm_eps=1e-5, vocab_size=vocab, head_dim=head_dim, rope_theta=10000.0,
+        tie_word_embeddings=True,
+    )
+    model = llama.Model(args)
+    mx.eval(model.parameters())
+    return model
+
+
+def run(model, cache, tokens, chunks):
+    """Logits of every position, feeding tokens in the given chunk sizes."""
+    outs, i = [], 0
+    for n in chunks:
+        outs.append(model(tokens[:, i : i + n], cache=cache))
+        mx.eval(outs[-1])
+        i += n
+    return mx.concatenate(outs, axis=1)
+
+
+def rel_err(a, b):
+    return float(mx.abs(a - b).max() / mx.abs(b).max())
