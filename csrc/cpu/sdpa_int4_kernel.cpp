@@ -236,19 +236,6 @@ inline void unpack_chunk(const uint8_t* bytes, typename Vec<W>::f& a, typename V
 // [group][TB] order so per-group work vectorizes over tokens.
 template <typename T>
 inline void load_params_t(const T* p, int64_t st_n, int64_t st_g, int nt, int ng, float* out) {
-  if (st_g == 1 && st_n == ng && !std::is_same_v<T, uint16_t>) {
-    // The usual layout: the block is nt * ng contiguous values; convert them in
-    // one vectorizable pass, then transpose.
-    float tmp[TB * 16];
-    if (ng <= 16) {
-      for (int i = 0; i < nt * ng; ++i) tmp[i] = float(p[i]);
-      for (int g = 0; g < ng; ++g) {
-        for (int t = 0; t < nt; ++t) out[g * TB + t] = tmp[t * ng + g];
-        for (int t = nt; t < TB; ++t) out[g * TB + t] = 0.f;
-      }
-      return;
-    }
-  }
   for (int t = 0; t < nt; ++t) {
     for (int g = 0; g < ng; ++g) {
       if constexpr (std::is_same_v<T, uint16_t>) { // bfloat16
@@ -264,6 +251,76 @@ inline void load_params_t(const T* p, int64_t st_n, int64_t st_g, int nt, int ng
   }
 }
 
+// 16 consecutive values as floats, with one vector conversion.
+template <typename T>
+inline f16v load16_as_float(const T* p) {
+  if constexpr (std::is_same_v<T, float>) {
+    return loadv<f16v>(p);
+  } else if constexpr (std::is_same_v<T, uint16_t>) { // bfloat16: the high half of a float
+    typedef uint16_t u16x16 __attribute__((vector_size(32)));
+    u16x16 h;
+    std::memcpy(&h, p, sizeof(h));
+    i16v bits = __builtin_convertvector(h, i16v) << 16;
+    f16v r;
+    std::memcpy(&r, &bits, sizeof(r));
+    return r;
+  } else {
+    typedef T h16x16 __attribute__((vector_size(16 * sizeof(T))));
+    h16x16 h;
+    std::memcpy(&h, p, sizeof(h));
+    return __builtin_convertvector(h, f16v);
+  }
+}
+
+// The usual layout (a full block of TB tokens whose [token][group] values are
+// contiguous): convert with vector loads, then de-interleave the groups with
+// shuffles. Per-element scalar conversion was ~15% of decode time.
+template <typename T>
+inline bool load_params_block(const T* p, int ng, float* out) {
+  static_assert(TB == 16, "the shuffles below assume 16-token blocks");
+  using F = f16v;
+  if (ng == 1) {
+    storev(out, load16_as_float(p));
+    return true;
+  }
+  if (ng == 2) {
+    const F v0 = load16_as_float(p), v1 = load16_as_float(p + 16);
+    storev(out, __builtin_shufflevector(v0, v1, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30));
+    storev(out + TB, __builtin_shufflevector(v0, v1, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31));
+    return true;
+  }
+  if (ng == 4) {
+    const F v0 = load16_as_float(p), v1 = load16_as_float(p + 16);
+    const F v2 = load16_as_float(p + 32), v3 = load16_as_float(p + 48);
+    // a, c: groups 0 and 2 interleaved (tokens 0-7, 8-15); b, d: groups 1 and 3.
+    const F a = __builtin_shufflevector(v0, v1, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    const F b = __builtin_shufflevector(v0, v1, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+    const F c = __builtin_shufflevector(v2, v3, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    const F d = __builtin_shufflevector(v2, v3, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+    storev(out, __builtin_shufflevector(a, c, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30));
+    storev(out + 2 * TB, __builtin_shufflevector(a, c, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31));
+    storev(out + TB, __builtin_shufflevector(b, d, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30));
+    storev(out + 3 * TB, __builtin_shufflevector(b, d, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31));
+    return true;
+  }
+  if (ng <= 16) {
+    float tmp[TB * 16];
+    for (int i = 0; i < ng; ++i) storev(tmp + 16 * i, load16_as_float(p + 16 * i));
+    for (int g = 0; g < ng; ++g)
+      for (int t = 0; t < TB; ++t) out[g * TB + t] = tmp[t * ng + g];
+    return true;
+  }
+  return false;
+}
+
+template <typename T>
+inline void load_params(const T* p, int64_t st_n, int64_t st_g, int nt, int ng, float* out) {
+#if !defined(__aarch64__) // __fp16 vectors do not convert with convertvector there
+  if (nt == TB && st_g == 1 && st_n == ng && load_params_block(p, ng, out)) return;
+#endif
+  load_params_t(p, st_n, st_g, nt, ng, out);
+}
+
 inline void load_group_params(
     const View4& s,
     int b,
@@ -275,13 +332,13 @@ inline void load_group_params(
   const int64_t off = b * s.st[0] + h * s.st[1] + n0 * s.st[2];
   switch (s.dt) {
     case DType::f16:
-      load_params_t(static_cast<const half_t*>(s.ptr) + off, s.st[2], s.st[3], nt, ng, out);
+      load_params(static_cast<const half_t*>(s.ptr) + off, s.st[2], s.st[3], nt, ng, out);
       break;
     case DType::bf16:
-      load_params_t(static_cast<const uint16_t*>(s.ptr) + off, s.st[2], s.st[3], nt, ng, out);
+      load_params(static_cast<const uint16_t*>(s.ptr) + off, s.st[2], s.st[3], nt, ng, out);
       break;
     default:
-      load_params_t(static_cast<const float*>(s.ptr) + off, s.st[2], s.st[3], nt, ng, out);
+      load_params(static_cast<const float*>(s.ptr) + off, s.st[2], s.st[3], nt, ng, out);
       break;
   }
 }
@@ -302,14 +359,14 @@ void process_unit(const Problem& P, const Plan& plan, const Unit& u, float* part
   const float log2e = 1.4426950408889634f;
   const float qscale = P.scale * log2e; // scores live in the log2 domain
 
-  const size_t need = size_t(RT) * D * 3 + size_t(RT) * ng * 2 + size_t(TB) * ng * 4 +
+  const size_t need = size_t(RT) * D * 3 + size_t(RT) * ng * (1 + TB) + size_t(TB) * ng * 4 +
       size_t(RT) * TB + 2 * D + size_t(TB) * ng * RT + size_t(RT) * TB * W + 64;
   float* qk = thread_scratch(need); // [RT][D] permuted for KB
   float* qn = qk + RT * D; // [RT][D] natural order (tail keys)
   float* o = qn + RT * D; // [RT][D] permuted for VB
   float* qsum = o + RT * D; // [RT][ng]
-  float* obias = qsum + RT * ng; // [RT][ng]
-  float* ks = obias + RT * ng; // [TB][ng]
+  float* obias = qsum + RT * ng; // [RT][ng][TB]: per-lane sums of p * bias_g
+  float* ks = obias + RT * ng * TB; // [TB][ng]
   float* kbias = ks + TB * ng;
   float* vs = kbias + TB * ng;
   float* vbias = vs + TB * ng;
@@ -320,12 +377,13 @@ void process_unit(const Problem& P, const Plan& plan, const Unit& u, float* part
   VF* accs = reinterpret_cast<VF*>(
       (reinterpret_cast<uintptr_t>(wts + TB * ng * RT) + 63) & ~uintptr_t(63)); // [RT][TB]
 
-  float m[RT], l[RT];
+  float m[RT];
+  f16v lv[RT]; // per-lane sums of p; reduced once at the end
   int64_t lim[RT]; // causal: last visible key index per row
   int qpos[RT], qhead[RT];
   for (int r = 0; r < RT; ++r) {
     m[r] = -std::numeric_limits<float>::infinity();
-    l[r] = 0.f;
+    lv[r] = f16v{};
     const int row = u.row0 + std::min(r, R - 1);
     qpos[r] = row / G;
     qhead[r] = u.hkv * G + row % G;
@@ -354,7 +412,7 @@ void process_unit(const Problem& P, const Plan& plan, const Unit& u, float* part
     }
   }
   std::fill(o, o + RT * D, 0.f);
-  std::fill(obias, obias + RT * ng, 0.f);
+  std::fill(obias, obias + RT * ng * TB, 0.f);
 
   int64_t n_end = u.n1;
   if (P.mask_kind == MaskKind::causal) {
@@ -475,13 +533,14 @@ void process_unit(const Problem& P, const Plan& plan, const Unit& u, float* part
       }
       f16v p = exp2v(s - mnew);
       storev(sc + r * TB, p);
-      const float alpha = std::exp2(m[r] - mnew);
-      l[r] = l[r] * alpha + hsum(p);
-      if (alpha != 1.f) {
+      if (mnew != m[r]) { // the running max moved: rescale what was summed so far
+        const float alpha = std::exp2(m[r] - mnew);
+        lv[r] *= alpha;
         float* orow = o + r * D;
         for (int d = 0; d < D; ++d) orow[d] *= alpha;
-        for (int g = 0; g < ng; ++g) obias[r * ng + g] *= alpha;
+        for (int i = 0; i < ng * TB; ++i) obias[r * ng * TB + i] *= alpha;
       }
+      lv[r] += p;
       m[r] = mnew;
     }
 
@@ -497,7 +556,8 @@ void process_unit(const Problem& P, const Plan& plan, const Unit& u, float* part
         const f16v pr = loadv<f16v>(sc + r * TB);
         for (int g = 0; g < ng; ++g) {
           storev(wts + (g * RT + r) * TB, pr * loadv<f16v>(vs + g * TB));
-          obias[r * ng + g] += hsum(pr * loadv<f16v>(vbias + g * TB));
+          float* ob = obias + (r * ng + g) * TB;
+          storev(ob, loadv<f16v>(ob) + pr * loadv<f16v>(vbias + g * TB));
         }
       }
     }
@@ -545,18 +605,21 @@ void process_unit(const Problem& P, const Plan& plan, const Unit& u, float* part
   // ---- un-permute, fold biases, emit ----
   for (int r = 0; r < R; ++r) {
     const float* orow = o + r * D;
+    float* ob = rowperm; // ng <= D floats, free by now
+    for (int g = 0; g < ng; ++g) ob[g] = hsum(loadv<f16v>(obias + (r * ng + g) * TB));
     for (int c = 0; c < nch; ++c) {
       for (int e = 0; e < CH; ++e) {
-        rowbuf[c * CH + e] = orow[c * CH + perm_pos<W, VB>(e)] + obias[r * ng + (c * CH + e) / gs];
+        rowbuf[c * CH + e] = orow[c * CH + perm_pos<W, VB>(e)] + ob[(c * CH + e) / gs];
       }
     }
+    const float l = hsum(lv[r]);
     if (partials) {
       float* dst = partials + size_t(r) * (D + 2);
       dst[0] = m[r];
-      dst[1] = l[r];
+      dst[1] = l;
       std::memcpy(dst + 2, rowbuf, sizeof(float) * D);
     } else {
-      finalize_row(P, u.b, u.hkv, u.row0 + r, m[r], l[r], rowbuf);
+      finalize_row(P, u.b, u.hkv, u.row0 + r, m[r], l, rowbuf);
     }
   }
 }
