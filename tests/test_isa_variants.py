@@ -1,4 +1,4 @@
-"""Every CPU kernel variant (portable, AVX2, AVX-512) against the reference.
+"""Every CPU kernel variant (portable, AVX2, AVX-512, AVX-512 with VNNI) against the reference.
 
 The machine runs the best variant it supports; TQMETAL_CPU_ISA lowers the choice, so
 the others are exercised here too, in subprocesses (the choice is made once per process).
@@ -36,6 +36,12 @@ _SCRIPT = textwrap.dedent(
         # prefill with K4V8 and a tail
         R.make_case(B=1, Hq=8, Hkv=2, L=33, N=150, T=20, D=64, dtype="float32", group_size=64,
                     v_bits=8, mask="causal", seed=5),
+        # decode, group 32 (two groups per 32-byte segment in the VNNI path), odd
+        # block ends, 8 rows per KV head, head dim 256
+        R.make_case(B=1, Hq=8, Hkv=1, L=1, N=1037, T=5, D=256, dtype="float32", group_size=32,
+                    seed=6),
+        R.make_case(B=1, Hq=16, Hkv=2, L=1, N=515, D=128, dtype="float32", group_size=64,
+                    k_bits=8, v_bits=8, mask="causal", sinks=True, seed=7),
     ]
     for c in cases:
         out = tqmetal.sdpa_int4(c.q, c.k, c.v, **c.kwargs())
@@ -44,7 +50,7 @@ _SCRIPT = textwrap.dedent(
     """
 )
 
-_LEVELS = ["generic", "avx2", "avx512"]
+_LEVELS = ["generic", "avx2", "avx512", "avx512vnni"]
 
 
 @pytest.mark.parametrize("isa", _LEVELS)

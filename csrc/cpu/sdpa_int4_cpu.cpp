@@ -169,9 +169,10 @@ Plan make_plan(const Problem& p) {
   return plan;
 }
 
-// 2 = AVX-512, 1 = AVX2 + FMA + F16C, 0 = portable. TQMETAL_CPU_ISA=generic|avx2
-// lowers the choice (tests cover every variant on one machine); it never raises it
-// above what the CPU supports.
+// 3 = AVX-512 with VNNI (integer dot products in decode), 2 = AVX-512,
+// 1 = AVX2 + FMA + F16C, 0 = portable. TQMETAL_CPU_ISA=generic|avx2|avx512
+// lowers the choice (tests cover every variant on one machine); it never raises
+// it above what the CPU supports.
 int isa_level() {
   static const int level = [] {
     int best = 0;
@@ -179,7 +180,7 @@ int isa_level() {
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")) {
-      best = 2;
+      best = __builtin_cpu_supports("avx512vnni") ? 3 : 2;
     } else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
       best = 1;
     }
@@ -188,17 +189,22 @@ int isa_level() {
       const std::string want(s);
       if (want == "generic") best = 0;
       if (want == "avx2") best = std::min(best, 1);
+      if (want == "avx512") best = std::min(best, 2);
     }
     return best;
   }();
   return level;
 }
 
+bool cpu_use_vnni() {
+  return isa_level() == 3;
+}
+
 UnitFn pick_kernel(const Problem& p, const Plan& plan) {
   UnitFn fn = nullptr;
 #if defined(TQMETAL_HAVE_X86_VARIANTS)
   const int level = isa_level();
-  if (level == 2) fn = unit_fn_avx512(p, plan);
+  if (level >= 2) fn = unit_fn_avx512(p, plan);
   if (level == 1) fn = unit_fn_avx2(p, plan);
 #endif
   if (!fn && isa_level() == 0) fn = unit_fn_generic(p, plan);
@@ -209,7 +215,7 @@ UnitFn pick_kernel(const Problem& p, const Plan& plan) {
 }
 
 const char* isa_name() {
-  static const char* names[] = {"generic", "avx2", "avx512"};
+  static const char* names[] = {"generic", "avx2", "avx512", "avx512vnni"};
   return names[isa_level()];
 }
 

@@ -343,7 +343,49 @@ inline void load_group_params(
   }
 }
 
-template <int W, int KB, int VB, int RT>
+#if defined(__AVX512BW__)
+// Integer dot products (AVX512-VNNI) for decode, selected at run time only on
+// CPUs that have them. vpdpwssd sums two int16 x int16 products per int32 lane:
+// one instruction does the work of two float FMAs and needs no int->float
+// conversion of the nibbles. It is written as inline asm so that this file keeps
+// one set of compile flags (a VNNI target attribute would not let the shared
+// helpers inline).
+#define TQ_HAVE_VNNI_PATH 1
+inline __m512i dpwssd(__m512i acc, __m512i a, __m512i b) {
+  asm("vpdpwssd %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b));
+  return acc;
+}
+inline __m512 as_m512(f16v v) {
+  __m512 r;
+  std::memcpy(&r, &v, 64);
+  return r;
+}
+#else
+#define TQ_HAVE_VNNI_PATH 0
+#endif
+
+// Where element e of a row sits in the unit's V accumulator (and in the permuted
+// query for K). The float path uses the chunk permutation; the VNNI V path the
+// order its token-pair unpack produces: for a 32-byte segment s of packed bytes,
+// int32 lane 4k+j of the low/high unpack holds byte 32s+8k+j / 32s+8k+4+j, and
+// with 4 bits each byte gives a low-nibble and a high-nibble vector.
+template <int W, int BITS, bool VNNI>
+inline int v_slot(int e) {
+  if constexpr (!VNNI) {
+    constexpr int CH = 2 * W;
+    return e / CH * CH + perm_pos<W, BITS>(e % CH);
+  } else if constexpr (BITS == 4) {
+    const int s = e / 64, b = (e % 64) / 2, hi = e % 2; // segment, byte in segment, nibble
+    const int k = b / 8, j = b % 8 % 4, h = b % 8 / 4; // 128-bit lane, lane slot, unpack half
+    return s * 64 + (2 * h + hi) * 16 + 4 * k + j;
+  } else {
+    const int s = e / 32, b = e % 32;
+    const int k = b / 8, j = b % 8 % 4, h = b % 8 / 4;
+    return s * 32 + h * 16 + 4 * k + j;
+  }
+}
+
+template <int W, int KB, int VB, int RT, bool VNNI = false>
 void process_unit(const Problem& P, const Plan& plan, const Unit& u, float* partials) {
   using VF = typename Vec<W>::f;
   constexpr int CH = 2 * W; // elements per chunk
@@ -360,7 +402,8 @@ void process_unit(const Problem& P, const Plan& plan, const Unit& u, float* part
   const float qscale = P.scale * log2e; // scores live in the log2 domain
 
   const size_t need = size_t(RT) * D * 3 + size_t(RT) * ng * (1 + TB) + size_t(TB) * ng * 4 +
-      size_t(RT) * TB + 2 * D + size_t(TB) * ng * RT + size_t(RT) * TB * W + 64;
+      size_t(RT) * TB + 2 * D + size_t(TB) * ng * RT + size_t(RT) * TB * W + D +
+      size_t(ng) * RT * (TB / 2 + 1) + 64;
   float* qk = thread_scratch(need); // [RT][D] permuted for KB
   float* qn = qk + RT * D; // [RT][D] natural order (tail keys)
   float* o = qn + RT * D; // [RT][D] permuted for VB
@@ -376,6 +419,14 @@ void process_unit(const Problem& P, const Plan& plan, const Unit& u, float* part
   float* wts = rowperm + D; // [ng][RT][TB]
   VF* accs = reinterpret_cast<VF*>(
       (reinterpret_cast<uintptr_t>(wts + TB * ng * RT) + 63) & ~uintptr_t(63)); // [RT][TB]
+  int* vpos = reinterpret_cast<int*>(accs + RT * TB); // [D]: element -> slot in o
+  int32_t* wq = reinterpret_cast<int32_t*>(vpos + D); // VNNI: [ng][RT][TB/2] int16 weight pairs
+  float* winv = reinterpret_cast<float*>(wq + ng * RT * (TB / 2)); // VNNI: [ng][RT]
+  for (int e = 0; e < D; ++e) vpos[e] = v_slot<W, VB, VNNI>(e);
+  // VNNI: queries as int16 in the K unpack's word order (in qk's space), with
+  // per-row factors back to float. 15 bits keep float32-level accuracy.
+  int16_t* kq16 = reinterpret_cast<int16_t*>(qk);
+  float qinv[RT];
 
   float m[RT];
   f16v lv[RT]; // per-lane sums of p; reduced once at the end
@@ -409,6 +460,20 @@ void process_unit(const Problem& P, const Plan& plan, const Unit& u, float* part
       float s = 0.f;
       for (int e = 0; e < gs; ++e) s += dst[g * gs + e];
       qsum[r * ng + g] = s;
+    }
+  }
+  if constexpr (VNNI) {
+    for (int r = 0; r < RT; ++r) {
+      const float* qr = qn + r * D;
+      float qmax = 0.f;
+      for (int d = 0; d < D; ++d) qmax = std::max(qmax, std::fabs(qr[d]));
+      const float f = qmax > 0.f ? 32767.f / qmax : 0.f;
+      qinv[r] = qmax > 0.f ? qmax / 32767.f : 0.f;
+      for (int i = 0; i < D; ++i) {
+        // 4 bits: segment of 64 elements = 32 low-nibble words, then 32 high.
+        const int e = KB == 4 ? i / 64 * 64 + (i % 64 < 32 ? 2 * (i % 64) : 2 * (i % 64 - 32) + 1) : i;
+        kq16[r * D + i] = int16_t(std::lrint(qr[e] * f));
+      }
     }
   }
   std::fill(o, o + RT * D, 0.f);
@@ -446,22 +511,52 @@ void process_unit(const Problem& P, const Plan& plan, const Unit& u, float* part
         for (int64_t off = 0; off < krow; off += 64) __builtin_prefetch(kbase + ahead * krow + off, 0, 3);
         for (int64_t off = 0; off < vrow; off += 64) __builtin_prefetch(vbase + ahead * vrow + off, 0, 3);
       }
-      VF acc[RT];
-      for (int r = 0; r < RT; ++r) acc[r] = VF{};
-      for (int g = 0; g < ng; ++g) {
-        const float gsc = ks[g * TB + t];
-        for (int c = g * cpg; c < (g + 1) * cpg; ++c) {
-          VF a, bb;
-          unpack_chunk<W, KB>(kr + c * CH * KB / 8, a, bb);
-          a *= gsc;
-          bb *= gsc;
+      if constexpr (VNNI) {
+#if TQ_HAVE_VNNI_PATH
+        // Per 32-byte segment: int16 nibbles (or bytes) . int16 query, lanes
+        // summed in int32, then scaled by the lane's group scale in float.
+        constexpr int SE = KB == 4 ? 64 : 32; // elements per segment
+        const bool split = KB == 4 && gs == 32; // lanes 8-15 are the next group
+        __m512 facc[RT];
+        for (int r = 0; r < RT; ++r) facc[r] = _mm512_setzero_ps();
+        for (int sg = 0; sg < D / SE; ++sg) {
+          const __m512i w = _mm512_cvtepu8_epi16(
+              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kr + 32 * sg)));
+          __m512i a = w, bb = w;
+          if constexpr (KB == 4) {
+            a = _mm512_and_si512(w, _mm512_set1_epi16(15));
+            bb = _mm512_srli_epi16(w, 4);
+          }
+          const int g0 = sg * SE / gs;
+          __m512 sv = _mm512_set1_ps(ks[g0 * TB + t]);
+          if (split) sv = _mm512_mask_mov_ps(sv, 0xFF00, _mm512_set1_ps(ks[(g0 + 1) * TB + t]));
           for (int r = 0; r < RT; ++r) {
-            acc[r] += a * loadv<VF>(qk + r * D + c * CH);
-            acc[r] += bb * loadv<VF>(qk + r * D + c * CH + W);
+            const int16_t* qr = kq16 + r * D + sg * SE;
+            __m512i acc = dpwssd(_mm512_setzero_si512(), a, _mm512_loadu_si512(qr));
+            if constexpr (KB == 4) acc = dpwssd(acc, bb, _mm512_loadu_si512(qr + 32));
+            facc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), sv, facc[r]);
           }
         }
+        for (int r = 0; r < RT; ++r) std::memcpy(&accs[r * TB + t], &facc[r], 64);
+#endif
+      } else {
+        VF acc[RT];
+        for (int r = 0; r < RT; ++r) acc[r] = VF{};
+        for (int g = 0; g < ng; ++g) {
+          const float gsc = ks[g * TB + t];
+          for (int c = g * cpg; c < (g + 1) * cpg; ++c) {
+            VF a, bb;
+            unpack_chunk<W, KB>(kr + c * CH * KB / 8, a, bb);
+            a *= gsc;
+            bb *= gsc;
+            for (int r = 0; r < RT; ++r) {
+              acc[r] += a * loadv<VF>(qk + r * D + c * CH);
+              acc[r] += bb * loadv<VF>(qk + r * D + c * CH + W);
+            }
+          }
+        }
+        for (int r = 0; r < RT; ++r) accs[r * TB + t] = acc[r];
       }
-      for (int r = 0; r < RT; ++r) accs[r * TB + t] = acc[r];
     }
     if (nq > 0) {
       for (int t = nq; t < TB; ++t) {
@@ -470,6 +565,7 @@ void process_unit(const Problem& P, const Plan& plan, const Unit& u, float* part
       // bias_g * sum_g(q), for all tokens of the block at once.
       for (int r = 0; r < RT; ++r) {
         f16v sv = reduce16(accs + r * TB);
+        if constexpr (VNNI) sv *= qinv[r];
         for (int g = 0; g < ng; ++g) sv += qsum[r * ng + g] * loadv<f16v>(kbias + g * TB);
         storev(sc + r * TB, sv);
       }
@@ -561,9 +657,70 @@ void process_unit(const Problem& P, const Plan& plan, const Unit& u, float* part
         }
       }
     }
-    // Chunk-outer, token-inner: a row sub-tile's accumulators stay in registers.
     constexpr int RS = RT < 4 ? RT : 4;
-    for (int c = 0; c < nch && nq > 0; ++c) {
+    if constexpr (VNNI) {
+#if TQ_HAVE_VNNI_PATH
+      // Weights as int16 pairs of consecutive tokens, scaled per (group, row) to
+      // the block's largest |weight| (relative error 2^-16 of the block's top
+      // weight), so one vpdpwssd adds two tokens' contributions per lane.
+      if (nq > 0) {
+        for (int i = 0; i < ng * RT; ++i) {
+          const __m512 w = as_m512(loadv<f16v>(wts + i * TB));
+          const float wmax = _mm512_reduce_max_ps(_mm512_abs_ps(w));
+          const float f = wmax > 0.f ? 32767.f / wmax : 0.f;
+          winv[i] = wmax / 32767.f;
+          const __m256i w16 = _mm512_cvtepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(w, _mm512_set1_ps(f))));
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(wq + i * (TB / 2)), w16);
+        }
+      }
+      constexpr int SE = VB == 4 ? 64 : 32; // elements per 32-byte segment
+      constexpr int NV = VB == 4 ? 4 : 2; // int32 vectors per segment
+      const bool split = VB == 4 && gs == 32; // lanes 8-15 are the next group
+      const __m512i lo4 = _mm512_set1_epi16(15);
+      for (int sg = 0; sg < D / SE && nq > 0; ++sg) {
+        const int g0 = sg * SE / gs, g1 = split ? g0 + 1 : g0;
+        const uint8_t* vseg = vbase + t0 * vrow + 32 * sg;
+        for (int r0 = 0; r0 < RT; r0 += RS) {
+          __m512i acc[RS][NV];
+          for (int r = 0; r < RS; ++r)
+            for (int i = 0; i < NV; ++i) acc[r][i] = _mm512_setzero_si512();
+          for (int t = 0; t < nq; t += 2) {
+            const uint8_t* ra = vseg + t * vrow;
+            const uint8_t* rb = t + 1 < nq ? ra + vrow : ra; // its weight is 0
+            const __m512i x = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(ra)));
+            const __m512i y = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rb)));
+            const __m512i lo = _mm512_unpacklo_epi16(x, y), hi = _mm512_unpackhi_epi16(x, y);
+            __m512i v[NV];
+            if constexpr (VB == 4) {
+              v[0] = _mm512_and_si512(lo, lo4);
+              v[1] = _mm512_srli_epi16(lo, 4);
+              v[2] = _mm512_and_si512(hi, lo4);
+              v[3] = _mm512_srli_epi16(hi, 4);
+            } else {
+              v[0] = lo;
+              v[1] = hi;
+            }
+            for (int r = 0; r < RS; ++r) {
+              __m512i wv = _mm512_set1_epi32(wq[(g0 * RT + r0 + r) * (TB / 2) + t / 2]);
+              if (split) wv = _mm512_mask_set1_epi32(wv, 0xFF00, wq[(g1 * RT + r0 + r) * (TB / 2) + t / 2]);
+              for (int i = 0; i < NV; ++i) acc[r][i] = dpwssd(acc[r][i], v[i], wv);
+            }
+          }
+          for (int r = 0; r < RS; ++r) {
+            __m512 wi = _mm512_set1_ps(winv[g0 * RT + r0 + r]);
+            if (split) wi = _mm512_mask_mov_ps(wi, 0xFF00, _mm512_set1_ps(winv[g1 * RT + r0 + r]));
+            float* od = o + (r0 + r) * D + sg * SE;
+            for (int i = 0; i < NV; ++i) {
+              _mm512_storeu_ps(od + 16 * i,
+                               _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r][i]), wi, _mm512_loadu_ps(od + 16 * i)));
+            }
+          }
+        }
+      }
+#endif
+    }
+    // Chunk-outer, token-inner: a row sub-tile's accumulators stay in registers.
+    for (int c = 0; c < nch && nq > 0 && !VNNI; ++c) {
       const int g = c / cpg;
       const uint8_t* vc = vbase + t0 * vrow + c * CH * VB / 8;
       for (int r0 = 0; r0 < RT; r0 += RS) {
@@ -591,9 +748,7 @@ void process_unit(const Problem& P, const Plan& plan, const Unit& u, float* part
       const int64_t j = t0 + t - N;
       int64_t off = u.b * P.v_tail.st[0] + u.hkv * P.v_tail.st[1] + j * P.v_tail.st[2];
       load_row(P.v_tail.ptr, off, P.v_tail.st[3], D, P.v_tail.dt, rowbuf);
-      for (int c = 0; c < nch; ++c) {
-        for (int e = 0; e < CH; ++e) rowperm[c * CH + perm_pos<W, VB>(e)] = rowbuf[c * CH + e];
-      }
+      for (int e = 0; e < D; ++e) rowperm[vpos[e]] = rowbuf[e];
       for (int r = 0; r < RT; ++r) {
         const float pr = sc[r * TB + t];
         float* orow = o + r * D;
@@ -607,11 +762,7 @@ void process_unit(const Problem& P, const Plan& plan, const Unit& u, float* part
     const float* orow = o + r * D;
     float* ob = rowperm; // ng <= D floats, free by now
     for (int g = 0; g < ng; ++g) ob[g] = hsum(loadv<f16v>(obias + (r * ng + g) * TB));
-    for (int c = 0; c < nch; ++c) {
-      for (int e = 0; e < CH; ++e) {
-        rowbuf[c * CH + e] = orow[c * CH + perm_pos<W, VB>(e)] + ob[(c * CH + e) / gs];
-      }
-    }
+    for (int e = 0; e < D; ++e) rowbuf[e] = orow[vpos[e]] + ob[e / gs];
     const float l = hsum(lv[r]);
     if (partials) {
       float* dst = partials + size_t(r) * (D + 2);
@@ -866,33 +1017,42 @@ void process_unit_prefill(const Problem& P, const Plan& plan, const Unit& u, flo
   }
 }
 
-template <int W, int KB, int VB>
-UnitFn pick_rt(const Plan& plan) {
-  if constexpr (W == 16) {
-    if (plan.row_tile == PROWS) return &process_unit_prefill<KB, VB>;
-  }
+template <int W, int KB, int VB, bool VNNI>
+UnitFn pick_rt_decode(const Plan& plan) {
   switch (plan.row_tile) {
     case 1:
-      return &process_unit<W, KB, VB, 1>;
+      return &process_unit<W, KB, VB, 1, VNNI>;
     case 2:
-      return &process_unit<W, KB, VB, 2>;
+      return &process_unit<W, KB, VB, 2, VNNI>;
     case 4:
-      return &process_unit<W, KB, VB, 4>;
+      return &process_unit<W, KB, VB, 4, VNNI>;
     case 8:
-      return &process_unit<W, KB, VB, 8>;
+      return &process_unit<W, KB, VB, 8, VNNI>;
     case 16:
-      return &process_unit<W, KB, VB, 16>;
+      return &process_unit<W, KB, VB, 16, VNNI>;
     default:
       return nullptr; // the host checks: a wrong tile would overrun the row arrays
   }
 }
 
+template <int W, int KB, int VB>
+UnitFn pick_rt(const Problem& p, const Plan& plan) {
+  if constexpr (W == 16) {
+    if (plan.row_tile == PROWS) return &process_unit_prefill<KB, VB>;
+#if TQ_HAVE_VNNI_PATH
+    // 32-byte segments of packed rows, groups of whole segments or halves.
+    if (cpu_use_vnni() && p.D % 64 == 0) return pick_rt_decode<W, KB, VB, true>(plan);
+#endif
+  }
+  return pick_rt_decode<W, KB, VB, false>(plan);
+}
+
 template <int W>
 UnitFn pick_bits(const Problem& p, const Plan& plan) {
   if (p.k.bits == 4) {
-    return p.v.bits == 4 ? pick_rt<W, 4, 4>(plan) : pick_rt<W, 4, 8>(plan);
+    return p.v.bits == 4 ? pick_rt<W, 4, 4>(p, plan) : pick_rt<W, 4, 8>(p, plan);
   }
-  return p.v.bits == 4 ? pick_rt<W, 8, 4>(plan) : pick_rt<W, 8, 8>(plan);
+  return p.v.bits == 4 ? pick_rt<W, 8, 4>(p, plan) : pick_rt<W, 8, 8>(p, plan);
 }
 
 } // namespace TQ_CAT(isa_, TQMETAL_ISA)

@@ -105,6 +105,10 @@ UnitFn unit_fn_avx512(const Problem&, const Plan&);
 
 float to_float(const void* base, int64_t idx, DType dt);
 
+// Whether decode may use the AVX512-VNNI integer path (the CPU has it and
+// TQMETAL_CPU_ISA does not ask for plain avx512 or lower).
+bool cpu_use_vnni();
+
 // Per-thread scratch of at least n floats, 64-byte aligned. It lives in the host
 // file, built for the baseline ISA: a std::vector instantiated inside an ISA
 // variant would be a weak symbol the linker may pick for every variant.

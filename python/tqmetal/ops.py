@@ -101,7 +101,7 @@ def quantize(x: mx.array, group_size: int = 64, bits: int = 4, *, stream=None):
 
 
 def cpu_isa() -> str:
-    """The CPU kernel variant picked for this machine: avx512, avx2 or generic."""
+    """The CPU kernel variant picked for this machine: avx512vnni, avx512, avx2 or generic."""
     return _ext.cpu_isa()
 
 
