@@ -264,11 +264,20 @@ inline f16v load16_as_float(const T* p) {
     f16v r;
     std::memcpy(&r, &bits, sizeof(r));
     return r;
-  } else {
-    typedef T h16x16 __attribute__((vector_size(16 * sizeof(T))));
-    h16x16 h;
-    std::memcpy(&h, p, sizeof(h));
-    return __builtin_convertvector(h, f16v);
+  } else { // IEEE half: GCC lowers a generic half-vector conversion element by element
+    f16v r;
+#if defined(__AVX512F__)
+    const __m512 x = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    std::memcpy(&r, &x, 64);
+#elif defined(__F16C__)
+    const __m256 x0 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    const __m256 x1 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)));
+    std::memcpy(&r, &x0, 32);
+    std::memcpy(reinterpret_cast<char*>(&r) + 32, &x1, 32);
+#else
+    for (int i = 0; i < 16; ++i) r[i] = float(p[i]);
+#endif
+    return r;
   }
 }
 
@@ -315,9 +324,7 @@ inline bool load_params_block(const T* p, int ng, float* out) {
 
 template <typename T>
 inline void load_params(const T* p, int64_t st_n, int64_t st_g, int nt, int ng, float* out) {
-#if !defined(__aarch64__) // __fp16 vectors do not convert with convertvector there
   if (nt == TB && st_g == 1 && st_n == ng && load_params_block(p, ng, out)) return;
-#endif
   load_params_t(p, st_n, st_g, nt, ng, out);
 }
 
@@ -351,8 +358,9 @@ inline void load_group_params(
 // one set of compile flags (a VNNI target attribute would not let the shared
 // helpers inline).
 #define TQ_HAVE_VNNI_PATH 1
+constexpr int kVnniMaxD = 512;
 inline __m512i dpwssd(__m512i acc, __m512i a, __m512i b) {
-  asm("vpdpwssd %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b));
+  asm("vpdpwssd %2, %1, %0" : "+v"(acc) : "v"(a), "vm"(b));
   return acc;
 }
 inline __m512 as_m512(f16v v) {
@@ -362,6 +370,7 @@ inline __m512 as_m512(f16v v) {
 }
 #else
 #define TQ_HAVE_VNNI_PATH 0
+constexpr int kVnniMaxD = 512;
 #endif
 
 // Where element e of a row sits in the unit's V accumulator (and in the permuted
@@ -469,10 +478,15 @@ void process_unit(const Problem& P, const Plan& plan, const Unit& u, float* part
       for (int d = 0; d < D; ++d) qmax = std::max(qmax, std::fabs(qr[d]));
       const float f = qmax > 0.f ? 32767.f / qmax : 0.f;
       qinv[r] = qmax > 0.f ? qmax / 32767.f : 0.f;
+      for (int g = 0; g < ng; ++g) qsum[r * ng + g] = 0.f;
       for (int i = 0; i < D; ++i) {
         // 4 bits: segment of 64 elements = 32 low-nibble words, then 32 high.
         const int e = KB == 4 ? i / 64 * 64 + (i % 64 < 32 ? 2 * (i % 64) : 2 * (i % 64 - 32) + 1) : i;
         kq16[r * D + i] = int16_t(std::lrint(qr[e] * f));
+        // The bias term uses the rounded query too: the score is then exactly
+        // q16 . k, whose rounding error multiplies the (centred) key rather than
+        // the all-positive nibbles.
+        qsum[r * ng + e / gs] += float(kq16[r * D + i]) * qinv[r];
       }
     }
   }
@@ -492,6 +506,11 @@ void process_unit(const Problem& P, const Plan& plan, const Unit& u, float* part
       P.v.packed + u.b * P.v.p_st[0] + u.hkv * P.v.p_st[1]);
   const int64_t krow = P.k.p_st[2] * 4; // bytes between tokens
   const int64_t vrow = P.v.p_st[2] * 4;
+
+  // VNNI K: the group of each 32-byte segment's first lane, as a table (an
+  // integer division per token and segment showed up in profiles). D <= 512.
+  int kseg_g0[kVnniMaxD / 32];
+  for (int sg = 0; sg < kVnniMaxD / 32; ++sg) kseg_g0[sg] = sg * (KB == 4 ? 64 : 32) / gs;
 
   for (int64_t t0 = u.n0; t0 < n_end; t0 += TB) {
     const int nt = int(std::min<int64_t>(TB, n_end - t0));
@@ -520,6 +539,7 @@ void process_unit(const Problem& P, const Plan& plan, const Unit& u, float* part
         __m512 facc[RT];
         for (int r = 0; r < RT; ++r) facc[r] = _mm512_setzero_ps();
         for (int sg = 0; sg < D / SE; ++sg) {
+          const int g0 = kseg_g0[sg];
           const __m512i w = _mm512_cvtepu8_epi16(
               _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kr + 32 * sg)));
           __m512i a = w, bb = w;
@@ -527,7 +547,6 @@ void process_unit(const Problem& P, const Plan& plan, const Unit& u, float* part
             a = _mm512_and_si512(w, _mm512_set1_epi16(15));
             bb = _mm512_srli_epi16(w, 4);
           }
-          const int g0 = sg * SE / gs;
           __m512 sv = _mm512_set1_ps(ks[g0 * TB + t]);
           if (split) sv = _mm512_mask_mov_ps(sv, 0xFF00, _mm512_set1_ps(ks[(g0 + 1) * TB + t]));
           for (int r = 0; r < RT; ++r) {
@@ -653,7 +672,12 @@ void process_unit(const Problem& P, const Plan& plan, const Unit& u, float* part
         for (int g = 0; g < ng; ++g) {
           storev(wts + (g * RT + r) * TB, pr * loadv<f16v>(vs + g * TB));
           float* ob = obias + (r * ng + g) * TB;
-          storev(ob, loadv<f16v>(ob) + pr * loadv<f16v>(vbias + g * TB));
+          // VNNI multiplies the weights by centred codes (n - 8, or n - 128 for
+          // 8 bits) so their rounding error does not add up coherently over the
+          // all-positive nibbles; the centre moves into the bias term.
+          const f16v vb = VNNI ? loadv<f16v>(vbias + g * TB) + float(1 << (VB - 1)) * loadv<f16v>(vs + g * TB)
+                               : loadv<f16v>(vbias + g * TB);
+          storev(ob, loadv<f16v>(ob) + pr * vb);
         }
       }
     }
@@ -677,6 +701,7 @@ void process_unit(const Problem& P, const Plan& plan, const Unit& u, float* part
       constexpr int NV = VB == 4 ? 4 : 2; // int32 vectors per segment
       const bool split = VB == 4 && gs == 32; // lanes 8-15 are the next group
       const __m512i lo4 = _mm512_set1_epi16(15);
+      const __m512i centre = _mm512_set1_epi16(1 << (VB - 1));
       for (int sg = 0; sg < D / SE && nq > 0; ++sg) {
         const int g0 = sg * SE / gs, g1 = split ? g0 + 1 : g0;
         const uint8_t* vseg = vbase + t0 * vrow + 32 * sg;
@@ -692,13 +717,13 @@ void process_unit(const Problem& P, const Plan& plan, const Unit& u, float* part
             const __m512i lo = _mm512_unpacklo_epi16(x, y), hi = _mm512_unpackhi_epi16(x, y);
             __m512i v[NV];
             if constexpr (VB == 4) {
-              v[0] = _mm512_and_si512(lo, lo4);
-              v[1] = _mm512_srli_epi16(lo, 4);
-              v[2] = _mm512_and_si512(hi, lo4);
-              v[3] = _mm512_srli_epi16(hi, 4);
+              v[0] = _mm512_sub_epi16(_mm512_and_si512(lo, lo4), centre);
+              v[1] = _mm512_sub_epi16(_mm512_srli_epi16(lo, 4), centre);
+              v[2] = _mm512_sub_epi16(_mm512_and_si512(hi, lo4), centre);
+              v[3] = _mm512_sub_epi16(_mm512_srli_epi16(hi, 4), centre);
             } else {
-              v[0] = lo;
-              v[1] = hi;
+              v[0] = _mm512_sub_epi16(lo, centre);
+              v[1] = _mm512_sub_epi16(hi, centre);
             }
             for (int r = 0; r < RS; ++r) {
               __m512i wv = _mm512_set1_epi32(wq[(g0 * RT + r0 + r) * (TB / 2) + t / 2]);
@@ -1041,7 +1066,7 @@ UnitFn pick_rt(const Problem& p, const Plan& plan) {
     if (plan.row_tile == PROWS) return &process_unit_prefill<KB, VB>;
 #if TQ_HAVE_VNNI_PATH
     // 32-byte segments of packed rows, groups of whole segments or halves.
-    if (cpu_use_vnni() && p.D % 64 == 0) return pick_rt_decode<W, KB, VB, true>(plan);
+    if (cpu_use_vnni() && p.D % 64 == 0 && p.D <= kVnniMaxD) return pick_rt_decode<W, KB, VB, true>(plan);
 #endif
   }
   return pick_rt_decode<W, KB, VB, false>(plan);
