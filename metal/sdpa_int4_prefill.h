@@ -134,7 +134,9 @@ template <typename T, int D, int BQ, int BK>
   const int fm = coord.y, fn = coord.x; // this lane's two elements: (fm, fn), (fm, fn + 1)
 
   // ---- Q into registers, QC columns at a time through threadgroup memory ----
+  // (Loops over fragments are unrolled so the fragment arrays stay in registers.)
   frag8 qf[D / 8];
+  STEEL_PRAGMA_UNROLL
   for (int c0 = 0; c0 < D; c0 += QC) {
     for (int i = int(tix); i < BQ * QC; i += NTHREADS) {
       const int row = row0 + i / QC, d = c0 + i % QC;
@@ -143,12 +145,14 @@ template <typename T, int D, int BQ, int BK>
                          : 0.0f;
     }
     threadgroup_barrier(mem_flags::mem_threadgroup);
+    STEEL_PRAGMA_UNROLL
     for (int j = 0; j < QC / 8; j++) {
       simdgroup_load(qf[c0 / 8 + j], tg_kv + srow0 * QC + 8 * j, QC);
     }
     threadgroup_barrier(mem_flags::mem_threadgroup);
   }
   frag8 of[D / 8];
+  STEEL_PRAGMA_UNROLL
   for (int j = 0; j < D / 8; j++) {
     of[j] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
   }
@@ -195,8 +199,10 @@ template <typename T, int D, int BQ, int BK>
     threadgroup_barrier(mem_flags::mem_threadgroup);
 
     // S = Q K^T for this simdgroup's 8 rows.
+    STEEL_PRAGMA_UNROLL
     for (int kb = 0; kb < BK / 8; kb++) {
       frag8 s = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
+      STEEL_PRAGMA_UNROLL
       for (int dd = 0; dd < D / 8; dd++) {
         frag8 kt;
         simdgroup_load(kt, tg_kv + dd * 8 * BK + kb * 8, BK);
@@ -259,14 +265,17 @@ template <typename T, int D, int BQ, int BK>
 
     // O = diag(f) O + P V.
     const float f_lane = tg_row[srow0 + fm];
+    STEEL_PRAGMA_UNROLL
     for (int dd = 0; dd < D / 8; dd++) {
       thread auto& el = of[dd].thread_elements();
       el[0] *= f_lane;
       el[1] *= f_lane;
     }
+    STEEL_PRAGMA_UNROLL
     for (int kb = 0; kb < BK / 8; kb++) {
       frag8 pf;
       simdgroup_load(pf, tg_s + srow0 * BK + kb * 8, BK);
+      STEEL_PRAGMA_UNROLL
       for (int dd = 0; dd < D / 8; dd++) {
         frag8 vf;
         simdgroup_load(vf, tg_kv + kb * 8 * D + dd * 8, D);
@@ -292,6 +301,7 @@ template <typename T, int D, int BQ, int BK>
   if (row < R) {
     const float w = tg_row[srow0 + fm];
     device T* orow = out + ((int64_t(b) * Hq + hkv * G + row % G) * L + row / G) * D + fn;
+    STEEL_PRAGMA_UNROLL
     for (int dd = 0; dd < D / 8; dd++) {
       thread auto& el = of[dd].thread_elements();
       orow[dd * 8] = static_cast<T>(el[0] * w);
