@@ -16,11 +16,12 @@ using mlx::core::array;
 
 namespace {
 
-// plan_sdpa_int4_decode(problem: dict) -> dict: the Metal decode plan (csrc/metal/
-// dispatch_plan.h) for tests and tools. Tensors are given as
+namespace tm = tqmetal::metal;
+
+// The Metal plans (csrc/metal/dispatch_plan.h) for tests and tools: a problem dict
+// in, the plan as a dict out. Tensors are given as
 // {"dtype": "float16", "offset": bytes, "strides": [...]}.
-nb::dict plan_decode_py(const nb::dict& d) {
-  namespace tm = tqmetal::metal;
+tm::Problem problem_from_dict(const nb::dict& d) {
   auto get_int = [&](const char* k, int64_t dflt) {
     return d.contains(k) ? nb::cast<int64_t>(d[k]) : dflt;
   };
@@ -40,7 +41,7 @@ nb::dict plan_decode_py(const nb::dict& d) {
     for (auto h : nb::cast<nb::list>(td["strides"])) t.strides.push_back(nb::cast<int64_t>(h));
     return t;
   };
-  tm::DecodeProblem p;
+  tm::Problem p;
   p.B = int(get_int("B", 1));
   p.Hq = int(get_int("Hq", 1));
   p.Hkv = int(get_int("Hkv", 1));
@@ -72,11 +73,15 @@ nb::dict plan_decode_py(const nb::dict& d) {
   p.sinks = tensor("sinks");
   p.blocks = int(get_int("blocks", 0));
   p.gpu_cores = int(get_int("gpu_cores", 32));
+  return p;
+}
 
-  const tm::DecodePlan plan = tm::plan_sdpa_int4_decode(p);
+nb::dict plan_to_dict(const tm::Plan& plan) {
   nb::dict r;
   r["supported"] = plan.supported;
   r["reason"] = plan.reason;
+  r["path"] = plan.path == tm::Path::decode ? "decode" : plan.path == tm::Path::prefill ? "prefill" : "none";
+  r["key_tile"] = plan.key_tile;
   r["two_pass"] = plan.two_pass;
   r["blocks"] = plan.blocks;
   r["block_len"] = plan.block_len;
@@ -175,6 +180,32 @@ NB_MODULE(_ext, m) {
 
   m.def("cpu_isa", &tqmetal::cpu_isa, "The CPU kernel variant in use (avx512vnni, avx512, avx2, generic).");
   m.def("num_threads", &tqmetal::cpu::num_threads, "Threads the CPU kernels use.");
-  m.def("plan_sdpa_int4_decode", &plan_decode_py, "problem"_a,
-        "The Metal decode kernels' launch plan (csrc/metal/dispatch_plan.h) as a dict.");
+  m.def(
+      "plan_sdpa_int4",
+      [](const nb::dict& d) { return plan_to_dict(tm::plan_sdpa_int4(problem_from_dict(d))); },
+      "problem"_a,
+      "The Metal launch plan eval_gpu runs (decode or prefill; csrc/metal/dispatch_plan.h) as a dict.");
+  m.def(
+      "has_metal_kernels",
+      [] {
+#ifdef _METAL_
+        return true;
+#else
+        return false;
+#endif
+      },
+      "Whether this build has the Metal kernels (eval_gpu): macOS with an MLX built with Metal.");
+  m.def(
+      "metal_unsupported_reason",
+      [](const nb::dict& d) { return tm::metal_unsupported_reason(problem_from_dict(d)); },
+      "problem"_a,
+      "Why no Metal kernel covers these shapes (the op then runs on the CPU), or '' (strides ignored).");
+  m.def(
+      "plan_sdpa_int4_decode",
+      [](const nb::dict& d) { return plan_to_dict(tm::plan_sdpa_int4_decode(problem_from_dict(d))); },
+      "problem"_a, "The Metal decode kernels' launch plan as a dict.");
+  m.def(
+      "plan_sdpa_int4_prefill",
+      [](const nb::dict& d) { return plan_to_dict(tm::plan_sdpa_int4_prefill(problem_from_dict(d))); },
+      "problem"_a, "The Metal prefill kernel's launch plan as a dict.");
 }

@@ -15,13 +15,16 @@ void ScaledDotProductAttentionInt4::eval_cpu(const std::vector<array>& inputs, a
   cpu::eval_sdpa_int4_cpu(*this, inputs, out, stream());
 }
 
+#ifndef _METAL_
+// With Metal, eval_gpu is csrc/metal/sdpa_int4_metal.cpp.
 void ScaledDotProductAttentionInt4::eval_gpu(const std::vector<array>& inputs, array& out) {
-  // The Metal kernels are not part of this build (Linux, or a macOS build without
-  // them): say so instead of failing somewhere inside MLX.
+  // No GPU kernels in this build (Linux, or an MLX without Metal): say so instead
+  // of failing somewhere inside MLX.
   throw std::invalid_argument(
       "[tqmetal.sdpa_int4] stream: this build of tqmetal has no GPU kernels; "
       "use stream=mx.cpu");
 }
+#endif
 
 bool ScaledDotProductAttentionInt4::is_equivalent(const Primitive& other) const {
   const auto& o = static_cast<const ScaledDotProductAttentionInt4&>(other);

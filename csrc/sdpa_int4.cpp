@@ -7,6 +7,7 @@
 #include <variant>
 
 #include "cpu/sdpa_int4_cpu.h"
+#include "metal/dispatch_plan.h"
 #include "mlx/ops.h"
 #include "primitive.h"
 #include "tqmetal.h"
@@ -201,10 +202,6 @@ array sdpa_int4(
     if (!is_float(sinks->dtype())) fail("sinks", "expected a float array");
   }
 
-  // No GPU kernel is wired into eval_gpu yet (the Metal kernels are verified under
-  // the emulator only): an unspecified stream on a GPU-default machine (a Mac) runs on
-  // the CPU, an explicit GPU stream is refused here rather than failing at eval time.
-  constexpr bool kHasGpuKernels = false;
   Stream stream = [&] {
     try {
       return to_stream(s_);
@@ -212,13 +209,49 @@ array sdpa_int4(
       fail("stream", std::string("not available here (") + e.what() + "); use stream=mx.cpu");
     }
   }();
-  if (stream.device == Device::gpu && !kHasGpuKernels) {
+  if (stream.device == Device::gpu) {
+#ifdef _METAL_
+    // Metal kernels are built in (csrc/metal/sdpa_int4_metal.cpp). Shapes neither the
+    // decode nor the prefill kernel covers (e.g. head dims other than 64/80/96/128/256)
+    // run on the CPU op instead: an explicit, documented fallback (README, "what runs where").
+    tqmetal::metal::Problem shapes;
+    shapes.B = B;
+    shapes.Hq = Hq;
+    shapes.Hkv = Hkv;
+    shapes.L = L;
+    shapes.D = D;
+    shapes.N = N;
+    shapes.T = T;
+    shapes.group_size = group_size;
+    shapes.k_bits = k_bits;
+    shapes.v_bits = v_bits;
+    auto dt = [](const array& a) {
+      return a.dtype() == float16 ? tqmetal::metal::DType::f16
+                                 : a.dtype() == bfloat16 ? tqmetal::metal::DType::bf16
+                                                         : tqmetal::metal::DType::f32;
+    };
+    shapes.q.dtype = dt(q);
+    for (auto* t : {&shapes.k_scales, &shapes.k_biases, &shapes.v_scales, &shapes.v_biases}) {
+      t->dtype = dt(k.scales);
+    }
+    shapes.has_tail = k_tail.has_value();
+    if (k_tail) {
+      shapes.k_tail.dtype = dt(*k_tail);
+      shapes.v_tail.dtype = dt(*v_tail);
+    }
+    if (!tqmetal::metal::metal_unsupported_reason(shapes).empty()) {
+      stream = default_stream(Device::cpu);
+    }
+#else
+    // This build has no GPU kernels (Linux, or an MLX without Metal): an unspecified
+    // stream on a GPU-default machine runs on the CPU, an explicit GPU stream is refused
+    // here rather than failing at eval time.
     if (!std::holds_alternative<std::monostate>(s_)) {
-      fail("stream", "this build of tqmetal has no GPU kernels yet; use stream=mx.cpu");
+      fail("stream", "this build of tqmetal has no GPU kernels; use stream=mx.cpu");
     }
     stream = default_stream(Device::cpu);
+#endif
   }
-
   std::vector<array> inputs = {q, k.packed, k.scales, k.biases, v.packed, v.scales, v.biases};
   if (k_tail) {
     inputs.push_back(*k_tail);

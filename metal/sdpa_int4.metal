@@ -1,4 +1,5 @@
-// tqmetal's Metal kernels: instantiation file. Kernel bodies live in the headers;
+// tqmetal's Metal decode kernels: instantiation file (the prefill kernel's is
+// sdpa_int4_prefill.metal; both go into one metallib). Kernel bodies live in the headers;
 // host names are what csrc/metal/dispatch_plan.cpp asks for:
 //   sdpa_int4_decode_1pass_<type>_<D>_k<bits>v<bits>
 //   sdpa_int4_decode_2pass_1_<type>_<D>_k<bits>v<bits>
@@ -32,3 +33,4 @@ tq_instantiate_decode(float16_t, 256, 4)
 tq_instantiate_decode(bfloat16_t, 64, 8)
 tq_instantiate_decode(bfloat16_t, 128, 8)
 tq_instantiate_decode(bfloat16_t, 256, 4)
+

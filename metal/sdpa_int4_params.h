@@ -1,5 +1,6 @@
-// Layout of the small argument arrays of the int4 decode kernels, shared by the
-// Metal source (metal/sdpa_int4_decode.h) and the host planner
+// Layout of the small argument arrays of the int4 decode and prefill kernels, shared
+// by the Metal source (metal/sdpa_int4_decode.h, metal/sdpa_int4_prefill.h; the
+// prefill kernel binds the 1-pass decode kernel's buffers) and the host planner
 // (csrc/metal/dispatch_plan.cpp). Plain C++ with no Metal or standard headers, so
 // both compilers read the same definition.
 #pragma once
@@ -19,6 +20,8 @@ enum FunctionConstant : int {
   FC_TAIL_DTYPE = 47, // DType of k_tail/v_tail (int)
   FC_MASK_DTYPE = 48, // DType of an additive mask (int)
   FC_SINKS_DTYPE = 49, // DType of sinks (int)
+  FC_K_BITS = 50, // prefill only: bits of the K codes (int, 4 or 8)
+  FC_V_BITS = 51, // prefill only: bits of the V codes (int, 4 or 8)
 };
 
 // Runtime dtype codes used by the function constants above.

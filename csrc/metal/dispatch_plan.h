@@ -1,7 +1,8 @@
-// Host plan of the Metal decode kernels (metal/sdpa_int4_decode.h): which kernels,
-// function constants, buffer bindings, scalar arguments, scratch buffers and grid a
-// launch uses. Pure C++ (no Metal headers): eval_gpu executes this plan on a Mac,
-// and the tests run the same plan through the MSL emulator (tests/mslemu).
+// Host plan of the Metal kernels (metal/sdpa_int4_decode.h, metal/sdpa_int4_prefill.h):
+// which path (decode 1-pass, decode split-K 2-pass, prefill), which kernels, function
+// constants, buffer bindings, scalar arguments, scratch buffers and grid a launch uses.
+// Pure C++ (no Metal headers): eval_gpu executes this plan on a Mac, and the tests run
+// the same plan through the MSL emulator (tests/mslemu).
 #pragma once
 
 #include <array>
@@ -26,7 +27,7 @@ struct TensorRef {
 // tqmetal::sdpa_int4: q [B, Hq, L, D], packed [B, Hkv, N, D * bits / 32], scales and
 // biases [B, Hkv, N, D / group_size], tails [B, Hkv, T, D], mask right-aligned on
 // [B, Hq, L, N + T] (strides already 0 on broadcast axes, 4 entries), sinks [Hq].
-struct DecodeProblem {
+struct Problem {
   int B = 1, Hq = 1, Hkv = 1, L = 1, D = 128;
   int64_t N = 0, T = 0;
   int group_size = 64, k_bits = 4, v_bits = 4;
@@ -76,16 +77,20 @@ struct Scratch {
   int64_t bytes;
 };
 
-struct DecodePlan {
+enum class Path : uint8_t { none, decode, prefill };
+
+struct Plan {
   bool supported = false;
-  std::string reason; // why not, when !supported (the caller falls back)
+  std::string reason; // why not, when !supported (the caller falls back to the CPU op)
+  Path path = Path::none;
   bool two_pass = false;
   int blocks = 1;
   int64_t block_len = 0;
   int rows = 0; // query rows per KV head (G * L)
-  int rows_per_threadgroup = 0; // kernel's ROWS
-  int row_tiles = 0;
-  int simdgroups = 0; // kernel's BN
+  int rows_per_threadgroup = 0; // decode: the kernel's ROWS; prefill: BQ
+  int row_tiles = 0; // threadgroups per (b, KV head) along the rows
+  int simdgroups = 0; // decode: the kernel's BN; prefill: BQ / 8
+  int key_tile = 0; // prefill: BK, keys per step
   std::vector<Scratch> scratch; // float32 buffers the 2-pass launch needs
   std::vector<Launch> launches; // in order
 };
@@ -93,7 +98,23 @@ struct DecodePlan {
 inline constexpr int kDecodeSimdgroups = 16; // BN of the instances in sdpa_int4.metal
 inline constexpr int kMaxDecodeRowTiles = 4; // beyond (> 32 rows, > 16 at D = 256): prefill's job
 inline constexpr int64_t kMinBlockLen = 256; // tokens per block of the automatic split
+inline constexpr int kPrefillRowTile = 32; // BQ of the prefill instances (4 simdgroups of 8 rows)
+inline constexpr int kPrefillKeyTile = 16; // BK of the prefill instances
 
-DecodePlan plan_sdpa_int4_decode(const DecodeProblem& p);
+// The decode kernels alone (unsupported beyond kMaxDecodeRowTiles row tiles, head
+// dims other than 64/128/256, group 16).
+Plan plan_sdpa_int4_decode(const Problem& p);
+// The prefill kernel alone (any number of rows; head dims 64/80/96/128/256, groups
+// 16-128).
+Plan plan_sdpa_int4_prefill(const Problem& p);
+// What eval_gpu runs: decode when it covers the problem, else prefill; unsupported
+// (reason set) when neither does, and the op then runs on the CPU.
+Plan plan_sdpa_int4(const Problem& p);
+
+// The op's explicit fallback, decided when the graph is built (strides are not known
+// yet; eval_gpu copies an input whose last axis is not contiguous): why no Metal
+// kernel covers the problem's shapes, dtypes, bits and group size, or "" when one
+// does. Tensor strides and offsets in `p` are ignored.
+std::string metal_unsupported_reason(const Problem& p);
 
 } // namespace tqmetal::metal

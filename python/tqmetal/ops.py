@@ -58,7 +58,9 @@ def sdpa_int4(
         sinks: optional ``[H_q]`` logits that join the softmax with no value.
         k_tail, v_tail: optional unquantized ``[B, H_kv, T, D]`` tokens attended
             after the quantized ones (the cache's recent-token window).
-        stream: MLX stream or device.
+        stream: MLX stream or device. A GPU stream runs the Metal kernels where this
+            build has them (macOS; shapes they do not cover run on the CPU); without
+            them (Linux) an explicit GPU stream is a ValueError.
 
     Returns:
         ``[B, H_q, L, D]`` in q's dtype.

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Run the MSL emulator tests in every mode (see tests/mslemu/README.md):
+# Run the MSL emulator tests and the project's Metal kernel tests under it in every mode
+# (see tests/mslemu/README.md):
 #   1. default       g++, instrumented (race detector, load counters, guards), 2 scheduling orders
 #   2. full          MSLEMU_FULL=1: all scheduling orders + several seeds, heavy variants (ASan subprocess test)
 #   3. clang         MSLEMU_CXX=clang++-N (newest clang >= 15 found), full
@@ -11,7 +12,7 @@
 set -u
 cd "$(dirname "$0")/../.." || exit 2
 PY=${PYTHON:-python3}
-TESTS=(tests/test_mslemu_*.py)
+TESTS=(tests/test_mslemu_*.py tests/test_metal_decode.py tests/test_metal_prefill.py)
 status=0
 summary=()
 

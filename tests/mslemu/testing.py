@@ -14,6 +14,7 @@ mslemu = sys.modules[__package__]  # this package, however it was imported
 
 TESTS = Path(__file__).resolve().parent.parent
 KERNELS = TESTS / "emu_kernels"
+PROJECT_METAL = TESTS.parent / "metal"
 
 # ---------------------------------------------------------------------------------------------- modes
 FULL = os.environ.get("MSLEMU_FULL", "") not in ("", "0")
@@ -64,6 +65,9 @@ def _module_builds():
         "test_mslemu_guards": [("guards.metal", {})] + ([] if SANITIZE else [("guards.metal", {"instrument": False})]),
         "test_mslemu_orders": [("orders.metal", {})],
         "test_mslemu_build": [("reduce.metal", {})],
+        # the project's own kernels (absolute paths: KERNELS / path is the path)
+        "test_metal_decode": [(str(PROJECT_METAL / "sdpa_int4.metal"), {"include_dirs": [mlx]})] if mlx else [],
+        "test_metal_prefill": [(str(PROJECT_METAL / "sdpa_int4_prefill.metal"), {"include_dirs": [mlx]})] if mlx else [],
     }
 
 

@@ -1,0 +1,156 @@
+"""Shared by the Metal kernel tests (test_metal_decode.py, test_metal_prefill.py): turn a reference.Case
+into the planner's problem dict and the buffers the kernels read, and execute a plan under the MSL emulator
+exactly as it says (kernel names, function constants, bindings with byte offsets, argument arrays, scratch
+buffers, grid and threadgroup sizes)."""
+import pathlib
+import sys
+
+import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import mlx.core as mx  # noqa: E402
+
+import reference as R  # noqa: E402
+from mslemu import testing as T  # noqa: E402
+
+from tqmetal import _ext  # noqa: E402
+
+METAL = pathlib.Path(__file__).resolve().parent.parent / "metal" / "sdpa_int4.metal"  # decode instances
+METAL_PREFILL = METAL.with_name("sdpa_int4_prefill.metal")
+
+
+def np_dtype_name(a: mx.array) -> str:
+    return {mx.float16: "float16", mx.bfloat16: "bfloat16", mx.float32: "float32", mx.uint32: "uint32",
+            mx.bool_: "bool"}[a.dtype]
+
+
+def to_buffer(a: mx.array) -> np.ndarray:
+    """mx array -> C-contiguous NumPy array of the bytes the kernel reads (bfloat16 as uint16)."""
+    if a.dtype == mx.bfloat16:
+        return T.to_bf16(R.to_numpy(a))
+    return np.ascontiguousarray(R.to_numpy(a))
+
+
+def tensor(a: mx.array, rng, *, pad_rows=0, offset_rows=0, transposed=False):
+    """(buffer, plan entry) for a [B, H, n, W] array; optionally a view of rows
+    [offset_rows, offset_rows + n) of a larger buffer of garbage (like mlx-lm's preallocated cache),
+    or q stored as [B, L, H, D] (mlx-lm's layout)."""
+    x = to_buffer(a)
+    name = np_dtype_name(a)
+    if transposed:
+        buf = np.ascontiguousarray(np.swapaxes(x, 1, 2))
+        es = np.array(buf.strides) // buf.itemsize
+        return buf, dict(dtype=name, offset=0, strides=[int(es[0]), int(es[2]), int(es[1]), int(es[3])])
+    if pad_rows or offset_rows:
+        B, H, n, W = x.shape
+        cap = n + pad_rows + offset_rows
+        if x.dtype == np.uint32:
+            buf = rng.integers(0, 2**32, size=(B, H, cap, W), dtype=np.uint64).astype(np.uint32)
+        elif x.dtype == np.uint16:  # bfloat16 NaN
+            buf = np.full((B, H, cap, W), 0x7FC0, np.uint16)
+        else:
+            buf = np.full((B, H, cap, W), np.nan, x.dtype)
+        buf[:, :, offset_rows:offset_rows + n] = x
+        return buf, dict(dtype=name, offset=offset_rows * W * x.itemsize, strides=[H * cap * W, cap * W, W, 1])
+    es = np.array(x.strides) // max(x.itemsize, 1)
+    return x, dict(dtype=name, offset=0, strides=[int(s) for s in es])
+
+
+def mask_tensor(m: mx.array, B, Hq, L, NT):
+    """Right-align a mask on [B, Hq, L, N + T]; broadcast axes get stride 0."""
+    x = to_buffer(m)
+    if x.ndim == 0:
+        x = x.reshape(1)
+    shape, es = x.shape, [s // x.itemsize for s in x.strides]
+    st = []
+    for i in range(4):
+        src = x.ndim - 4 + i
+        st.append(0 if src < 0 or shape[src] == 1 else int(es[src]))
+    name = "bool" if x.dtype == np.bool_ else np_dtype_name(m)
+    return np.ascontiguousarray(x), dict(dtype=name, offset=0, strides=st)
+
+
+def problem(case: R.Case, rng, *, strided=False, transposed_q=False, blocks=0, gpu_cores=32):
+    """(plan-problem dict, {input name: buffer}) for a reference.Case."""
+    q = case.q
+    B, Hq, L, D = q.shape
+    Hkv, N = case.k[0].shape[1], case.k[0].shape[2]
+    Tn = 0 if case.k_tail is None else case.k_tail.shape[2]
+    arrays = {}
+    prob = dict(B=B, Hq=Hq, Hkv=Hkv, L=L, D=D, N=N, T=Tn, group_size=case.group_size, k_bits=case.k_bits,
+                v_bits=case.v_bits, scale=case.scale, blocks=blocks, gpu_cores=gpu_cores)
+    arrays["q"], prob["q"] = tensor(q, rng, transposed=transposed_q)
+    kw = dict(pad_rows=37, offset_rows=5) if strided else {}
+    for pre, trip in (("k", case.k), ("v", case.v)):
+        for suf, a in zip(("packed", "scales", "biases"), trip):
+            arrays[f"{pre}_{suf}"], prob[f"{pre}_{suf}"] = tensor(a, rng, **kw)
+    if case.k_tail is not None:
+        tkw = dict(pad_rows=9, offset_rows=0) if strided else {}
+        arrays["k_tail"], prob["k_tail"] = tensor(case.k_tail, rng, **tkw)
+        arrays["v_tail"], prob["v_tail"] = tensor(case.v_tail, rng, **tkw)
+    if isinstance(case.mask, str):
+        prob["mask_kind"] = case.mask
+    elif case.mask is not None:
+        arrays["mask"], prob["mask"] = mask_tensor(case.mask, B, Hq, L, N + Tn)
+        prob["mask_kind"] = "bool" if case.mask.dtype == mx.bool_ else "additive"
+    if case.sinks is not None:
+        arrays["sinks"], prob["sinks"] = tensor(case.sinks, rng)
+    return prob, arrays
+
+
+def out_buffer(case):
+    shape = tuple(case.q.shape)
+    if case.q.dtype == mx.bfloat16:
+        return np.zeros(shape, np.uint16)
+    return np.zeros(shape, {mx.float16: np.float16, mx.float32: np.float32}[case.q.dtype])
+
+
+def out_values(case, out):
+    return T.from_bf16(out) if case.q.dtype == mx.bfloat16 else out
+
+
+def execute(lib, plan, arrays, out, order="forward"):
+    """Run the plan's launches in order, binding exactly what it says. Returns the DispatchStats."""
+    assert plan["supported"], plan["reason"]
+    scratch = {name: np.full(nbytes // 4, np.nan, np.float32) for name, nbytes in plan["scratch"].items()}
+    stats = []
+    for launch in plan["launches"]:
+        bufs = {}
+        for b in launch["buffers"]:
+            kind, name, idx = b["kind"], b["name"], b["index"]
+            if kind == "input":
+                a = arrays[name]
+                bufs[idx] = a.reshape(-1).view(np.uint8)[b["offset"]:] if b["offset"] else a
+            elif kind == "output":
+                bufs[idx] = out
+            elif kind == "scratch":
+                bufs[idx] = scratch[name]
+            elif kind == "int32":
+                bufs[idx] = np.array(b["value"], np.int32)
+            elif kind == "int64":
+                bufs[idx] = np.array(b["value"], np.int64)
+            elif kind == "float32":
+                bufs[idx] = np.float32(b["value"])
+            else:
+                raise AssertionError(kind)
+        st = lib.dispatch(launch["kernel"], buffers=bufs, threadgroups=launch["grid"],
+                          threads_per_threadgroup=launch["threadgroup"],
+                          function_constants=launch["function_constants"], order=order)
+        assert st.partial_collectives == 0 and st.races == 0
+        stats.append(st)
+    return stats
+
+
+def run_case(lib, case, order, *, strided=False, transposed_q=False, blocks=0, seed=0, expect_two_pass=None,
+             planner=None):
+    """Plan (the decode planner unless `planner` says otherwise), execute under the emulator, check against
+    the float64 reference. Returns (plan, per-launch DispatchStats, input buffers, output buffer)."""
+    rng = np.random.default_rng(seed)
+    prob, arrays = problem(case, rng, strided=strided, transposed_q=transposed_q, blocks=blocks)
+    plan = (planner or _ext.plan_sdpa_int4_decode)(prob)
+    if expect_two_pass is not None:
+        assert plan["two_pass"] == expect_two_pass, plan
+    out = out_buffer(case)
+    stats = execute(lib, plan, arrays, out, order)
+    R.check_close(out_values(case, out), case.reference(), case.tol(), context=repr(case))
+    return plan, stats, arrays, out
