@@ -212,7 +212,9 @@ def test_explicit_masks_and_sinks():
         for s in (None, sinks):
             got = c.fused_attention(q, kk, vv, scale=0.125, mask=mask, sinks=s)
             want = mx.fast.scaled_dot_product_attention(q, kk, vv, scale=0.125, mask=mask, sinks=s)
-            assert mx.allclose(got, want, atol=1e-5)
+            # 1e-4: the op's float32 accuracy (the VNNI decode path rounds the
+            # query to int16); a mis-permuted token would be off by O(0.1).
+            assert mx.allclose(got, want, atol=1e-4)
 
 
 def test_causal_prefill_longer_than_window(model, tokens):

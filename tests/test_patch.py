@@ -141,7 +141,9 @@ def test_quantized_kv_cache_masks_and_sinks(spy):
                     q, kq, vq, cache=c, scale=0.125, mask=mask, sinks=s
                 )
             want = mx.fast.scaled_dot_product_attention(q, K, V, scale=0.125, mask=mask, sinks=s)
-            assert mx.allclose(got, want, atol=1e-5)
+            # 1e-4: the op's float32 accuracy (the VNNI decode path rounds the query
+            # to int16); a wrong mask or permutation would be off by O(0.1).
+            assert mx.allclose(got, want, atol=1e-4)
     assert len(spy) == 8
 
 
