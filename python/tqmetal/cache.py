@@ -35,6 +35,18 @@ included, and the queries once per call: (Hq).(Hk) = q.k, while the rotated
 keys spread outlier channels over the group so 4-bit keys lose far less.
 ``rotate_values`` does the same to V and un-rotates the output with H^T.
 
+With ``center_keys`` a per-head, per-channel mean ``m`` (of the first update's
+non-sink keys, fixed from then on) is subtracted from every stored key, sinks
+and window included: q.(k - m) = q.k - q.m, the same shift for every key of a
+query row, so the softmax is unchanged while the quantized keys lose their
+common offset (keys often have a few channels far from zero, which set the
+range of every group they are in). Not exact with attention sinks (a fixed
+logit in the softmax): with sinks the fused path is not used.
+
+Storage is float16 whatever the model's dtype: the full-precision sinks and
+window, the quantization scales and biases, the key mean. Queries, outputs and
+the fetched K/V keep the model's dtype.
+
 ``update_and_fetch`` returns, lazily, the dequantized K and V in sequence
 order: an attention function that does not know this cache (mlx-lm without
 :func:`tqmetal.patch.patch_mlx_lm`) is still correct, just not economical;
@@ -54,11 +66,18 @@ from .ops import quantize, sdpa_int4
 
 __all__ = ["Int4KVCache", "RotatingInt4KVCache", "make_prompt_cache", "fused_op_available"]
 
+# The dtype of everything the cache stores in floating point (see the module docstring).
+STORAGE_DTYPE = mx.float16
+
 _KV_BITS = {"int4": (4, 4), "int8": (8, 8), "k8v4": (8, 4), "k4v8": (4, 8)}
 
 
 def _round_up(n: int, step: int) -> int:
     return (n + step - 1) // step * step
+
+
+def _dtype_name(dtype) -> str:
+    return str(dtype).rsplit(".", 1)[-1]
 
 
 _SHIFTS = {}
@@ -141,6 +160,8 @@ class Int4KVCache(_mlc._BaseCache):
         rotate_keys: Hadamard-rotate keys (and queries). None = only for 4-bit
             keys, when the head dim has a Hadamard transform.
         rotate_values: Hadamard-rotate values (the output is rotated back).
+        center_keys: subtract a per-channel key mean before storing keys
+            (exact for attention without sinks; see the module docstring).
         chunk_size: tokens quantized at a time once the window overflows.
 
     ``nbytes`` counts every buffer as allocated (quantized capacity grows in
@@ -162,6 +183,7 @@ class Int4KVCache(_mlc._BaseCache):
         sinks: int = 4,
         rotate_keys: Optional[bool] = None,
         rotate_values: bool = False,
+        center_keys: bool = False,
         chunk_size: int = 64,
     ):
         self.group_size = group_size
@@ -179,6 +201,7 @@ class Int4KVCache(_mlc._BaseCache):
         self.chunk_size = chunk_size
         self.rotate_keys = rotate_keys
         self.rotate_values = rotate_values
+        self.center_keys = bool(center_keys)
         self._reset()
 
     def _reset(self):
@@ -189,6 +212,8 @@ class Int4KVCache(_mlc._BaseCache):
         self._qlo = 0
         self._qstart = 0  # position of the token in slot qlo
         self._rot_k = self._rot_v = None  # resolved on the first update
+        self._kmean = None  # [B, H, 1, D] subtracted from stored keys (center_keys)
+        self.model_dtype = None  # name of the dtype K/V arrive in, e.g. "float32"
         self._fk = self._fv = None  # fp buffers [B, H, sinks + window + chunk, D]
         self._qk = self._qv = None  # lists (packed, scales, biases)
         self._fetched = None
@@ -235,8 +260,9 @@ class Int4KVCache(_mlc._BaseCache):
                 want = bits == 4 and ok
             setattr(self, attr, bool(want))
         n = self.num_sinks + self.window + self.chunk_size
-        self._fk = mx.zeros((B, H, n, D), keys.dtype)
-        self._fv = mx.zeros((B, H, n, Dv), values.dtype)
+        self.model_dtype = _dtype_name(keys.dtype)
+        self._fk = mx.zeros((B, H, n, D), STORAGE_DTYPE)
+        self._fv = mx.zeros((B, H, n, Dv), STORAGE_DTYPE)
 
     def _reserve(self, n: int):
         """Make room for n more quantized tokens after slot qlo + nq."""
@@ -295,6 +321,15 @@ class Int4KVCache(_mlc._BaseCache):
             keys = mx.hadamard_transform(keys)
         if self._rot_v:
             values = mx.hadamard_transform(values)
+        if self.center_keys:
+            if self._kmean is None:
+                # The first update's keys past the sinks (all of them if it has
+                # only sinks); the mean is then fixed, which keeps it exact.
+                lo = min(max(self.num_sinks - self._ns, 0), S - 1)
+                self._kmean = mx.mean(keys[..., lo:, :].astype(mx.float32), axis=2,
+                                      keepdims=True).astype(STORAGE_DTYPE)
+            keys = keys - self._kmean
+        keys, values = keys.astype(STORAGE_DTYPE), values.astype(STORAGE_DTYPE)
         self._drop_dead(first)
         i = 0
         if self._ns < self.num_sinks:
@@ -353,10 +388,17 @@ class Int4KVCache(_mlc._BaseCache):
             if ns:
                 parts.append(fp[..., :ns, :])
             if self._nq:
-                parts.append(_dequantize(*q, self.group_size, bits).astype(fp.dtype))
+                # in float32, as the fused op computes (float16 products round)
+                pk, sc, bi = q
+                parts.append(_dequantize(pk, sc.astype(mx.float32), bi.astype(mx.float32),
+                                         self.group_size, bits))
             if nw:
                 parts.append(fp[..., s0 : s0 + nw, :])
+            parts = [x.astype(mx.float32) for x in parts]
             x = parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=2)
+            if fp is self._fk and self._kmean is not None:
+                x = x + self._kmean
+            x = x.astype(getattr(mx, self.model_dtype))
             out.append(_unrotate(x) if rot else x)
         return tuple(out)
 
@@ -381,6 +423,9 @@ class Int4KVCache(_mlc._BaseCache):
         D = queries.shape[-1]
         if self._fk.shape[-1] != D or self._fv.shape[-1] != D or not fused_op_available():
             return None
+        if sinks is not None and self._kmean is not None:
+            return None  # centering shifts every logit, not the sinks' fixed one
+
         L = queries.shape[2]
         q = mx.hadamard_transform(queries) if self._rot_k else queries
         qk, qv = self._quantized_views()
@@ -463,7 +508,7 @@ class Int4KVCache(_mlc._BaseCache):
     _META = (
         "offset", "_ns", "_nw", "_nq", "_qlo", "_qstart", "_rot_k", "_rot_v",
         "group_size", "k_bits", "v_bits", "window", "num_sinks", "chunk_size",
-        "rotate_keys", "rotate_values", "max_size", "keep",
+        "rotate_keys", "rotate_values", "max_size", "keep", "center_keys", "model_dtype",
     )
 
     @property
@@ -471,15 +516,15 @@ class Int4KVCache(_mlc._BaseCache):
         # The buffers as held (no copies: mlx-lm evaluates state every prefill
         # chunk), plus every scalar, so that from_state alone rebuilds the cache.
         meta = {k: getattr(self, k, None) for k in self._META}
-        return self._fk, self._fv, self._qk, self._qv, meta
+        return self._fk, self._fv, self._qk, self._qv, self._kmean, meta
 
     @state.setter
     def state(self, v):
-        fk, fv, qk, qv, meta = v
+        fk, fv, qk, qv, kmean, meta = v
         self._reset()
         for k in self._META:
             setattr(self, k, meta.get(k))
-        self._fk, self._fv = fk, fv
+        self._fk, self._fv, self._kmean = fk, fv, kmean
         self._qk = None if qk is None else list(qk)
         self._qv = None if qv is None else list(qv)
 
@@ -492,7 +537,10 @@ class Int4KVCache(_mlc._BaseCache):
     def meta_state(self, v):
         special = {"None": None, "True": True, "False": False}
         for k, s in zip(self._META, v):
-            setattr(self, k, special[s] if s in special else int(s))
+            if s in special:
+                setattr(self, k, special[s])
+            else:
+                setattr(self, k, int(s) if s.lstrip("-").isdigit() else s)
 
     @classmethod
     def from_state(cls, state, meta_state=None):
@@ -525,7 +573,7 @@ class Int4KVCache(_mlc._BaseCache):
     @property
     def nbytes(self):
         """Bytes of all buffers as allocated (see the class docstring)."""
-        arrays = [self._fk, self._fv] + (self._qk or []) + (self._qv or [])
+        arrays = [self._fk, self._fv, self._kmean] + (self._qk or []) + (self._qv or [])
         return sum(a.nbytes for a in arrays if a is not None)
 
     @property
@@ -535,7 +583,8 @@ class Int4KVCache(_mlc._BaseCache):
             return 0
         per_fp = (self._fk.nbytes + self._fv.nbytes) // self._fk.shape[2]
         per_q = sum(a.nbytes // max(a.shape[2], 1) for a in (self._qk or []) + (self._qv or []))
-        return per_fp * (self._ns + self._nw) + per_q * self._nq
+        mean = 0 if self._kmean is None else self._kmean.nbytes
+        return per_fp * (self._ns + self._nw) + per_q * self._nq + mean
 
 
 class RotatingInt4KVCache(Int4KVCache):
@@ -625,6 +674,8 @@ def make_prompt_cache(
     full_precision_layers: Sequence[int] = (),
     max_kv_size: Optional[int] = None,
     rotate_values: bool = False,
+    center_keys: bool = False,
+    k8_layers: Sequence[int] = (),
 ):
     """mlx-lm's ``make_prompt_cache`` with quantized caches.
 
@@ -634,7 +685,8 @@ def make_prompt_cache(
     :class:`Int4KVCache`, a ``RotatingKVCache`` a :class:`RotatingInt4KVCache`
     with its max_size and keep; other caches (SSM states, ...) and the layers
     in ``full_precision_layers`` (indices; negative ones count from the end)
-    keep mlx-lm's. ``max_kv_size`` bounds every full-attention layer to a
+    keep mlx-lm's; the layers in ``k8_layers`` store 8-bit keys (their values
+    keep ``kv``'s bits). ``max_kv_size`` bounds every full-attention layer to a
     sliding window of that many tokens keeping the first ``sinks`` (mlx-lm's
     ``RotatingKVCache(max_kv_size, keep=4)``), also for models with
     ``make_cache``, where mlx-lm 0.32 ignores it.
@@ -651,11 +703,19 @@ def make_prompt_cache(
         raise ValueError(f"kv must be one of {sorted(_KV_BITS) + ['fp16']}, got {kv!r}")
     k_bits, v_bits = _KV_BITS[kv]
     n = len(base)
-    keep_fp = {i % n for i in full_precision_layers}
-    opts = dict(group_size=group_size, k_bits=k_bits, v_bits=v_bits, window=window,
-                rotate_keys=rotate_keys, rotate_values=rotate_values)
+    layer_sets = {}
+    for name, layers in (("full_precision_layers", full_precision_layers),
+                         ("k8_layers", k8_layers)):
+        bad = [i for i in layers if not -n <= i < n]
+        if bad:
+            raise ValueError(f"{name}: layer indices {bad} out of range for {n} layers")
+        layer_sets[name] = {i % n for i in layers}
+    keep_fp, keys8 = layer_sets["full_precision_layers"], layer_sets["k8_layers"]
     out = []
     for i, c in enumerate(base):
+        opts = dict(group_size=group_size, k_bits=8 if i in keys8 else k_bits, v_bits=v_bits,
+                    window=window, rotate_keys=rotate_keys, rotate_values=rotate_values,
+                    center_keys=center_keys)
         if i in keep_fp:
             out.append(c)
         elif type(c) is _mlc.KVCache:

@@ -5,7 +5,10 @@
                  --json fidelity.json --plot kl.png
 
 Two measurements, each against the reference cache (mlx-lm's ``KVCache`` in
-the model's dtype: float32 on the CPU, float16 on the GPU):
+the model's dtype: float32 on the CPU, float16 on the GPU; on the CPU its
+attention is computed in float32 through numpy's BLAS, see
+:class:`ReferenceKVCache`, because MLX's CPU attention takes tens of seconds
+per 128-token chunk at 8K context):
 
 * **Teacher-forced**: the same text (``tqmetal/data/*.txt``, original prose
   written for this project; ``--text`` for another file) is fed through the
@@ -35,9 +38,13 @@ Config names (``--configs``, comma-separated): a format, then options joined by
               s<N>                 sink tokens kept full precision (default 4)
               rot | norot          Hadamard key rotation (default: off, so that a
                                    name says what it measures)
+              vrot                 Hadamard value rotation
+              center               key centering (Int4KVCache's center_keys)
+              fp<i>.<j>...         these layers keep a full-precision (float16) cache
+              k8l<i>.<j>...        these layers store 8-bit keys
 
 e.g. ``int4-g64``, ``int4-g64-rot``, ``int4-g32-w128``, ``int4-w0-s0``, ``k8v4``,
-``mlx4-g64``.
+``mlx4-g64``, ``int4-rot-center-k8l0.1``.
 """
 
 from __future__ import annotations
@@ -79,6 +86,10 @@ class CacheConfig:
     window: int = 128
     sinks: int = 4
     rotate_keys: bool = False
+    rotate_values: bool = False
+    center_keys: bool = False
+    fp_layers: tuple = ()
+    k8_layers: tuple = ()
 
     def make_cache(self, model):
         from mlx_lm.models import cache as mlc
@@ -87,14 +98,20 @@ class CacheConfig:
 
         n = len(model.layers)
         if self.kind == "fp":
-            return [mlc.KVCache() for _ in range(n)]
+            return [ReferenceKVCache() for _ in range(n)]
         if self.kind == "mlx":
             return [mlc.QuantizedKVCache(group_size=self.group_size, bits=self.k_bits)
                     for _ in range(n)]
+        for i in self.fp_layers + self.k8_layers:
+            if i >= n:
+                raise ValueError(f"config {self.name!r}: layer {i} out of range ({n} layers)")
         return [
-            Int4KVCache(self.group_size, k_bits=self.k_bits, v_bits=self.v_bits,
-                        window=self.window, sinks=self.sinks, rotate_keys=self.rotate_keys)
-            for _ in range(n)
+            ReferenceKVCache(mx.float16) if i in self.fp_layers else
+            Int4KVCache(self.group_size, k_bits=8 if i in self.k8_layers else self.k_bits,
+                        v_bits=self.v_bits, window=self.window, sinks=self.sinks,
+                        rotate_keys=self.rotate_keys, rotate_values=self.rotate_values,
+                        center_keys=self.center_keys)
+            for i in range(n)
         ]
 
 
@@ -110,12 +127,22 @@ def parse_config(name: str) -> CacheConfig:
         key = None
         if p in ("rot", "norot"):
             key, val = "rotate_keys", p == "rot"
+        elif p in ("vrot", "center"):
+            key, val = {"vrot": "rotate_values", "center": "center_keys"}[p], True
+        elif p.startswith(("fp", "k8l")):
+            prefix = "fp" if p.startswith("fp") else "k8l"
+            key = {"fp": "fp_layers", "k8l": "k8_layers"}[prefix]
+            digits = p[len(prefix):]
+            if not all(d.isdigit() for d in digits.split(".")):
+                raise ValueError(f"config {name!r}: {p!r}: layer indices are dot-separated "
+                                 "integers")
+            val = tuple(sorted({int(d) for d in digits.split(".")}))
         elif len(p) > 1 and p[0] in "gws" and p[1:].isdigit():
             key = {"g": "group_size", "w": "window", "s": "sinks"}[p[0]]
             val = int(p[1:])
         if key is None:
             raise ValueError(f"config {name!r}: unknown option {p!r} (g32|g64|g128, w<N>, "
-                             "s<N>, rot, norot)")
+                             "s<N>, rot, norot, vrot, center, fp<i>.<j>, k8l<i>.<j>)")
         if key in opts:
             raise ValueError(f"config {name!r}: {p!r} repeats an option")
         opts[key] = val
@@ -304,6 +331,74 @@ def _FastEmbedding(weight, original):
 
 
 # ---------------------------------------------------------------------------
+# the reference cache: mlx-lm's KVCache, attention through numpy
+
+
+def numpy_attention(queries, keys, values, scale: float, causal: bool):
+    """Softmax attention in float32 through numpy's BLAS (GQA; bottom-right causal)."""
+    q = np.asarray(queries.astype(mx.float32))
+    k = np.asarray(keys.astype(mx.float32))
+    v = np.asarray(values.astype(mx.float32))
+    B, Hq, L, D = q.shape
+    Hkv, N = k.shape[1], k.shape[2]
+    rep = Hq // Hkv
+    q = q.reshape(B, Hkv, rep * L, D)  # query head h reads KV head h // rep
+    s = (q @ k.transpose(0, 1, 3, 2)) * np.float32(scale)
+    if causal and L > 1:
+        allowed = np.arange(N)[None, :] <= np.arange(N - L, N)[:, None]  # [L, N]
+        s = np.where(np.tile(allowed, (rep, 1)), s, np.float32(-np.inf))
+    s -= s.max(axis=-1, keepdims=True)
+    np.exp(s, out=s)
+    out = (s @ v) / s.sum(axis=-1, keepdims=True)
+    return mx.array(out.reshape(B, Hq, L, v.shape[-1])).astype(queries.dtype)
+
+
+def _reference_cache_class():
+    from mlx_lm.models import cache as mlc
+
+    class ReferenceKVCache(mlc.KVCache):
+        """mlx-lm's ``KVCache`` whose attention (under :func:`tqmetal.patch.patched`)
+        runs in float32 through numpy: the same function as MLX's CPU attention,
+        ~50x faster on this kind of machine for 128-row chunks at long context.
+
+        ``store_dtype``: None keeps the model's dtype (the reference); float16
+        stores K/V rounded to float16 (a full-precision layer of a quantized
+        configuration, as it would be on a float16 model).
+        """
+
+        def __init__(self, store_dtype=None):
+            super().__init__()
+            self.store_dtype = store_dtype
+
+        def update_and_fetch(self, keys, values):
+            if self.store_dtype is None:
+                return super().update_and_fetch(keys, values)
+            k, v = super().update_and_fetch(keys.astype(self.store_dtype),
+                                            values.astype(self.store_dtype))
+            return k.astype(keys.dtype), v.astype(values.dtype)
+
+        def fused_attention(self, queries, keys, values, *, scale, mask=None, sinks=None):
+            if sinks is not None or not (mask is None or isinstance(mask, str)):
+                return None  # mlx-lm's own attention handles these
+            if mask is not None and mask != "causal":
+                return None
+            return numpy_attention(queries, keys, values, scale, causal=mask == "causal")
+
+    return ReferenceKVCache
+
+
+def ReferenceKVCache(store_dtype=None):
+    """See ``_reference_cache_class``; built on first use so importing this module stays cheap."""
+    global _REFERENCE_CLASS
+    if _REFERENCE_CLASS is None:
+        _REFERENCE_CLASS = _reference_cache_class()
+    return _REFERENCE_CLASS(store_dtype)
+
+
+_REFERENCE_CLASS = None
+
+
+# ---------------------------------------------------------------------------
 # the measurements
 
 
@@ -330,11 +425,9 @@ def teacher_forced(model, tokens: Sequence[int], configs: Sequence[CacheConfig],
     Returns ``{"ref": {"top1", "margin", "nll"}, name: {"kl", "top1", "nll"}, ...}``
     as numpy arrays; ``nll[t]`` is for token ``t + 1`` (so one fewer).
     """
-    from mlx_lm.models import cache as mlc
-
     toks = mx.array(list(tokens), dtype=mx.int32)
     T = toks.shape[0]
-    ref_cache = [mlc.KVCache() for _ in model.layers]
+    ref_cache = [ReferenceKVCache() for _ in model.layers]
     caches = {c.name: c.make_cache(model) for c in configs}
     out = {"ref": {"top1": [], "margin": [], "nll": []}}
     for c in configs:
@@ -377,11 +470,9 @@ def greedy_tokens(model, prompt: Sequence[int], cache, n: int, prefill_step: int
 def greedy_divergence(model, prompts: Sequence[Sequence[int]], configs: Sequence[CacheConfig],
                       n: int, prefill_step: int = DEFAULT_CHUNK, progress=None) -> dict:
     """{name: [first divergent position per prompt]}; ``n`` means no divergence."""
-    from mlx_lm.models import cache as mlc
-
     out = {c.name: [] for c in configs}
     for i, p in enumerate(prompts):
-        ref = greedy_tokens(model, p, [mlc.KVCache() for _ in model.layers], n, prefill_step)
+        ref = greedy_tokens(model, p, [ReferenceKVCache() for _ in model.layers], n, prefill_step)
         for c in configs:
             toks = greedy_tokens(model, p, c.make_cache(model), n, prefill_step)
             out[c.name].append(first_divergence(ref, toks))
