@@ -250,3 +250,19 @@ def test_eval_bad_config_is_a_usage_error(capsys):
     with pytest.raises(SystemExit):
         fid.main(["--configs", "int4-g99"])
     assert "group size" in capsys.readouterr().err
+
+
+def test_key_sensitivity_finds_the_layer_with_offset_keys():
+    """A layer whose keys carry a large common offset plus outliers is the most
+    sensitive to int4 keys: the probe must rank it first."""
+    model = tiny_model(layers=3)
+    attn = model.model.layers[1].self_attn
+    w = np.array(attn.k_proj.weight)
+    w[:5] *= 25.0  # a few huge key channels in layer 1 only
+    attn.k_proj.weight = mx.array(w)
+    mx.random.seed(2)
+    toks = np.array(mx.random.randint(0, 256, (192,))).tolist()
+    with tqpatch.patched():
+        sens = fid.key_sensitivity(model, toks, chunk=64)
+    assert sens.shape == (3,) and np.all(sens > 0)
+    assert int(np.argmax(sens)) == 1, sens

@@ -184,6 +184,27 @@ def test_cli_dispatches_generate(use_tiny, capsys):
     assert "Generation:" in capsys.readouterr().out
 
 
+def test_generate_per_layer_key_bits_and_centering(use_tiny, capsys, monkeypatch):
+    from tqmetal import cache as tqc
+
+    made, real = [], tqc.make_prompt_cache
+
+    def spy(*a, **k):
+        made.append(real(*a, **k))
+        return made[-1]
+
+    monkeypatch.setattr(tqc, "make_prompt_cache", spy)  # generate imports it at call time
+    rc = tqgen.main(["--prompt", "hi", "--max-tokens", "3", "--kv-k8-layers", "-1",
+                     "--no-center-keys"])
+    assert rc == 0 and made
+    assert [c.k_bits for c in made[0]][-1] == 8 and made[0][0].k_bits == 4
+    assert not any(c.center_keys for c in made[0])
+    assert "8-bit keys in layers -1" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        tqgen.main(["--kv-k8-layers", "1,x"])
+    assert "--kv-k8-layers" in capsys.readouterr().err
+
+
 def test_bad_group_size_is_a_clear_error(use_tiny, capsys):
     with pytest.raises(SystemExit):
         tqgen.main(["--kv-group-size", "48"])

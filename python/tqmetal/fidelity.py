@@ -387,12 +387,16 @@ def _reference_cache_class():
     return ReferenceKVCache
 
 
-def ReferenceKVCache(store_dtype=None):
-    """See ``_reference_cache_class``; built on first use so importing this module stays cheap."""
+def _reference_cache_class_cached():
     global _REFERENCE_CLASS
     if _REFERENCE_CLASS is None:
         _REFERENCE_CLASS = _reference_cache_class()
-    return _REFERENCE_CLASS(store_dtype)
+    return _REFERENCE_CLASS
+
+
+def ReferenceKVCache(store_dtype=None):
+    """See ``_reference_cache_class``; built on first use so importing this module stays cheap."""
+    return _reference_cache_class_cached()(store_dtype)
 
 
 _REFERENCE_CLASS = None
@@ -419,11 +423,14 @@ def _leaves(tree):
 
 
 def teacher_forced(model, tokens: Sequence[int], configs: Sequence[CacheConfig],
-                   chunk: int = DEFAULT_CHUNK, progress=None) -> dict:
+                   chunk: int = DEFAULT_CHUNK, progress=None, checkpoint=None,
+                   checkpoint_every: int = 8) -> dict:
     """Per-position metrics of every config against the reference cache.
 
     Returns ``{"ref": {"top1", "margin", "nll"}, name: {"kl", "top1", "nll"}, ...}``
     as numpy arrays; ``nll[t]`` is for token ``t + 1`` (so one fewer).
+    ``checkpoint(partial)`` is called every ``checkpoint_every`` chunks with the
+    result so far (long runs keep what they measured if stopped).
     """
     toks = mx.array(list(tokens), dtype=mx.int32)
     T = toks.shape[0]
@@ -453,10 +460,61 @@ def teacher_forced(model, tokens: Sequence[int], configs: Sequence[CacheConfig],
                 out[c.name][k].append(np.array(v))
         if progress is not None:
             progress(min(start + chunk, T), T)
+        last = start + chunk >= T
+        if checkpoint is not None and not last and (start // chunk + 1) % checkpoint_every == 0:
+            checkpoint(_collect(out, caches, ref_cache))
+    return _collect(out, caches, ref_cache)
+
+
+def _collect(out, caches, ref_cache):
     result = {name: {k: np.concatenate(v) for k, v in d.items()} for name, d in out.items()}
     result["_caches"] = caches
     result["_ref_dtype"] = str(ref_cache[0].keys.dtype).replace("mlx.core.", "")
     return result
+
+
+def key_sensitivity(model, tokens: Sequence[int], group_size: int = 64, bits: int = 4,
+                    chunk: int = DEFAULT_CHUNK) -> np.ndarray:
+    """Per layer: how much quantizing that layer's keys moves its attention output.
+
+    One reference pass over ``tokens`` (teacher-forced, in chunks); at every
+    layer and chunk the attention is also computed on the layer's keys as
+    Int4KVCache stores them with rotation and centering but no window or sinks
+    (``bits``-bit, ``group_size``), values exact. Returns, per layer, the
+    summed squared error of the attention output over its summed squared norm.
+    A cheap proxy (one pass instead of one run per layer) for choosing which
+    layers get 8-bit keys (``k8_layers``).
+    """
+    from .cache import Int4KVCache
+
+    err = np.zeros(len(model.layers))
+    norm = np.zeros(len(model.layers))
+    probes = []
+
+    class Probe(_reference_cache_class_cached()):
+        def fused_attention(self, queries, keys, values, *, scale, mask=None, sinks=None):
+            out = super().fused_attention(queries, keys, values, scale=scale, mask=mask,
+                                          sinks=sinks)
+            if out is None:
+                return None
+            q = Int4KVCache(group_size, k_bits=bits, v_bits=8, window=0, sinks=0,
+                            rotate_keys=True, center_keys=True)
+            kq, _ = q.update_and_fetch(keys, values)  # dequantized, un-rotated, re-centered
+            approx = numpy_attention(queries, kq, values, scale, causal=mask == "causal")
+            d = np.asarray((approx - out).astype(mx.float32))
+            i = self.layer
+            err[i] += float((d * d).sum())
+            norm[i] += float(np.square(np.asarray(out.astype(mx.float32))).sum())
+            return out
+
+    for i in range(len(model.layers)):
+        probes.append(Probe())
+        probes[-1].layer = i
+    toks = mx.array(list(tokens), dtype=mx.int32)
+    for start in range(0, toks.shape[0], chunk):
+        mx.eval(model(toks[start:start + chunk][None], cache=probes))
+        _eval_cache(probes)
+    return err / np.maximum(norm, 1e-30)
 
 
 def greedy_tokens(model, prompt: Sequence[int], cache, n: int, prefill_step: int) -> List[int]:
@@ -616,6 +674,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compute the model's linear layers with numpy's BLAS on dequantized "
                         "float32 weights (auto: on when MLX runs on the CPU, whose matmul is "
                         "~25x slower); the attention and caches stay in MLX/tqmetal")
+    p.add_argument("--key-sensitivity", action="store_true",
+                   help="instead of the comparison: per layer, the relative error of the "
+                        "attention output when only that layer's keys are int4 (rotated, "
+                        "centered, group 64, no window), over --tokens; to choose k8 layers")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     return p
 
@@ -670,10 +732,60 @@ def main(argv=None) -> int:
                 sys.stderr.flush()
         return cb
 
+    if args.key_sensitivity:
+        with patched():
+            t1 = time.perf_counter()
+            sens = key_sensitivity(model, tokens, chunk=args.chunk)
+        order = [int(i) for i in np.argsort(-sens)]
+        print(f"key sensitivity over {len(tokens)} tokens ({time.perf_counter() - t1:.0f}s): "
+              "relative squared error of each layer's attention output with int4 keys")
+        for i in order:
+            print(f"  layer {i:3d}  {sens[i]:.3e}")
+        print("most sensitive first: " + ".".join(str(i) for i in order))
+        if args.json:
+            Path(args.json).write_text(json.dumps(
+                {"tokens": len(tokens), "key_sensitivity": [float(x) for x in sens],
+                 "most_sensitive_first": order}, indent=1))
+        return 0
+
+    def rows_of(tf, div):
+        ref = tf["ref"]
+        rows = []
+        for c in configs:
+            d = tf[c.name]
+            row = {"config": c.name, **summarize(d["kl"], ref["top1"], d["top1"], ref["margin"],
+                                                 ref["nll"], d["nll"], args.margin)}
+            row["first_divergence"] = div[c.name]
+            row["kv_vs_fp16"] = kv_bytes_per_token(tf["_caches"][c.name])
+            rows.append(row)
+        return rows
+
+    def to_json(tf, rows, seconds, prompts):
+        ref = tf["ref"]
+        return {
+            "model": args.model or "default (SmolLM2-135M-Instruct GGUF)",
+            "tokens": len(ref["top1"]), "text_repeats": repeats, "chunk": args.chunk,
+            "margin": args.margin, "reference_dtype": tf["_ref_dtype"], "numpy_matmul": use_np,
+            "gen_tokens": args.gen_tokens, "gen_prompts": len(prompts),
+            "gen_prompt_tokens": len(prompts[0]) if prompts else 0,
+            "seconds": seconds,
+            "configs": [dict(asdict(c), **r) for c, r in zip(configs, rows)],
+            "per_position": {
+                "ref_top2_margin": [round(float(x), 5) for x in ref["margin"]],
+                "kl": {c.name: [float(f"{x:.4g}") for x in tf[c.name]["kl"]] for c in configs},
+            },
+        }
+
+    def checkpoint(tf):
+        if args.json:
+            out = to_json(tf, rows_of(tf, {c.name: [] for c in configs}), {}, [])
+            out["partial"] = f"{out['tokens']} of {len(tokens)} tokens (run still going)"
+            Path(args.json).write_text(json.dumps(out, indent=1))
+
     with patched():
         t1 = time.perf_counter()
         tf = teacher_forced(model, tokens, configs, chunk=args.chunk,
-                            progress=bar("teacher-forced"))
+                            progress=bar("teacher-forced"), checkpoint=checkpoint)
         tf_time = time.perf_counter() - t1
         div = {c.name: [] for c in configs}
         gen_time = 0.0
@@ -690,16 +802,7 @@ def main(argv=None) -> int:
                                     prefill_step=args.chunk, progress=bar("greedy prompts"))
             gen_time = time.perf_counter() - t1
 
-    ref = tf["ref"]
-    rows = []
-    for c in configs:
-        d = tf[c.name]
-        row = {"config": c.name, **summarize(d["kl"], ref["top1"], d["top1"], ref["margin"],
-                                             ref["nll"], d["nll"], args.margin)}
-        row["first_divergence"] = div[c.name]
-        row["kv_vs_fp16"] = kv_bytes_per_token(tf["_caches"][c.name])
-        rows.append(row)
-
+    rows = rows_of(tf, div)
     ref_dtype = tf["_ref_dtype"]
     print(f"tqmetal eval: {len(tokens)} tokens in chunks of {args.chunk}, reference = mlx-lm "
           f"KVCache ({ref_dtype}); teacher-forced {tf_time:.1f}s, "
@@ -710,22 +813,10 @@ def main(argv=None) -> int:
               f"({len(prompts)} prompts of {len(prompts[0])} tokens; {args.gen_tokens} = none "
               "in all generated tokens)")
     print("KV/fp16: bytes the cache holds for these tokens / fp16 bytes for the same tokens "
-          "(full-precision window and sinks in the model's dtype)")
+          "(full-precision window and sinks, scales and biases stored in float16)")
 
     if args.json:
-        out = {
-            "model": args.model or "default (SmolLM2-135M-Instruct GGUF)",
-            "tokens": len(tokens), "text_repeats": repeats, "chunk": args.chunk,
-            "margin": args.margin, "reference_dtype": ref_dtype, "numpy_matmul": use_np,
-            "gen_tokens": args.gen_tokens, "gen_prompts": len(prompts),
-            "gen_prompt_tokens": len(prompts[0]) if prompts else 0,
-            "seconds": {"teacher_forced": tf_time, "greedy": gen_time},
-            "configs": [dict(asdict(c), **r) for c, r in zip(configs, rows)],
-            "per_position": {
-                "ref_top2_margin": [round(float(x), 5) for x in ref["margin"]],
-                "kl": {c.name: [float(f"{x:.4g}") for x in tf[c.name]["kl"]] for c in configs},
-            },
-        }
+        out = to_json(tf, rows, {"teacher_forced": tf_time, "greedy": gen_time}, prompts)
         Path(args.json).write_text(json.dumps(out, indent=1))
     if args.plot:
         plot_kl({c.name: tf[c.name]["kl"] for c in configs}, args.plot,
