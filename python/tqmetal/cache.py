@@ -183,7 +183,7 @@ class Int4KVCache(_mlc._BaseCache):
         sinks: int = 4,
         rotate_keys: Optional[bool] = None,
         rotate_values: bool = False,
-        center_keys: bool = False,
+        center_keys: bool = True,
         chunk_size: int = 64,
     ):
         self.group_size = group_size
@@ -562,6 +562,8 @@ class Int4KVCache(_mlc._BaseCache):
         self._nq -= k
         self._ns -= r - k
         self.offset -= n
+        if self.offset == 0:
+            self._kmean = None  # nothing depends on it: the next update picks a fresh one
         return n
 
     def size(self):
@@ -674,7 +676,7 @@ def make_prompt_cache(
     full_precision_layers: Sequence[int] = (),
     max_kv_size: Optional[int] = None,
     rotate_values: bool = False,
-    center_keys: bool = False,
+    center_keys: bool = True,
     k8_layers: Sequence[int] = (),
 ):
     """mlx-lm's ``make_prompt_cache`` with quantized caches.
