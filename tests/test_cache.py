@@ -181,6 +181,8 @@ CONFIGS = [
     dict(window=8, k_bits=8, v_bits=4, group_size=32, rotate_values=True),
     dict(window=8, group_size=16, rotate_keys=False),
     dict(window=16, sinks=4, center_keys=True),
+    dict(window=16, sinks=4, attend_before_quantizing=True),
+    dict(window=0, sinks=0, attend_before_quantizing=True),
 ]
 
 
@@ -196,7 +198,10 @@ def test_fused_matches_unpatched_fallback(model1, tokens, cfg, monkeypatch):
     monkeypatch.setattr(tqcache, "sdpa_int4", spy)
     fused = run(model1, [Int4KVCache(**cfg)], tokens, CHUNKS)
     assert len(calls) == len(CHUNKS)
-    if cfg.get("sinks", 4) and cfg["window"] < CHUNKS[0]:
+    if cfg.get("attend_before_quantizing"):
+        # the prefill's own tokens stay at the end of the op's order: still "causal"
+        assert calls[0] == "causal"
+    elif cfg.get("sinks", 4) and cfg["window"] < CHUNKS[0]:
         # the 150-token prefill is mostly quantized before attention and the
         # sinks come after it in the op's order: "causal" became positions
         assert isinstance(calls[0], mx.array) and calls[0].shape == (150, 150)
@@ -237,6 +242,19 @@ def test_causal_prefill_longer_than_window(model, tokens):
     assert rel_err(big, ref) < 5e-4  # K/V rounded to float16
     small = run(model, [Int4KVCache(window=16, bits=8) for _ in model.layers], tokens, [300])
     assert rel_err(small, ref) < 0.02
+
+
+def test_attend_before_quantizing(model, tokens):
+    """A prefill attends what it quantizes in full precision; later steps see it quantized."""
+    ref = run(model, [mlc.KVCache() for _ in model.layers], tokens, [300, 1, 1])
+    late = run(model, [Int4KVCache(window=16) for _ in model.layers], tokens, [300, 1, 1])
+    cache = [Int4KVCache(window=16, attend_before_quantizing=True) for _ in model.layers]
+    early = run(model, cache, tokens, [300, 1, 1])
+    assert cache[0]._nq > 250  # really quantized
+    assert rel_err(early[:, :300], ref[:, :300]) < 5e-4  # the prefill: float16 storage only
+    assert rel_err(late[:, :300], ref[:, :300]) > 20 * rel_err(early[:, :300], ref[:, :300])
+    # the decode steps after it read the quantized tokens
+    assert rel_err(early[:, 300:], ref[:, 300:]) > 1e-3
 
 
 def test_logits_close_to_fp16_cache(model, tokens):

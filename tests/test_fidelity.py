@@ -114,6 +114,7 @@ def test_moving_average():
     ("int4-rot-center-vrot", dict(rotate_keys=True, center_keys=True, rotate_values=True)),
     ("int4-fp0.3-k8l2", dict(fp_layers=(0, 3), k8_layers=(2,), center_keys=False)),
     ("int4-k8l5.1.1", dict(k8_layers=(1, 5), fp_layers=())),
+    ("int4-abq", dict(attend_before_quantizing=True, center_keys=False)),
 ])
 def test_parse_config(name, want):
     c = fid.parse_config(name)

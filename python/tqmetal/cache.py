@@ -43,6 +43,15 @@ common offset (keys often have a few channels far from zero, which set the
 range of every group they are in). Not exact with attention sinks (a fixed
 logit in the softmax): with sinks the fused path is not used.
 
+With ``attend_before_quantizing`` (a multi-token update, i.e. prefill), the
+tokens an update pushes out of the window are quantized and stored as usual,
+but this update's own attention still reads them in full precision (a tail
+of the old window plus the new tokens, built from the update's input, freed
+after the call): every prompt token attends its own chunk and the ``window``
+tokens before it unquantized, as it would in decode. Only the next update's
+attention sees them quantized. Nothing more is stored; the transient tail is
+the size of the update, not of the cache. Not used by the sliding-window cache.
+
 Storage is float16 whatever the model's dtype: the full-precision sinks and
 window, the quantization scales and biases, the key mean. Queries, outputs and
 the fetched K/V keep the model's dtype.
@@ -162,6 +171,8 @@ class Int4KVCache(_mlc._BaseCache):
         rotate_values: Hadamard-rotate values (the output is rotated back).
         center_keys: subtract a per-channel key mean before storing keys
             (exact for attention without sinks; see the module docstring).
+        attend_before_quantizing: a multi-token update attends the tokens it
+            quantizes in full precision (see the module docstring).
         chunk_size: tokens quantized at a time once the window overflows.
 
     ``nbytes`` counts every buffer as allocated (quantized capacity grows in
@@ -184,6 +195,7 @@ class Int4KVCache(_mlc._BaseCache):
         rotate_keys: Optional[bool] = None,
         rotate_values: bool = False,
         center_keys: bool = True,
+        attend_before_quantizing: bool = False,
         chunk_size: int = 64,
     ):
         self.group_size = group_size
@@ -202,6 +214,7 @@ class Int4KVCache(_mlc._BaseCache):
         self.rotate_keys = rotate_keys
         self.rotate_values = rotate_values
         self.center_keys = bool(center_keys)
+        self.attend_before_quantizing = bool(attend_before_quantizing)
         self._reset()
 
     def _reset(self):
@@ -218,6 +231,18 @@ class Int4KVCache(_mlc._BaseCache):
         self._qk = self._qv = None  # lists (packed, scales, biases)
         self._fetched = None
         self._qviews = None  # (key, k views, v views) of the held quantized slots
+        self._fresh = 0  # tokens this update quantized that its attention reads in fp
+        self._fresh_kv = None  # those tokens and the window after them, fp (K, V)
+
+    # What the current call's attention reads: the last _fresh quantized tokens
+    # are read from _fresh_kv instead (attend_before_quantizing).
+    @property
+    def _aq(self):
+        return self._nq - self._fresh
+
+    @property
+    def _aw(self):
+        return self._nw + self._fresh
 
     # ---- layout helpers -------------------------------------------------
 
@@ -317,6 +342,7 @@ class Int4KVCache(_mlc._BaseCache):
             self._setup(keys, values)
         S = keys.shape[2]
         first = self.offset
+        self._fresh, self._fresh_kv = 0, None
         if self._rot_k:
             keys = mx.hadamard_transform(keys)
         if self._rot_v:
@@ -350,7 +376,10 @@ class Int4KVCache(_mlc._BaseCache):
                     k = mx.concatenate([self._fk[..., s0 : s0 + nw, :], k], axis=2)
                     v = mx.concatenate([self._fv[..., s0 : s0 + nw, :], v], axis=2)
                 out = nw + n - W  # tokens leaving the window, oldest first
+                nq = self._nq
                 self._push(k[..., :out, :], v[..., :out, :], first)
+                if self.attend_before_quantizing and self._span is None and n > 1:
+                    self._fresh, self._fresh_kv = self._nq - nq, (k, v)
                 if W:
                     self._fk[..., s0 : s0 + W, :] = k[..., out:, :]
                     self._fv[..., s0 : s0 + W, :] = v[..., out:, :]
@@ -361,7 +390,7 @@ class Int4KVCache(_mlc._BaseCache):
     def _quantized_views(self):
         if self._qk is None:
             return None, None
-        lo, hi = self._qlo, self._qlo + self._nq
+        lo, hi = self._qlo, self._qlo + self._aq
         if self._qviews is None or self._qviews[0] != (lo, hi):
             if lo == 0 and hi == self._qcap:
                 views = self._qk, self._qv
@@ -375,9 +404,17 @@ class Int4KVCache(_mlc._BaseCache):
         gs = mx.zeros((B, H, 0, D // self.group_size), self._fk.dtype)
         return [mx.zeros((B, H, 0, D * bits // 32), mx.uint32), gs, gs]
 
+    def _window(self, fp):
+        """The fp window the current call attends: the buffer's, or the fresh tail."""
+        if self._fresh:
+            return self._fresh_kv[0 if fp is self._fk else 1]
+        s0 = self.num_sinks
+        return fp[..., s0 : s0 + self._nw, :]
+
     def keys_and_values(self):
-        """K and V dequantized, un-rotated, in sequence order (lazy)."""
-        s0, ns, nw = self.num_sinks, self._ns, self._nw
+        """K and V as the current call attends them: dequantized, un-rotated, in
+        sequence order (lazy)."""
+        ns, nw = self._ns, self._aw
         qk, qv = self._quantized_views()
         out = []
         for fp, q, bits, rot in (
@@ -387,13 +424,13 @@ class Int4KVCache(_mlc._BaseCache):
             parts = []
             if ns:
                 parts.append(fp[..., :ns, :])
-            if self._nq:
+            if self._aq:
                 # in float32, as the fused op computes (float16 products round)
                 pk, sc, bi = q
                 parts.append(_dequantize(pk, sc.astype(mx.float32), bi.astype(mx.float32),
                                          self.group_size, bits))
             if nw:
-                parts.append(fp[..., s0 : s0 + nw, :])
+                parts.append(self._window(fp))
             parts = [x.astype(mx.float32) for x in parts]
             x = parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=2)
             if fp is self._fk and self._kmean is not None:
@@ -431,8 +468,13 @@ class Int4KVCache(_mlc._BaseCache):
         qk, qv = self._quantized_views()
         if qk is None:
             qk, qv = self._empty_quantized(self.k_bits), self._empty_quantized(self.v_bits)
-        t = self._ns + self._nw
-        kt, vt = (self._fk[..., :t, :], self._fv[..., :t, :]) if t else (None, None)
+        if self._fresh:
+            kt, vt = (self._window(b) if not self._ns else
+                      mx.concatenate([b[..., :self._ns, :], self._window(b)], axis=2)
+                      for b in (self._fk, self._fv))
+        else:
+            t = self._ns + self._nw
+            kt, vt = (self._fk[..., :t, :], self._fv[..., :t, :]) if t else (None, None)
         out = sdpa_int4(
             q, qk, qv, scale=scale, mask=self._op_mask(mask, L),
             group_size=self.group_size, k_bits=self.k_bits, v_bits=self.v_bits,
@@ -443,17 +485,17 @@ class Int4KVCache(_mlc._BaseCache):
     # ---- masks ----------------------------------------------------------
 
     def _layout(self):
-        return (self.offset, self.num_sinks, self._ns, self._qstart, self._nq, self._nw, self._span)
+        return (self.offset, self.num_sinks, self._ns, self._qstart, self._aq, self._aw, self._span)
 
     def _positions(self):
         """Sequence position of every key in the op's order."""
         parts = []
-        if self._nq:
-            parts.append(mx.arange(self._qstart, self._qstart + self._nq))
+        if self._aq:
+            parts.append(mx.arange(self._qstart, self._qstart + self._aq))
         if self._ns:
             parts.append(mx.arange(self._ns))
-        if self._nw:
-            parts.append(mx.arange(self.offset - self._nw, self.offset))
+        if self._aw:
+            parts.append(mx.arange(self.offset - self._aw, self.offset))
         return mx.concatenate(parts) if len(parts) > 1 else parts[0]
 
     def _positional_mask(self, L):
@@ -474,7 +516,7 @@ class Int4KVCache(_mlc._BaseCache):
         return out
 
     def _translate_mask(self, mask, L):
-        s0, nq, nw = self.num_sinks, self._nq, self._nw
+        s0, nq, nw = self.num_sinks, self._aq, self._aw
         reordered = self._ns > 0 and nq > 0
         if self._span is not None:
             # Sliding window: the mask follows from the positions held.
@@ -509,6 +551,7 @@ class Int4KVCache(_mlc._BaseCache):
         "offset", "_ns", "_nw", "_nq", "_qlo", "_qstart", "_rot_k", "_rot_v",
         "group_size", "k_bits", "v_bits", "window", "num_sinks", "chunk_size",
         "rotate_keys", "rotate_values", "max_size", "keep", "center_keys", "model_dtype",
+        "attend_before_quantizing",
     )
 
     @property
@@ -554,6 +597,7 @@ class Int4KVCache(_mlc._BaseCache):
         return True
 
     def trim(self, n):
+        self._fresh, self._fresh_kv = 0, None
         n = min(self.offset, n)
         k = min(n, self._nw)
         self._nw -= k

@@ -40,6 +40,8 @@ Config names (``--configs``, comma-separated): a format, then options joined by
                                    name says what it measures)
               vrot                 Hadamard value rotation
               center               key centering (Int4KVCache's center_keys)
+              abq                  attend_before_quantizing: a chunk attends the
+                                   tokens it quantizes in full precision
               fp<i>.<j>...         these layers keep a full-precision (float16) cache
               k8l<i>.<j>...        these layers store 8-bit keys
 
@@ -88,6 +90,7 @@ class CacheConfig:
     rotate_keys: bool = False
     rotate_values: bool = False
     center_keys: bool = False
+    attend_before_quantizing: bool = False
     fp_layers: tuple = ()
     k8_layers: tuple = ()
 
@@ -110,7 +113,8 @@ class CacheConfig:
             Int4KVCache(self.group_size, k_bits=8 if i in self.k8_layers else self.k_bits,
                         v_bits=self.v_bits, window=self.window, sinks=self.sinks,
                         rotate_keys=self.rotate_keys, rotate_values=self.rotate_values,
-                        center_keys=self.center_keys)
+                        center_keys=self.center_keys,
+                        attend_before_quantizing=self.attend_before_quantizing)
             for i in range(n)
         ]
 
@@ -127,8 +131,10 @@ def parse_config(name: str) -> CacheConfig:
         key = None
         if p in ("rot", "norot"):
             key, val = "rotate_keys", p == "rot"
-        elif p in ("vrot", "center"):
-            key, val = {"vrot": "rotate_values", "center": "center_keys"}[p], True
+        elif p in ("vrot", "center", "abq"):
+            key = {"vrot": "rotate_values", "center": "center_keys",
+                   "abq": "attend_before_quantizing"}[p]
+            val = True
         elif p.startswith(("fp", "k8l")):
             prefix = "fp" if p.startswith("fp") else "k8l"
             key = {"fp": "fp_layers", "k8l": "k8_layers"}[prefix]
@@ -142,7 +148,7 @@ def parse_config(name: str) -> CacheConfig:
             val = int(p[1:])
         if key is None:
             raise ValueError(f"config {name!r}: unknown option {p!r} (g32|g64|g128, w<N>, "
-                             "s<N>, rot, norot, vrot, center, fp<i>.<j>, k8l<i>.<j>)")
+                             "s<N>, rot, norot, vrot, center, abq, fp<i>.<j>, k8l<i>.<j>)")
         if key in opts:
             raise ValueError(f"config {name!r}: {p!r} repeats an option")
         opts[key] = val
