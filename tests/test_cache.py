@@ -190,6 +190,9 @@ CONFIGS = [
 def test_fused_matches_unpatched_fallback(model1, tokens, cfg, monkeypatch):
     """The op's key order [quantized, sinks, window] with translated masks gives
     what mx.fast SDPA gives on the same stored values in sequence order."""
+    # without attend_before_quantizing unless asked: the prefill then attends
+    # quantized tokens placed before the sinks, which needs a positional mask
+    cfg = {"attend_before_quantizing": False, **cfg}
     calls = []
     def spy(*a, **k):
         calls.append(k["mask"])
@@ -247,7 +250,8 @@ def test_causal_prefill_longer_than_window(model, tokens):
 def test_attend_before_quantizing(model, tokens):
     """A prefill attends what it quantizes in full precision; later steps see it quantized."""
     ref = run(model, [mlc.KVCache() for _ in model.layers], tokens, [300, 1, 1])
-    late = run(model, [Int4KVCache(window=16) for _ in model.layers], tokens, [300, 1, 1])
+    late = run(model, [Int4KVCache(window=16, attend_before_quantizing=False)
+                       for _ in model.layers], tokens, [300, 1, 1])
     cache = [Int4KVCache(window=16, attend_before_quantizing=True) for _ in model.layers]
     early = run(model, cache, tokens, [300, 1, 1])
     assert cache[0]._nq > 250  # really quantized
@@ -329,7 +333,9 @@ def test_make_prompt_cache_per_layer_policy():
 
 
 def test_trim():
-    c = Int4KVCache(window=8, sinks=4, chunk_size=4)
+    # (attend_before_quantizing off: ``before`` must be the stored values, not the
+    # update's full-precision view of the tokens it quantized)
+    c = Int4KVCache(window=8, sinks=4, chunk_size=4, attend_before_quantizing=False)
     mx.random.seed(4)
     k = mx.random.normal((1, 2, 40, 64))
     full, _ = c.update_and_fetch(k, k)
@@ -344,7 +350,7 @@ def test_trim():
     assert c.trim(10) == 2 and c.offset == 0
     # refill after trimming everything: same layout as a fresh cache
     c.update_and_fetch(k[..., :30, :], k[..., :30, :])
-    fresh = Int4KVCache(window=8, sinks=4, chunk_size=4)
+    fresh = Int4KVCache(window=8, sinks=4, chunk_size=4, attend_before_quantizing=False)
     fresh.update_and_fetch(k[..., :30, :], k[..., :30, :])
     assert (c._ns, c._nq, c._nw, c._qstart) == (fresh._ns, fresh._nq, fresh._nw, fresh._qstart)
     assert mx.allclose(c.keys_and_values()[0], fresh.keys_and_values()[0])
@@ -519,15 +525,18 @@ def test_storage_is_float16_whatever_the_model_dtype(model_dtype):
     assert c.nbytes_used == 2 * H * D * 2 * (4 + 128) + per_q * (N - 132) + H * D * 2
 
 
-def test_prefill_peak_memory_below_fp16_cache():
-    """A 1024-token prefill in 256-token chunks (as generate_step does, with
+@pytest.mark.parametrize("abq", [False, True])
+def test_prefill_peak_memory_below_fp16_cache(abq):
+    """A 2048-token prefill in 256-token chunks (as generate_step does, with
     smaller chunks) through 16 float16 layers: the peak, activations included,
-    stays below the bytes of the fp16 cache it replaces."""
-    layers, N, H, D = 16, 1024, 4, 64
+    stays below the bytes of the fp16 cache it replaces. With
+    attend_before_quantizing each layer also holds, until its next update, the
+    full-precision tail of its last chunk (window + chunk tokens)."""
+    layers, N, H, D = 16, 2048, 4, 64
     m = tiny_llama(layers=layers, hidden=64, heads=H, kv_heads=H, head_dim=D, vocab=64, inter=64)
     m.set_dtype(mx.float16)
     toks = mx.random.randint(0, 64, (1, N))
-    cache = [Int4KVCache() for _ in range(layers)]
+    cache = [Int4KVCache(attend_before_quantizing=abq) for _ in range(layers)]
     mx.eval(toks, m.parameters())
     mx.clear_cache()
     mx.reset_peak_memory()

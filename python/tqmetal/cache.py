@@ -195,7 +195,7 @@ class Int4KVCache(_mlc._BaseCache):
         rotate_keys: Optional[bool] = None,
         rotate_values: bool = False,
         center_keys: bool = True,
-        attend_before_quantizing: bool = False,
+        attend_before_quantizing: bool = True,
         chunk_size: int = 64,
     ):
         self.group_size = group_size
@@ -722,6 +722,7 @@ def make_prompt_cache(
     rotate_values: bool = False,
     center_keys: bool = True,
     k8_layers: Sequence[int] = (),
+    attend_before_quantizing: bool = True,
 ):
     """mlx-lm's ``make_prompt_cache`` with quantized caches.
 
@@ -761,7 +762,7 @@ def make_prompt_cache(
     for i, c in enumerate(base):
         opts = dict(group_size=group_size, k_bits=8 if i in keys8 else k_bits, v_bits=v_bits,
                     window=window, rotate_keys=rotate_keys, rotate_values=rotate_values,
-                    center_keys=center_keys)
+                    center_keys=center_keys, attend_before_quantizing=attend_before_quantizing)
         if i in keep_fp:
             out.append(c)
         elif type(c) is _mlc.KVCache:
