@@ -24,7 +24,8 @@ per 128-token chunk at 8K context):
   reference's (``--gen-tokens`` when none does).
 
 The issue's targets are stated at 8192 tokens of context; the default is 2048
-to keep a run to minutes on a CPU (``--tokens 8192`` for the real thing).
+to keep a run short on a CPU (``--tokens 8192`` for the real thing: on a 2-core
+machine, about 15 minutes per configuration plus as much for the reference).
 
 Config names (``--configs``, comma-separated): a format, then options joined by
 ``-``:
@@ -36,8 +37,9 @@ Config names (``--configs``, comma-separated): a format, then options joined by
     options:  g32 | g64 | g128     group size (default 64)
               w<N>                 recent-token window kept full precision (default 128)
               s<N>                 sink tokens kept full precision (default 4)
-              rot | norot          Hadamard key rotation (default: off, so that a
-                                   name says what it measures)
+              rot | norot          Hadamard key rotation
+    (every option defaults to off, unlike Int4KVCache, so that a name says what it
+    measures: Int4KVCache's defaults are ``int4-g64-rot-center-abq``)
               vrot                 Hadamard value rotation
               center               key centering (Int4KVCache's center_keys)
               abq                  attend_before_quantizing: a chunk attends the
@@ -63,7 +65,9 @@ from typing import List, Optional, Sequence
 import mlx.core as mx
 import numpy as np
 
-DEFAULT_CONFIGS = "int4-g64,int4-g64-rot,int4-g32-w128,k8v4,int8,mlx4-g64"
+# The cache's defaults (int4-g64-rot-center-abq), what each part buys, and the baselines.
+DEFAULT_CONFIGS = ("int4-g64-rot-center-abq,int4-g64-rot-center,int4-g64-rot,"
+                   "k8v4-vrot-center-abq,int8,mlx4-g64")
 DEFAULT_TOKENS = 2048
 DEFAULT_CHUNK = 128
 DEFAULT_MARGIN = 0.05
@@ -650,7 +654,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Config names: int4|int8|k8v4|k4v8 (tqmetal Int4KVCache), mlx4|mlx8 (mlx-lm "
                "QuantizedKVCache through the fused op), fp16 (the reference); options "
                "-g32|-g64|-g128 (group, default 64), -w<N> (window, default 128), -s<N> "
-               "(sinks, default 4), -rot|-norot (key rotation, default off). "
+               "(sinks, default 4), -rot|-norot (key rotation, default off), -vrot (value "
+               "rotation), -center (key centering), -abq (attend before quantizing), "
+               "-fp<i>.<j> (full-precision layers), -k8l<i>.<j> (8-bit-key layers). "
                "The issue's targets are stated at --tokens 8192.",
     )
     p.add_argument("--model", default=None,
