@@ -24,8 +24,8 @@ per 128-token chunk at 8K context):
   reference's (``--gen-tokens`` when none does).
 
 The issue's targets are stated at 8192 tokens of context; the default is 2048
-to keep a run short on a CPU (``--tokens 8192`` for the real thing: on a 2-core
-machine, about 15 minutes per configuration plus as much for the reference).
+to keep a run short on a CPU (``--tokens 8192`` for the real thing: on a shared
+2-core machine, 10 to 20 minutes per configuration and as much for the reference).
 
 Config names (``--configs``, comma-separated): a format, then options joined by
 ``-``:
