@@ -167,8 +167,10 @@ def test_kv_report_counts_int4_against_fp16(tiny):
     layers, heads, d = 2, 2, 64
     assert r["tokens"] == 200 * layers
     assert r["fp16"] == 2 * heads * 2 * d * 200 * layers
-    # 4 bits + a float32 scale and bias per 64 elements = 0.625 bytes per element
-    assert r["used"] == pytest.approx(0.625 * 2 * heads * d * 200 * layers)
+    # 4 bits + a float16 scale and bias per 64 elements = 0.5625 bytes per element
+    # (scales are float16 whatever the model's dtype, here float32), + the float16 key
+    # mean of each layer (key centering)
+    assert r["used"] == 0.5625 * 2 * heads * d * 200 * layers + layers * heads * d * 2
     assert r["allocated"] >= r["used"]
 
     ref = tqcache.make_prompt_cache(model, kv="fp16")
@@ -181,6 +183,27 @@ def test_kv_report_counts_int4_against_fp16(tiny):
 def test_cli_dispatches_generate(use_tiny, capsys):
     assert tqcli.main(["generate", "-p", "hi", "-m", "2"]) == 0
     assert "Generation:" in capsys.readouterr().out
+
+
+def test_generate_per_layer_key_bits_and_centering(use_tiny, capsys, monkeypatch):
+    from tqmetal import cache as tqc
+
+    made, real = [], tqc.make_prompt_cache
+
+    def spy(*a, **k):
+        made.append(real(*a, **k))
+        return made[-1]
+
+    monkeypatch.setattr(tqc, "make_prompt_cache", spy)  # generate imports it at call time
+    rc = tqgen.main(["--prompt", "hi", "--max-tokens", "3", "--kv-k8-layers", "-1",
+                     "--no-center-keys"])
+    assert rc == 0 and made
+    assert [c.k_bits for c in made[0]][-1] == 8 and made[0][0].k_bits == 4
+    assert not any(c.center_keys for c in made[0])
+    assert "8-bit keys in layers -1" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        tqgen.main(["--kv-k8-layers", "1,x"])
+    assert "--kv-k8-layers" in capsys.readouterr().err
 
 
 def test_bad_group_size_is_a_clear_error(use_tiny, capsys):

@@ -35,6 +35,27 @@ included, and the queries once per call: (Hq).(Hk) = q.k, while the rotated
 keys spread outlier channels over the group so 4-bit keys lose far less.
 ``rotate_values`` does the same to V and un-rotates the output with H^T.
 
+With ``center_keys`` a per-head, per-channel mean ``m`` (of the first update's
+non-sink keys, fixed from then on) is subtracted from every stored key, sinks
+and window included: q.(k - m) = q.k - q.m, the same shift for every key of a
+query row, so the softmax is unchanged while the quantized keys lose their
+common offset (keys often have a few channels far from zero, which set the
+range of every group they are in). Not exact with attention sinks (a fixed
+logit in the softmax): with sinks the fused path is not used.
+
+With ``attend_before_quantizing`` (a multi-token update, i.e. prefill), the
+tokens an update pushes out of the window are quantized and stored as usual,
+but this update's own attention still reads them in full precision (a tail
+of the old window plus the new tokens, built from the update's input, freed
+after the call): every prompt token attends its own chunk and the ``window``
+tokens before it unquantized, as it would in decode. Only the next update's
+attention sees them quantized. Nothing more is stored; the transient tail is
+the size of the update, not of the cache. Not used by the sliding-window cache.
+
+Storage is float16 whatever the model's dtype: the full-precision sinks and
+window, the quantization scales and biases, the key mean. Queries, outputs and
+the fetched K/V keep the model's dtype.
+
 ``update_and_fetch`` returns, lazily, the dequantized K and V in sequence
 order: an attention function that does not know this cache (mlx-lm without
 :func:`tqmetal.patch.patch_mlx_lm`) is still correct, just not economical;
@@ -54,11 +75,18 @@ from .ops import quantize, sdpa_int4
 
 __all__ = ["Int4KVCache", "RotatingInt4KVCache", "make_prompt_cache", "fused_op_available"]
 
+# The dtype of everything the cache stores in floating point (see the module docstring).
+STORAGE_DTYPE = mx.float16
+
 _KV_BITS = {"int4": (4, 4), "int8": (8, 8), "k8v4": (8, 4), "k4v8": (4, 8)}
 
 
 def _round_up(n: int, step: int) -> int:
     return (n + step - 1) // step * step
+
+
+def _dtype_name(dtype) -> str:
+    return str(dtype).rsplit(".", 1)[-1]
 
 
 _SHIFTS = {}
@@ -141,6 +169,10 @@ class Int4KVCache(_mlc._BaseCache):
         rotate_keys: Hadamard-rotate keys (and queries). None = only for 4-bit
             keys, when the head dim has a Hadamard transform.
         rotate_values: Hadamard-rotate values (the output is rotated back).
+        center_keys: subtract a per-channel key mean before storing keys
+            (exact for attention without sinks; see the module docstring).
+        attend_before_quantizing: a multi-token update attends the tokens it
+            quantizes in full precision (see the module docstring).
         chunk_size: tokens quantized at a time once the window overflows.
 
     ``nbytes`` counts every buffer as allocated (quantized capacity grows in
@@ -162,6 +194,8 @@ class Int4KVCache(_mlc._BaseCache):
         sinks: int = 4,
         rotate_keys: Optional[bool] = None,
         rotate_values: bool = False,
+        center_keys: bool = True,
+        attend_before_quantizing: bool = True,
         chunk_size: int = 64,
     ):
         self.group_size = group_size
@@ -179,6 +213,8 @@ class Int4KVCache(_mlc._BaseCache):
         self.chunk_size = chunk_size
         self.rotate_keys = rotate_keys
         self.rotate_values = rotate_values
+        self.center_keys = bool(center_keys)
+        self.attend_before_quantizing = bool(attend_before_quantizing)
         self._reset()
 
     def _reset(self):
@@ -189,10 +225,24 @@ class Int4KVCache(_mlc._BaseCache):
         self._qlo = 0
         self._qstart = 0  # position of the token in slot qlo
         self._rot_k = self._rot_v = None  # resolved on the first update
+        self._kmean = None  # [B, H, 1, D] subtracted from stored keys (center_keys)
+        self.model_dtype = None  # name of the dtype K/V arrive in, e.g. "float32"
         self._fk = self._fv = None  # fp buffers [B, H, sinks + window + chunk, D]
         self._qk = self._qv = None  # lists (packed, scales, biases)
         self._fetched = None
         self._qviews = None  # (key, k views, v views) of the held quantized slots
+        self._fresh = 0  # tokens this update quantized that its attention reads in fp
+        self._fresh_kv = None  # those tokens and the window after them, fp (K, V)
+
+    # What the current call's attention reads: the last _fresh quantized tokens
+    # are read from _fresh_kv instead (attend_before_quantizing).
+    @property
+    def _aq(self):
+        return self._nq - self._fresh
+
+    @property
+    def _aw(self):
+        return self._nw + self._fresh
 
     # ---- layout helpers -------------------------------------------------
 
@@ -235,8 +285,9 @@ class Int4KVCache(_mlc._BaseCache):
                 want = bits == 4 and ok
             setattr(self, attr, bool(want))
         n = self.num_sinks + self.window + self.chunk_size
-        self._fk = mx.zeros((B, H, n, D), keys.dtype)
-        self._fv = mx.zeros((B, H, n, Dv), values.dtype)
+        self.model_dtype = _dtype_name(keys.dtype)
+        self._fk = mx.zeros((B, H, n, D), STORAGE_DTYPE)
+        self._fv = mx.zeros((B, H, n, Dv), STORAGE_DTYPE)
 
     def _reserve(self, n: int):
         """Make room for n more quantized tokens after slot qlo + nq."""
@@ -291,10 +342,20 @@ class Int4KVCache(_mlc._BaseCache):
             self._setup(keys, values)
         S = keys.shape[2]
         first = self.offset
+        self._fresh, self._fresh_kv = 0, None
         if self._rot_k:
             keys = mx.hadamard_transform(keys)
         if self._rot_v:
             values = mx.hadamard_transform(values)
+        if self.center_keys:
+            if self._kmean is None:
+                # The first update's keys past the sinks (all of them if it has
+                # only sinks); the mean is then fixed, which keeps it exact.
+                lo = min(max(self.num_sinks - self._ns, 0), S - 1)
+                self._kmean = mx.mean(keys[..., lo:, :].astype(mx.float32), axis=2,
+                                      keepdims=True).astype(STORAGE_DTYPE)
+            keys = keys - self._kmean
+        keys, values = keys.astype(STORAGE_DTYPE), values.astype(STORAGE_DTYPE)
         self._drop_dead(first)
         i = 0
         if self._ns < self.num_sinks:
@@ -315,7 +376,10 @@ class Int4KVCache(_mlc._BaseCache):
                     k = mx.concatenate([self._fk[..., s0 : s0 + nw, :], k], axis=2)
                     v = mx.concatenate([self._fv[..., s0 : s0 + nw, :], v], axis=2)
                 out = nw + n - W  # tokens leaving the window, oldest first
+                nq = self._nq
                 self._push(k[..., :out, :], v[..., :out, :], first)
+                if self.attend_before_quantizing and self._span is None and n > 1:
+                    self._fresh, self._fresh_kv = self._nq - nq, (k, v)
                 if W:
                     self._fk[..., s0 : s0 + W, :] = k[..., out:, :]
                     self._fv[..., s0 : s0 + W, :] = v[..., out:, :]
@@ -326,7 +390,7 @@ class Int4KVCache(_mlc._BaseCache):
     def _quantized_views(self):
         if self._qk is None:
             return None, None
-        lo, hi = self._qlo, self._qlo + self._nq
+        lo, hi = self._qlo, self._qlo + self._aq
         if self._qviews is None or self._qviews[0] != (lo, hi):
             if lo == 0 and hi == self._qcap:
                 views = self._qk, self._qv
@@ -340,9 +404,17 @@ class Int4KVCache(_mlc._BaseCache):
         gs = mx.zeros((B, H, 0, D // self.group_size), self._fk.dtype)
         return [mx.zeros((B, H, 0, D * bits // 32), mx.uint32), gs, gs]
 
+    def _window(self, fp):
+        """The fp window the current call attends: the buffer's, or the fresh tail."""
+        if self._fresh:
+            return self._fresh_kv[0 if fp is self._fk else 1]
+        s0 = self.num_sinks
+        return fp[..., s0 : s0 + self._nw, :]
+
     def keys_and_values(self):
-        """K and V dequantized, un-rotated, in sequence order (lazy)."""
-        s0, ns, nw = self.num_sinks, self._ns, self._nw
+        """K and V as the current call attends them: dequantized, un-rotated, in
+        sequence order (lazy)."""
+        ns, nw = self._ns, self._aw
         qk, qv = self._quantized_views()
         out = []
         for fp, q, bits, rot in (
@@ -352,11 +424,18 @@ class Int4KVCache(_mlc._BaseCache):
             parts = []
             if ns:
                 parts.append(fp[..., :ns, :])
-            if self._nq:
-                parts.append(_dequantize(*q, self.group_size, bits).astype(fp.dtype))
+            if self._aq:
+                # in float32, as the fused op computes (float16 products round)
+                pk, sc, bi = q
+                parts.append(_dequantize(pk, sc.astype(mx.float32), bi.astype(mx.float32),
+                                         self.group_size, bits))
             if nw:
-                parts.append(fp[..., s0 : s0 + nw, :])
+                parts.append(self._window(fp))
+            parts = [x.astype(mx.float32) for x in parts]
             x = parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=2)
+            if fp is self._fk and self._kmean is not None:
+                x = x + self._kmean
+            x = x.astype(getattr(mx, self.model_dtype))
             out.append(_unrotate(x) if rot else x)
         return tuple(out)
 
@@ -381,13 +460,21 @@ class Int4KVCache(_mlc._BaseCache):
         D = queries.shape[-1]
         if self._fk.shape[-1] != D or self._fv.shape[-1] != D or not fused_op_available():
             return None
+        if sinks is not None and self._kmean is not None:
+            return None  # centering shifts every logit, not the sinks' fixed one
+
         L = queries.shape[2]
         q = mx.hadamard_transform(queries) if self._rot_k else queries
         qk, qv = self._quantized_views()
         if qk is None:
             qk, qv = self._empty_quantized(self.k_bits), self._empty_quantized(self.v_bits)
-        t = self._ns + self._nw
-        kt, vt = (self._fk[..., :t, :], self._fv[..., :t, :]) if t else (None, None)
+        if self._fresh:
+            kt, vt = (self._window(b) if not self._ns else
+                      mx.concatenate([b[..., :self._ns, :], self._window(b)], axis=2)
+                      for b in (self._fk, self._fv))
+        else:
+            t = self._ns + self._nw
+            kt, vt = (self._fk[..., :t, :], self._fv[..., :t, :]) if t else (None, None)
         out = sdpa_int4(
             q, qk, qv, scale=scale, mask=self._op_mask(mask, L),
             group_size=self.group_size, k_bits=self.k_bits, v_bits=self.v_bits,
@@ -398,17 +485,17 @@ class Int4KVCache(_mlc._BaseCache):
     # ---- masks ----------------------------------------------------------
 
     def _layout(self):
-        return (self.offset, self.num_sinks, self._ns, self._qstart, self._nq, self._nw, self._span)
+        return (self.offset, self.num_sinks, self._ns, self._qstart, self._aq, self._aw, self._span)
 
     def _positions(self):
         """Sequence position of every key in the op's order."""
         parts = []
-        if self._nq:
-            parts.append(mx.arange(self._qstart, self._qstart + self._nq))
+        if self._aq:
+            parts.append(mx.arange(self._qstart, self._qstart + self._aq))
         if self._ns:
             parts.append(mx.arange(self._ns))
-        if self._nw:
-            parts.append(mx.arange(self.offset - self._nw, self.offset))
+        if self._aw:
+            parts.append(mx.arange(self.offset - self._aw, self.offset))
         return mx.concatenate(parts) if len(parts) > 1 else parts[0]
 
     def _positional_mask(self, L):
@@ -429,7 +516,7 @@ class Int4KVCache(_mlc._BaseCache):
         return out
 
     def _translate_mask(self, mask, L):
-        s0, nq, nw = self.num_sinks, self._nq, self._nw
+        s0, nq, nw = self.num_sinks, self._aq, self._aw
         reordered = self._ns > 0 and nq > 0
         if self._span is not None:
             # Sliding window: the mask follows from the positions held.
@@ -463,7 +550,8 @@ class Int4KVCache(_mlc._BaseCache):
     _META = (
         "offset", "_ns", "_nw", "_nq", "_qlo", "_qstart", "_rot_k", "_rot_v",
         "group_size", "k_bits", "v_bits", "window", "num_sinks", "chunk_size",
-        "rotate_keys", "rotate_values", "max_size", "keep",
+        "rotate_keys", "rotate_values", "max_size", "keep", "center_keys", "model_dtype",
+        "attend_before_quantizing",
     )
 
     @property
@@ -471,15 +559,15 @@ class Int4KVCache(_mlc._BaseCache):
         # The buffers as held (no copies: mlx-lm evaluates state every prefill
         # chunk), plus every scalar, so that from_state alone rebuilds the cache.
         meta = {k: getattr(self, k, None) for k in self._META}
-        return self._fk, self._fv, self._qk, self._qv, meta
+        return self._fk, self._fv, self._qk, self._qv, self._kmean, meta
 
     @state.setter
     def state(self, v):
-        fk, fv, qk, qv, meta = v
+        fk, fv, qk, qv, kmean, meta = v
         self._reset()
         for k in self._META:
             setattr(self, k, meta.get(k))
-        self._fk, self._fv = fk, fv
+        self._fk, self._fv, self._kmean = fk, fv, kmean
         self._qk = None if qk is None else list(qk)
         self._qv = None if qv is None else list(qv)
 
@@ -492,7 +580,10 @@ class Int4KVCache(_mlc._BaseCache):
     def meta_state(self, v):
         special = {"None": None, "True": True, "False": False}
         for k, s in zip(self._META, v):
-            setattr(self, k, special[s] if s in special else int(s))
+            if s in special:
+                setattr(self, k, special[s])
+            else:
+                setattr(self, k, int(s) if s.lstrip("-").isdigit() else s)
 
     @classmethod
     def from_state(cls, state, meta_state=None):
@@ -506,6 +597,7 @@ class Int4KVCache(_mlc._BaseCache):
         return True
 
     def trim(self, n):
+        self._fresh, self._fresh_kv = 0, None
         n = min(self.offset, n)
         k = min(n, self._nw)
         self._nw -= k
@@ -514,6 +606,8 @@ class Int4KVCache(_mlc._BaseCache):
         self._nq -= k
         self._ns -= r - k
         self.offset -= n
+        if self.offset == 0:
+            self._kmean = None  # nothing depends on it: the next update picks a fresh one
         return n
 
     def size(self):
@@ -525,7 +619,7 @@ class Int4KVCache(_mlc._BaseCache):
     @property
     def nbytes(self):
         """Bytes of all buffers as allocated (see the class docstring)."""
-        arrays = [self._fk, self._fv] + (self._qk or []) + (self._qv or [])
+        arrays = [self._fk, self._fv, self._kmean] + (self._qk or []) + (self._qv or [])
         return sum(a.nbytes for a in arrays if a is not None)
 
     @property
@@ -535,7 +629,8 @@ class Int4KVCache(_mlc._BaseCache):
             return 0
         per_fp = (self._fk.nbytes + self._fv.nbytes) // self._fk.shape[2]
         per_q = sum(a.nbytes // max(a.shape[2], 1) for a in (self._qk or []) + (self._qv or []))
-        return per_fp * (self._ns + self._nw) + per_q * self._nq
+        mean = 0 if self._kmean is None else self._kmean.nbytes
+        return per_fp * (self._ns + self._nw) + per_q * self._nq + mean
 
 
 class RotatingInt4KVCache(Int4KVCache):
@@ -625,6 +720,9 @@ def make_prompt_cache(
     full_precision_layers: Sequence[int] = (),
     max_kv_size: Optional[int] = None,
     rotate_values: bool = False,
+    center_keys: bool = True,
+    k8_layers: Sequence[int] = (),
+    attend_before_quantizing: bool = True,
 ):
     """mlx-lm's ``make_prompt_cache`` with quantized caches.
 
@@ -634,7 +732,8 @@ def make_prompt_cache(
     :class:`Int4KVCache`, a ``RotatingKVCache`` a :class:`RotatingInt4KVCache`
     with its max_size and keep; other caches (SSM states, ...) and the layers
     in ``full_precision_layers`` (indices; negative ones count from the end)
-    keep mlx-lm's. ``max_kv_size`` bounds every full-attention layer to a
+    keep mlx-lm's; the layers in ``k8_layers`` store 8-bit keys (their values
+    keep ``kv``'s bits). ``max_kv_size`` bounds every full-attention layer to a
     sliding window of that many tokens keeping the first ``sinks`` (mlx-lm's
     ``RotatingKVCache(max_kv_size, keep=4)``), also for models with
     ``make_cache``, where mlx-lm 0.32 ignores it.
@@ -651,11 +750,19 @@ def make_prompt_cache(
         raise ValueError(f"kv must be one of {sorted(_KV_BITS) + ['fp16']}, got {kv!r}")
     k_bits, v_bits = _KV_BITS[kv]
     n = len(base)
-    keep_fp = {i % n for i in full_precision_layers}
-    opts = dict(group_size=group_size, k_bits=k_bits, v_bits=v_bits, window=window,
-                rotate_keys=rotate_keys, rotate_values=rotate_values)
+    layer_sets = {}
+    for name, layers in (("full_precision_layers", full_precision_layers),
+                         ("k8_layers", k8_layers)):
+        bad = [i for i in layers if not -n <= i < n]
+        if bad:
+            raise ValueError(f"{name}: layer indices {bad} out of range for {n} layers")
+        layer_sets[name] = {i % n for i in layers}
+    keep_fp, keys8 = layer_sets["full_precision_layers"], layer_sets["k8_layers"]
     out = []
     for i, c in enumerate(base):
+        opts = dict(group_size=group_size, k_bits=8 if i in keys8 else k_bits, v_bits=v_bits,
+                    window=window, rotate_keys=rotate_keys, rotate_values=rotate_values,
+                    center_keys=center_keys, attend_before_quantizing=attend_before_quantizing)
         if i in keep_fp:
             out.append(c)
         elif type(c) is _mlc.KVCache:

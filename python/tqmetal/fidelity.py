@@ -5,7 +5,10 @@
                  --json fidelity.json --plot kl.png
 
 Two measurements, each against the reference cache (mlx-lm's ``KVCache`` in
-the model's dtype: float32 on the CPU, float16 on the GPU):
+the model's dtype: float32 on the CPU, float16 on the GPU; on the CPU its
+attention is computed in float32 through numpy's BLAS, see
+:class:`ReferenceKVCache`, because MLX's CPU attention takes tens of seconds
+per 128-token chunk at 8K context):
 
 * **Teacher-forced**: the same text (``tqmetal/data/*.txt``, original prose
   written for this project; ``--text`` for another file) is fed through the
@@ -21,7 +24,8 @@ the model's dtype: float32 on the CPU, float16 on the GPU):
   reference's (``--gen-tokens`` when none does).
 
 The issue's targets are stated at 8192 tokens of context; the default is 2048
-to keep a run to minutes on a CPU (``--tokens 8192`` for the real thing).
+to keep a run short on a CPU (``--tokens 8192`` for the real thing: on a shared
+2-core machine, 10 to 20 minutes per configuration and as much for the reference).
 
 Config names (``--configs``, comma-separated): a format, then options joined by
 ``-``:
@@ -33,11 +37,18 @@ Config names (``--configs``, comma-separated): a format, then options joined by
     options:  g32 | g64 | g128     group size (default 64)
               w<N>                 recent-token window kept full precision (default 128)
               s<N>                 sink tokens kept full precision (default 4)
-              rot | norot          Hadamard key rotation (default: off, so that a
-                                   name says what it measures)
+              rot | norot          Hadamard key rotation
+    (every option defaults to off, unlike Int4KVCache, so that a name says what it
+    measures: Int4KVCache's defaults are ``int4-g64-rot-center-abq``)
+              vrot                 Hadamard value rotation
+              center               key centering (Int4KVCache's center_keys)
+              abq                  attend_before_quantizing: a chunk attends the
+                                   tokens it quantizes in full precision
+              fp<i>.<j>...         these layers keep a full-precision (float16) cache
+              k8l<i>.<j>...        these layers store 8-bit keys
 
 e.g. ``int4-g64``, ``int4-g64-rot``, ``int4-g32-w128``, ``int4-w0-s0``, ``k8v4``,
-``mlx4-g64``.
+``mlx4-g64``, ``int4-rot-center-k8l0.1``.
 """
 
 from __future__ import annotations
@@ -54,7 +65,9 @@ from typing import List, Optional, Sequence
 import mlx.core as mx
 import numpy as np
 
-DEFAULT_CONFIGS = "int4-g64,int4-g64-rot,int4-g32-w128,k8v4,int8,mlx4-g64"
+# The cache's defaults (int4-g64-rot-center-abq), what each part buys, and the baselines.
+DEFAULT_CONFIGS = ("int4-g64-rot-center-abq,int4-g64-rot-center,int4-g64-rot,"
+                   "k8v4-vrot-center-abq,int8,mlx4-g64")
 DEFAULT_TOKENS = 2048
 DEFAULT_CHUNK = 128
 DEFAULT_MARGIN = 0.05
@@ -79,6 +92,11 @@ class CacheConfig:
     window: int = 128
     sinks: int = 4
     rotate_keys: bool = False
+    rotate_values: bool = False
+    center_keys: bool = False
+    attend_before_quantizing: bool = False
+    fp_layers: tuple = ()
+    k8_layers: tuple = ()
 
     def make_cache(self, model):
         from mlx_lm.models import cache as mlc
@@ -87,14 +105,21 @@ class CacheConfig:
 
         n = len(model.layers)
         if self.kind == "fp":
-            return [mlc.KVCache() for _ in range(n)]
+            return [ReferenceKVCache() for _ in range(n)]
         if self.kind == "mlx":
             return [mlc.QuantizedKVCache(group_size=self.group_size, bits=self.k_bits)
                     for _ in range(n)]
+        for i in self.fp_layers + self.k8_layers:
+            if i >= n:
+                raise ValueError(f"config {self.name!r}: layer {i} out of range ({n} layers)")
         return [
-            Int4KVCache(self.group_size, k_bits=self.k_bits, v_bits=self.v_bits,
-                        window=self.window, sinks=self.sinks, rotate_keys=self.rotate_keys)
-            for _ in range(n)
+            ReferenceKVCache(mx.float16) if i in self.fp_layers else
+            Int4KVCache(self.group_size, k_bits=8 if i in self.k8_layers else self.k_bits,
+                        v_bits=self.v_bits, window=self.window, sinks=self.sinks,
+                        rotate_keys=self.rotate_keys, rotate_values=self.rotate_values,
+                        center_keys=self.center_keys,
+                        attend_before_quantizing=self.attend_before_quantizing)
+            for i in range(n)
         ]
 
 
@@ -110,12 +135,24 @@ def parse_config(name: str) -> CacheConfig:
         key = None
         if p in ("rot", "norot"):
             key, val = "rotate_keys", p == "rot"
+        elif p in ("vrot", "center", "abq"):
+            key = {"vrot": "rotate_values", "center": "center_keys",
+                   "abq": "attend_before_quantizing"}[p]
+            val = True
+        elif p.startswith(("fp", "k8l")):
+            prefix = "fp" if p.startswith("fp") else "k8l"
+            key = {"fp": "fp_layers", "k8l": "k8_layers"}[prefix]
+            digits = p[len(prefix):]
+            if not all(d.isdigit() for d in digits.split(".")):
+                raise ValueError(f"config {name!r}: {p!r}: layer indices are dot-separated "
+                                 "integers")
+            val = tuple(sorted({int(d) for d in digits.split(".")}))
         elif len(p) > 1 and p[0] in "gws" and p[1:].isdigit():
             key = {"g": "group_size", "w": "window", "s": "sinks"}[p[0]]
             val = int(p[1:])
         if key is None:
             raise ValueError(f"config {name!r}: unknown option {p!r} (g32|g64|g128, w<N>, "
-                             "s<N>, rot, norot)")
+                             "s<N>, rot, norot, vrot, center, abq, fp<i>.<j>, k8l<i>.<j>)")
         if key in opts:
             raise ValueError(f"config {name!r}: {p!r} repeats an option")
         opts[key] = val
@@ -304,6 +341,78 @@ def _FastEmbedding(weight, original):
 
 
 # ---------------------------------------------------------------------------
+# the reference cache: mlx-lm's KVCache, attention through numpy
+
+
+def numpy_attention(queries, keys, values, scale: float, causal: bool):
+    """Softmax attention in float32 through numpy's BLAS (GQA; bottom-right causal)."""
+    q = np.asarray(queries.astype(mx.float32))
+    k = np.asarray(keys.astype(mx.float32))
+    v = np.asarray(values.astype(mx.float32))
+    B, Hq, L, D = q.shape
+    Hkv, N = k.shape[1], k.shape[2]
+    rep = Hq // Hkv
+    q = q.reshape(B, Hkv, rep * L, D)  # query head h reads KV head h // rep
+    s = (q @ k.transpose(0, 1, 3, 2)) * np.float32(scale)
+    if causal and L > 1:
+        allowed = np.arange(N)[None, :] <= np.arange(N - L, N)[:, None]  # [L, N]
+        s = np.where(np.tile(allowed, (rep, 1)), s, np.float32(-np.inf))
+    s -= s.max(axis=-1, keepdims=True)
+    np.exp(s, out=s)
+    out = (s @ v) / s.sum(axis=-1, keepdims=True)
+    return mx.array(out.reshape(B, Hq, L, v.shape[-1])).astype(queries.dtype)
+
+
+def _reference_cache_class():
+    from mlx_lm.models import cache as mlc
+
+    class ReferenceKVCache(mlc.KVCache):
+        """mlx-lm's ``KVCache`` whose attention (under :func:`tqmetal.patch.patched`)
+        runs in float32 through numpy: the same function as MLX's CPU attention,
+        ~50x faster on this kind of machine for 128-row chunks at long context.
+
+        ``store_dtype``: None keeps the model's dtype (the reference); float16
+        stores K/V rounded to float16 (a full-precision layer of a quantized
+        configuration, as it would be on a float16 model).
+        """
+
+        def __init__(self, store_dtype=None):
+            super().__init__()
+            self.store_dtype = store_dtype
+
+        def update_and_fetch(self, keys, values):
+            if self.store_dtype is None:
+                return super().update_and_fetch(keys, values)
+            k, v = super().update_and_fetch(keys.astype(self.store_dtype),
+                                            values.astype(self.store_dtype))
+            return k.astype(keys.dtype), v.astype(values.dtype)
+
+        def fused_attention(self, queries, keys, values, *, scale, mask=None, sinks=None):
+            if sinks is not None or not (mask is None or isinstance(mask, str)):
+                return None  # mlx-lm's own attention handles these
+            if mask is not None and mask != "causal":
+                return None
+            return numpy_attention(queries, keys, values, scale, causal=mask == "causal")
+
+    return ReferenceKVCache
+
+
+def _reference_cache_class_cached():
+    global _REFERENCE_CLASS
+    if _REFERENCE_CLASS is None:
+        _REFERENCE_CLASS = _reference_cache_class()
+    return _REFERENCE_CLASS
+
+
+def ReferenceKVCache(store_dtype=None):
+    """See ``_reference_cache_class``; built on first use so importing this module stays cheap."""
+    return _reference_cache_class_cached()(store_dtype)
+
+
+_REFERENCE_CLASS = None
+
+
+# ---------------------------------------------------------------------------
 # the measurements
 
 
@@ -324,17 +433,18 @@ def _leaves(tree):
 
 
 def teacher_forced(model, tokens: Sequence[int], configs: Sequence[CacheConfig],
-                   chunk: int = DEFAULT_CHUNK, progress=None) -> dict:
+                   chunk: int = DEFAULT_CHUNK, progress=None, checkpoint=None,
+                   checkpoint_every: int = 8) -> dict:
     """Per-position metrics of every config against the reference cache.
 
     Returns ``{"ref": {"top1", "margin", "nll"}, name: {"kl", "top1", "nll"}, ...}``
     as numpy arrays; ``nll[t]`` is for token ``t + 1`` (so one fewer).
+    ``checkpoint(partial)`` is called every ``checkpoint_every`` chunks with the
+    result so far (long runs keep what they measured if stopped).
     """
-    from mlx_lm.models import cache as mlc
-
     toks = mx.array(list(tokens), dtype=mx.int32)
     T = toks.shape[0]
-    ref_cache = [mlc.KVCache() for _ in model.layers]
+    ref_cache = [ReferenceKVCache() for _ in model.layers]
     caches = {c.name: c.make_cache(model) for c in configs}
     out = {"ref": {"top1": [], "margin": [], "nll": []}}
     for c in configs:
@@ -360,10 +470,61 @@ def teacher_forced(model, tokens: Sequence[int], configs: Sequence[CacheConfig],
                 out[c.name][k].append(np.array(v))
         if progress is not None:
             progress(min(start + chunk, T), T)
+        last = start + chunk >= T
+        if checkpoint is not None and not last and (start // chunk + 1) % checkpoint_every == 0:
+            checkpoint(_collect(out, caches, ref_cache))
+    return _collect(out, caches, ref_cache)
+
+
+def _collect(out, caches, ref_cache):
     result = {name: {k: np.concatenate(v) for k, v in d.items()} for name, d in out.items()}
     result["_caches"] = caches
     result["_ref_dtype"] = str(ref_cache[0].keys.dtype).replace("mlx.core.", "")
     return result
+
+
+def key_sensitivity(model, tokens: Sequence[int], group_size: int = 64, bits: int = 4,
+                    chunk: int = DEFAULT_CHUNK) -> np.ndarray:
+    """Per layer: how much quantizing that layer's keys moves its attention output.
+
+    One reference pass over ``tokens`` (teacher-forced, in chunks); at every
+    layer and chunk the attention is also computed on the layer's keys as
+    Int4KVCache stores them with rotation and centering but no window or sinks
+    (``bits``-bit, ``group_size``), values exact. Returns, per layer, the
+    summed squared error of the attention output over its summed squared norm.
+    A cheap proxy (one pass instead of one run per layer) for choosing which
+    layers get 8-bit keys (``k8_layers``).
+    """
+    from .cache import Int4KVCache
+
+    err = np.zeros(len(model.layers))
+    norm = np.zeros(len(model.layers))
+    probes = []
+
+    class Probe(_reference_cache_class_cached()):
+        def fused_attention(self, queries, keys, values, *, scale, mask=None, sinks=None):
+            out = super().fused_attention(queries, keys, values, scale=scale, mask=mask,
+                                          sinks=sinks)
+            if out is None:
+                return None
+            q = Int4KVCache(group_size, k_bits=bits, v_bits=8, window=0, sinks=0,
+                            rotate_keys=True, center_keys=True)
+            kq, _ = q.update_and_fetch(keys, values)  # dequantized, un-rotated, re-centered
+            approx = numpy_attention(queries, kq, values, scale, causal=mask == "causal")
+            d = np.asarray((approx - out).astype(mx.float32))
+            i = self.layer
+            err[i] += float((d * d).sum())
+            norm[i] += float(np.square(np.asarray(out.astype(mx.float32))).sum())
+            return out
+
+    for i in range(len(model.layers)):
+        probes.append(Probe())
+        probes[-1].layer = i
+    toks = mx.array(list(tokens), dtype=mx.int32)
+    for start in range(0, toks.shape[0], chunk):
+        mx.eval(model(toks[start:start + chunk][None], cache=probes))
+        _eval_cache(probes)
+    return err / np.maximum(norm, 1e-30)
 
 
 def greedy_tokens(model, prompt: Sequence[int], cache, n: int, prefill_step: int) -> List[int]:
@@ -377,11 +538,9 @@ def greedy_tokens(model, prompt: Sequence[int], cache, n: int, prefill_step: int
 def greedy_divergence(model, prompts: Sequence[Sequence[int]], configs: Sequence[CacheConfig],
                       n: int, prefill_step: int = DEFAULT_CHUNK, progress=None) -> dict:
     """{name: [first divergent position per prompt]}; ``n`` means no divergence."""
-    from mlx_lm.models import cache as mlc
-
     out = {c.name: [] for c in configs}
     for i, p in enumerate(prompts):
-        ref = greedy_tokens(model, p, [mlc.KVCache() for _ in model.layers], n, prefill_step)
+        ref = greedy_tokens(model, p, [ReferenceKVCache() for _ in model.layers], n, prefill_step)
         for c in configs:
             toks = greedy_tokens(model, p, c.make_cache(model), n, prefill_step)
             out[c.name].append(first_divergence(ref, toks))
@@ -495,7 +654,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Config names: int4|int8|k8v4|k4v8 (tqmetal Int4KVCache), mlx4|mlx8 (mlx-lm "
                "QuantizedKVCache through the fused op), fp16 (the reference); options "
                "-g32|-g64|-g128 (group, default 64), -w<N> (window, default 128), -s<N> "
-               "(sinks, default 4), -rot|-norot (key rotation, default off). "
+               "(sinks, default 4), -rot|-norot (key rotation, default off), -vrot (value "
+               "rotation), -center (key centering), -abq (attend before quantizing), "
+               "-fp<i>.<j> (full-precision layers), -k8l<i>.<j> (8-bit-key layers). "
                "The issue's targets are stated at --tokens 8192.",
     )
     p.add_argument("--model", default=None,
@@ -525,6 +686,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compute the model's linear layers with numpy's BLAS on dequantized "
                         "float32 weights (auto: on when MLX runs on the CPU, whose matmul is "
                         "~25x slower); the attention and caches stay in MLX/tqmetal")
+    p.add_argument("--key-sensitivity", action="store_true",
+                   help="instead of the comparison: per layer, the relative error of the "
+                        "attention output when only that layer's keys are int4 (rotated, "
+                        "centered, group 64, no window), over --tokens; to choose k8 layers")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     return p
 
@@ -579,10 +744,60 @@ def main(argv=None) -> int:
                 sys.stderr.flush()
         return cb
 
+    if args.key_sensitivity:
+        with patched():
+            t1 = time.perf_counter()
+            sens = key_sensitivity(model, tokens, chunk=args.chunk)
+        order = [int(i) for i in np.argsort(-sens)]
+        print(f"key sensitivity over {len(tokens)} tokens ({time.perf_counter() - t1:.0f}s): "
+              "relative squared error of each layer's attention output with int4 keys")
+        for i in order:
+            print(f"  layer {i:3d}  {sens[i]:.3e}")
+        print("most sensitive first: " + ".".join(str(i) for i in order))
+        if args.json:
+            Path(args.json).write_text(json.dumps(
+                {"tokens": len(tokens), "key_sensitivity": [float(x) for x in sens],
+                 "most_sensitive_first": order}, indent=1))
+        return 0
+
+    def rows_of(tf, div):
+        ref = tf["ref"]
+        rows = []
+        for c in configs:
+            d = tf[c.name]
+            row = {"config": c.name, **summarize(d["kl"], ref["top1"], d["top1"], ref["margin"],
+                                                 ref["nll"], d["nll"], args.margin)}
+            row["first_divergence"] = div[c.name]
+            row["kv_vs_fp16"] = kv_bytes_per_token(tf["_caches"][c.name])
+            rows.append(row)
+        return rows
+
+    def to_json(tf, rows, seconds, prompts):
+        ref = tf["ref"]
+        return {
+            "model": args.model or "default (SmolLM2-135M-Instruct GGUF)",
+            "tokens": len(ref["top1"]), "text_repeats": repeats, "chunk": args.chunk,
+            "margin": args.margin, "reference_dtype": tf["_ref_dtype"], "numpy_matmul": use_np,
+            "gen_tokens": args.gen_tokens, "gen_prompts": len(prompts),
+            "gen_prompt_tokens": len(prompts[0]) if prompts else 0,
+            "seconds": seconds,
+            "configs": [dict(asdict(c), **r) for c, r in zip(configs, rows)],
+            "per_position": {
+                "ref_top2_margin": [round(float(x), 5) for x in ref["margin"]],
+                "kl": {c.name: [float(f"{x:.4g}") for x in tf[c.name]["kl"]] for c in configs},
+            },
+        }
+
+    def checkpoint(tf):
+        if args.json:
+            out = to_json(tf, rows_of(tf, {c.name: [] for c in configs}), {}, [])
+            out["partial"] = f"{out['tokens']} of {len(tokens)} tokens (run still going)"
+            Path(args.json).write_text(json.dumps(out, indent=1))
+
     with patched():
         t1 = time.perf_counter()
         tf = teacher_forced(model, tokens, configs, chunk=args.chunk,
-                            progress=bar("teacher-forced"))
+                            progress=bar("teacher-forced"), checkpoint=checkpoint)
         tf_time = time.perf_counter() - t1
         div = {c.name: [] for c in configs}
         gen_time = 0.0
@@ -599,16 +814,7 @@ def main(argv=None) -> int:
                                     prefill_step=args.chunk, progress=bar("greedy prompts"))
             gen_time = time.perf_counter() - t1
 
-    ref = tf["ref"]
-    rows = []
-    for c in configs:
-        d = tf[c.name]
-        row = {"config": c.name, **summarize(d["kl"], ref["top1"], d["top1"], ref["margin"],
-                                             ref["nll"], d["nll"], args.margin)}
-        row["first_divergence"] = div[c.name]
-        row["kv_vs_fp16"] = kv_bytes_per_token(tf["_caches"][c.name])
-        rows.append(row)
-
+    rows = rows_of(tf, div)
     ref_dtype = tf["_ref_dtype"]
     print(f"tqmetal eval: {len(tokens)} tokens in chunks of {args.chunk}, reference = mlx-lm "
           f"KVCache ({ref_dtype}); teacher-forced {tf_time:.1f}s, "
@@ -619,22 +825,10 @@ def main(argv=None) -> int:
               f"({len(prompts)} prompts of {len(prompts[0])} tokens; {args.gen_tokens} = none "
               "in all generated tokens)")
     print("KV/fp16: bytes the cache holds for these tokens / fp16 bytes for the same tokens "
-          "(full-precision window and sinks in the model's dtype)")
+          "(full-precision window and sinks, scales and biases stored in float16)")
 
     if args.json:
-        out = {
-            "model": args.model or "default (SmolLM2-135M-Instruct GGUF)",
-            "tokens": len(tokens), "text_repeats": repeats, "chunk": args.chunk,
-            "margin": args.margin, "reference_dtype": ref_dtype, "numpy_matmul": use_np,
-            "gen_tokens": args.gen_tokens, "gen_prompts": len(prompts),
-            "gen_prompt_tokens": len(prompts[0]) if prompts else 0,
-            "seconds": {"teacher_forced": tf_time, "greedy": gen_time},
-            "configs": [dict(asdict(c), **r) for c, r in zip(configs, rows)],
-            "per_position": {
-                "ref_top2_margin": [round(float(x), 5) for x in ref["margin"]],
-                "kl": {c.name: [float(f"{x:.4g}") for x in tf[c.name]["kl"]] for c in configs},
-            },
-        }
+        out = to_json(tf, rows, {"teacher_forced": tf_time, "greedy": gen_time}, prompts)
         Path(args.json).write_text(json.dumps(out, indent=1))
     if args.plot:
         plot_kl({c.name: tf[c.name]["kl"] for c in configs}, args.plot,

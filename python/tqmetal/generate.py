@@ -70,6 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rotate-keys", action=argparse.BooleanOptionalAction, default=None,
                    help="Hadamard-rotate keys before quantizing (default: on for 4-bit keys "
                         "when the head dim allows)")
+    p.add_argument("--center-keys", action=argparse.BooleanOptionalAction, default=None,
+                   help="subtract a per-channel key mean before quantizing (exact without "
+                        "attention sinks; default: make_prompt_cache's)")
+    p.add_argument("--kv-k8-layers", default="",
+                   help="comma-separated layer indices that store 8-bit keys (negative: from "
+                        "the end), e.g. '26,13'")
     p.add_argument("--max-kv-size", type=int, default=None,
                    help="sliding window: keep at most this many tokens (the sinks included)")
     p.add_argument("--prefill-step-size", type=int, default=DEFAULT_PREFILL_STEP_SIZE,
@@ -128,8 +134,13 @@ def cache_description(args) -> str:
     if args.kv == "fp16":
         return "fp16 (mlx-lm KVCache)"
     rot = {None: "auto", True: "on", False: "off"}[args.rotate_keys]
-    return (f"{args.kv} g{args.kv_group_size}, window {args.kv_window}, "
+    text = (f"{args.kv} g{args.kv_group_size}, window {args.kv_window}, "
             f"sinks {args.kv_sinks}, key rotation {rot}")
+    if args.center_keys is not None:
+        text += f", key centering {'on' if args.center_keys else 'off'}"
+    if args.kv_k8_layers:
+        text += f", 8-bit keys in layers {args.kv_k8_layers}"
+    return text
 
 
 def kv_report(caches) -> dict:
@@ -266,9 +277,16 @@ def main(argv=None) -> int:
     if not prompt:
         parser.error("the prompt is empty")
     try:
+        k8 = [int(i) for i in args.kv_k8_layers.split(",") if i.strip()]
+    except ValueError:
+        parser.error(f"--kv-k8-layers: expected comma-separated integers, got "
+                     f"{args.kv_k8_layers!r}")
+    extra = {} if args.center_keys is None else {"center_keys": args.center_keys}
+    try:
         cache = make_prompt_cache(
             model, kv=args.kv, group_size=args.kv_group_size, window=args.kv_window,
             sinks=args.kv_sinks, rotate_keys=args.rotate_keys, max_kv_size=args.max_kv_size,
+            k8_layers=k8, **extra,
         )
     except ValueError as e:
         parser.error(str(e))
