@@ -450,7 +450,8 @@ void process_unit(const Problem& P, const Plan& plan, const Unit& u, float* part
     lim[r] = int64_t(qpos[r]) + Ntot - P.L;
   }
 
-  // Queries: scaled, in natural and KB-permuted order, with per-group sums.
+  // Queries: scaled, in natural order (tail keys) and in the K loop's form with
+  // per-group sums: float in the chunk permutation, or int16 for VNNI.
   for (int r = 0; r < RT; ++r) {
     float* dst = qn + r * D;
     if (r < R) {
@@ -460,33 +461,31 @@ void process_unit(const Problem& P, const Plan& plan, const Unit& u, float* part
     } else {
       std::fill(dst, dst + D, 0.f);
     }
-    for (int c = 0; c < nch; ++c) {
-      for (int e = 0; e < CH; ++e) {
-        qk[r * D + c * CH + perm_pos<W, KB>(e)] = dst[c * CH + e];
-      }
-    }
-    for (int g = 0; g < ng; ++g) {
-      float s = 0.f;
-      for (int e = 0; e < gs; ++e) s += dst[g * gs + e];
-      qsum[r * ng + g] = s;
-    }
-  }
-  if constexpr (VNNI) {
-    for (int r = 0; r < RT; ++r) {
-      const float* qr = qn + r * D;
+    if constexpr (VNNI) {
       float qmax = 0.f;
-      for (int d = 0; d < D; ++d) qmax = std::max(qmax, std::fabs(qr[d]));
+      for (int d = 0; d < D; ++d) qmax = std::max(qmax, std::fabs(dst[d]));
       const float f = qmax > 0.f ? 32767.f / qmax : 0.f;
       qinv[r] = qmax > 0.f ? qmax / 32767.f : 0.f;
       for (int g = 0; g < ng; ++g) qsum[r * ng + g] = 0.f;
       for (int i = 0; i < D; ++i) {
         // 4 bits: segment of 64 elements = 32 low-nibble words, then 32 high.
         const int e = KB == 4 ? i / 64 * 64 + (i % 64 < 32 ? 2 * (i % 64) : 2 * (i % 64 - 32) + 1) : i;
-        kq16[r * D + i] = int16_t(std::lrint(qr[e] * f));
+        kq16[r * D + i] = int16_t(std::lrint(dst[e] * f));
         // The bias term uses the rounded query too: the score is then exactly
         // q16 . k, whose rounding error multiplies the (centred) key rather than
         // the all-positive nibbles.
         qsum[r * ng + e / gs] += float(kq16[r * D + i]) * qinv[r];
+      }
+    } else {
+      for (int c = 0; c < nch; ++c) {
+        for (int e = 0; e < CH; ++e) {
+          qk[r * D + c * CH + perm_pos<W, KB>(e)] = dst[c * CH + e];
+        }
+      }
+      for (int g = 0; g < ng; ++g) {
+        float s = 0.f;
+        for (int e = 0; e < gs; ++e) s += dst[g * gs + e];
+        qsum[r * ng + g] = s;
       }
     }
   }
