@@ -32,6 +32,7 @@
 #endif
 #define TQ_CAT2(a, b) a##b
 #define TQ_CAT(a, b) TQ_CAT2(a, b)
+#define TQ_INLINE __attribute__((always_inline))
 
 namespace tqmetal::cpu {
 namespace TQ_CAT(isa_, TQMETAL_ISA) {
@@ -122,6 +123,27 @@ inline Vec<16>::f reduce16(const Vec<8>::f* v) {
 
 // 2^x for 16 lanes; exact 0 below 2^-126 so masked (-inf) scores vanish.
 inline f16v exp2v(f16v x) {
+#if defined(__AVX512F__)
+  // The same polynomial; the power of two by vscalefps instead of integer
+  // exponent arithmetic (about half the instructions).
+  __m512 xv;
+  std::memcpy(&xv, &x, 64);
+  const __m512 xc = _mm512_max_ps(xv, _mm512_set1_ps(-127.f));
+  const __m512 n = _mm512_roundscale_ps(xc, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(xc, n); // [-0.5, 0.5]
+  __m512 px = _mm512_set1_ps(1.535336188319500e-4f);
+  px = _mm512_fmadd_ps(px, f, _mm512_set1_ps(1.339887440266574e-3f));
+  px = _mm512_fmadd_ps(px, f, _mm512_set1_ps(9.618437357674640e-3f));
+  px = _mm512_fmadd_ps(px, f, _mm512_set1_ps(5.550332471162809e-2f));
+  px = _mm512_fmadd_ps(px, f, _mm512_set1_ps(2.402264791363012e-1f));
+  px = _mm512_fmadd_ps(px, f, _mm512_set1_ps(6.931472028550421e-1f));
+  px = _mm512_fmadd_ps(px, f, _mm512_set1_ps(1.f));
+  __m512 r = _mm512_scalef_ps(px, n);
+  r = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(xv, _mm512_set1_ps(-126.f), _CMP_NLT_UQ), r); // 0 below -126
+  f16v out;
+  std::memcpy(&out, &r, 64);
+  return out;
+#else
   f16v xc = x;
   xc = xc < -126.f ? splat<f16v>(-126.f) : xc;
   xc = xc > 127.f ? splat<f16v>(127.f) : xc;
@@ -143,6 +165,7 @@ inline f16v exp2v(f16v x) {
   std::memcpy(&pow2, &bits, sizeof(bits));
   r = r * pow2;
   return (x < -126.f) ? splat<f16v>(0.f) : r;
+#endif
 }
 
 // Convert n strided elements to float.
@@ -285,7 +308,7 @@ inline f16v load16_as_float(const T* p) {
 // contiguous): convert with vector loads, then de-interleave the groups with
 // shuffles. Per-element scalar conversion was ~15% of decode time.
 template <typename T>
-inline bool load_params_block(const T* p, int ng, float* out) {
+TQ_INLINE inline bool load_params_block(const T* p, int ng, float* out) {
   static_assert(TB == 16, "the shuffles below assume 16-token blocks");
   using F = f16v;
   if (ng == 1) {
@@ -323,12 +346,12 @@ inline bool load_params_block(const T* p, int ng, float* out) {
 }
 
 template <typename T>
-inline void load_params(const T* p, int64_t st_n, int64_t st_g, int nt, int ng, float* out) {
+TQ_INLINE inline void load_params(const T* p, int64_t st_n, int64_t st_g, int nt, int ng, float* out) {
   if (nt == TB && st_g == 1 && st_n == ng && load_params_block(p, ng, out)) return;
   load_params_t(p, st_n, st_g, nt, ng, out);
 }
 
-inline void load_group_params(
+TQ_INLINE inline void load_group_params(
     const View4& s,
     int b,
     int h,
@@ -394,11 +417,11 @@ inline int v_slot(int e) {
   }
 }
 
-template <int W, int KB, int VB, int RT, bool VNNI = false>
+template <int W, int KB, int VB, int RT, bool VNNI = false, int DC = 0>
 void process_unit(const Problem& P, const Plan& plan, const Unit& u, float* partials) {
   using VF = typename Vec<W>::f;
   constexpr int CH = 2 * W; // elements per chunk
-  const int D = P.D;
+  const int D = DC ? DC : P.D; // DC: head dim fixed at compile time (0 = any)
   const int G = P.group();
   const int gs = P.group_size;
   const int ng = D / gs;
@@ -410,9 +433,10 @@ void process_unit(const Problem& P, const Plan& plan, const Unit& u, float* part
   const float log2e = 1.4426950408889634f;
   const float qscale = P.scale * log2e; // scores live in the log2 domain
 
+  const size_t accn = size_t(RT) * TB; // score accumulators, [RT][TB] vectors
   const size_t need = size_t(RT) * D * 3 + size_t(RT) * ng * (1 + TB) + size_t(TB) * ng * 4 +
-      size_t(RT) * TB + 2 * D + size_t(TB) * ng * RT + size_t(RT) * TB * W + D +
-      size_t(ng) * RT * (TB / 2 + 1) + 64;
+      size_t(RT) * TB + 2 * D + size_t(TB) * ng * RT + accn * W + D +
+      size_t(ng) * RT * (TB / 2 + 1) + size_t(TB) * ng * 2 + accn * W + size_t(RT) * TB + 128;
   float* qk = thread_scratch(need); // [RT][D] permuted for KB
   float* qn = qk + RT * D; // [RT][D] natural order (tail keys)
   float* o = qn + RT * D; // [RT][D] permuted for VB
@@ -427,10 +451,16 @@ void process_unit(const Problem& P, const Plan& plan, const Unit& u, float* part
   float* rowperm = rowbuf + D; // [D]
   float* wts = rowperm + D; // [ng][RT][TB]
   VF* accs = reinterpret_cast<VF*>(
-      (reinterpret_cast<uintptr_t>(wts + TB * ng * RT) + 63) & ~uintptr_t(63)); // [RT][TB]
-  int* vpos = reinterpret_cast<int*>(accs + RT * TB); // [D]: element -> slot in o
+      (reinterpret_cast<uintptr_t>(wts + TB * ng * RT) + 63) & ~uintptr_t(63));
+  int* vpos = reinterpret_cast<int*>(accs + accn); // [D]: element -> slot in o
   int32_t* wq = reinterpret_cast<int32_t*>(vpos + D); // VNNI: [ng][RT][TB/2] int16 weight pairs
   float* winv = reinterpret_cast<float*>(wq + ng * RT * (TB / 2)); // VNNI: [ng][RT]
+  // Second score buffers for the pipelined block loop (see below).
+  VF* accs2 = reinterpret_cast<VF*>(
+      (reinterpret_cast<uintptr_t>(winv + ng * RT) + 63) & ~uintptr_t(63));
+  float* sc2 = reinterpret_cast<float*>(accs2 + accn); // [RT][TB]
+  float* ks2 = sc2 + RT * TB; // [TB][ng]
+  float* kbias2 = ks2 + TB * ng;
   for (int e = 0; e < D; ++e) vpos[e] = v_slot<W, VB, VNNI>(e);
   // VNNI: queries as int16 in the K unpack's word order (in qk's space), with
   // per-row factors back to float. 15 bits keep float32-level accuracy.
@@ -438,6 +468,10 @@ void process_unit(const Problem& P, const Plan& plan, const Unit& u, float* part
   float qinv[RT];
 
   float m[RT];
+#if TQ_HAVE_VNNI_PATH
+  __m512 m4[RT / 4 > 0 ? RT / 4 : 1]; // running maxima of 4 rows, a row per 128-bit quarter
+  for (auto& x : m4) x = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+#endif
   f16v lv[RT]; // per-lane sums of p; reduced once at the end
   int64_t lim[RT]; // causal: last visible key index per row
   int qpos[RT], qhead[RT];
@@ -511,7 +545,13 @@ void process_unit(const Problem& P, const Plan& plan, const Unit& u, float* part
   int kseg_g0[kVnniMaxD / 32];
   for (int sg = 0; sg < kVnniMaxD / 32; ++sg) kseg_g0[sg] = sg * (KB == 4 ? 64 : 32) / gs;
 
-  for (int64_t t0 = u.n0; t0 < n_end; t0 += TB) {
+  // The block loop is software-pipelined: block j+1's scores are computed
+  // between block j's softmax and its V update. The softmax is a short serial
+  // chain (horizontal max, exp2, weight scaling) that the V update depends on;
+  // the next block's independent K work sits between them in the instruction
+  // window. (Measured on the 2-core Sapphire Rapids machine: within noise; the
+  // three stages are kept apart because they read more clearly so.)
+  auto score_block = [&](int64_t t0, float* sc, float* ks, float* kbias, VF* accs) TQ_INLINE {
     const int nt = int(std::min<int64_t>(TB, n_end - t0));
     const int nq = int(std::max<int64_t>(0, std::min<int64_t>(nt, N - t0))); // quantized tokens
 
@@ -531,9 +571,9 @@ void process_unit(const Problem& P, const Plan& plan, const Unit& u, float* part
       }
       if constexpr (VNNI) {
 #if TQ_HAVE_VNNI_PATH
+        constexpr int SE = KB == 4 ? 64 : 32; // elements per segment
         // Per 32-byte segment: int16 nibbles (or bytes) . int16 query, lanes
         // summed in int32, then scaled by the lane's group scale in float.
-        constexpr int SE = KB == 4 ? 64 : 32; // elements per segment
         const bool split = KB == 4 && gs == 32; // lanes 8-15 are the next group
         __m512 facc[RT];
         for (int r = 0; r < RT; ++r) facc[r] = _mm512_setzero_ps();
@@ -631,8 +671,95 @@ void process_unit(const Problem& P, const Plan& plan, const Unit& u, float* part
         }
       }
     }
-
+  };
+#if TQ_HAVE_VNNI_PATH
+  // VNNI, four rows at a time: the block maxima of 4 rows come out of one
+  // transpose-max tree (a row per 128-bit quarter), and the running maxima stay
+  // in that layout (m4), instead of a scalar chain per row (horizontal max,
+  // compare, branch). The int16 V weights are
+  // scaled by a power of two from a bound, max_t(p) * max_t|scale|, instead of
+  // a horizontal max per (group, row): max_t(p) = exp2(block max - running max)
+  // comes from the same tree.
+  auto softmax_rows4 = [&](int64_t t0, float* sc, int nq) TQ_INLINE {
+    const __m512 vninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+    float vsmax[kVnniMaxD / 32];
+    if (nq > 0) {
+      load_group_params(P.v.scales, u.b, u.hkv, t0, nq, ng, vs);
+      load_group_params(P.v.biases, u.b, u.hkv, t0, nq, ng, vbias);
+      for (int g = 0; g < ng; ++g) vsmax[g] = _mm512_reduce_max_ps(_mm512_abs_ps(_mm512_loadu_ps(vs + g * TB)));
+    }
+    for (int r0 = 0; r0 < RT; r0 += 4) {
+      __m512 sv[4];
+      for (int i = 0; i < 4; ++i) sv[i] = _mm512_loadu_ps(sc + (r0 + i) * TB);
+      const __m512 t01 = _mm512_max_ps(_mm512_shuffle_f32x4(sv[0], sv[1], 0x44), _mm512_shuffle_f32x4(sv[0], sv[1], 0xEE));
+      const __m512 t23 = _mm512_max_ps(_mm512_shuffle_f32x4(sv[2], sv[3], 0x44), _mm512_shuffle_f32x4(sv[2], sv[3], 0xEE));
+      __m512 bm = _mm512_max_ps(_mm512_shuffle_f32x4(t01, t23, 0x88), _mm512_shuffle_f32x4(t01, t23, 0xDD));
+      bm = _mm512_max_ps(bm, _mm512_permute_ps(bm, 0x4E));
+      bm = _mm512_max_ps(bm, _mm512_permute_ps(bm, 0xB1)); // quarter i: row r0+i's block max
+      const __m512 mold = m4[r0 / 4];
+      const __m512 mnew = _mm512_max_ps(mold, bm);
+      // Rows with nothing visible yet subtract 0: their p is exp2(-inf) = 0.
+      const __m512 msafe = _mm512_mask_mov_ps(mnew, _mm512_cmp_ps_mask(mnew, vninf, _CMP_EQ_OQ), _mm512_setzero_ps());
+      const __mmask16 moved = _mm512_cmp_ps_mask(mold, mnew, _CMP_NEQ_OQ);
+      m4[r0 / 4] = mnew;
+      alignas(64) float pmax[16];
+      _mm512_store_ps(pmax, as_m512(exp2v(bm - msafe)));
+      if (moved) { // a running max moved: rescale what those rows summed so far
+        alignas(64) float alpha[16];
+        _mm512_store_ps(alpha, as_m512(exp2v(mold - msafe)));
+        for (int i = 0; i < 4; ++i) {
+          if (!((moved >> (4 * i)) & 1)) continue;
+          const int r = r0 + i;
+          const float a = alpha[4 * i];
+          lv[r] *= a;
+          float* orow = o + r * D;
+          for (int d = 0; d < D; ++d) orow[d] *= a;
+          for (int j = 0; j < ng * TB; ++j) obias[r * ng * TB + j] *= a;
+        }
+      }
+      for (int i = 0; i < 4; ++i) {
+        const int r = r0 + i;
+        const f16v p = exp2v(sv[i] - _mm512_permutexvar_ps(_mm512_set1_epi32(4 * i), msafe));
+        storev(sc + r * TB, p);
+        lv[r] += p;
+        if (nq == 0) continue;
+        for (int g = 0; g < ng; ++g) {
+          const f16v vsg = loadv<f16v>(vs + g * TB);
+          // Weights p * scale as int16 pairs of consecutive tokens (one
+          // vpdpwssd adds two tokens per lane), scaled by 2^(14 - e) where
+          // 2^e <= bound < 2^(e+1): |w| * 2^(14-e) < 2^15, exact inverse.
+          const float bound = pmax[4 * i] * vsmax[g];
+          float f = 0.f, inv = 0.f;
+          if (bound > 0.f) {
+            uint32_t bits;
+            std::memcpy(&bits, &bound, 4);
+            const int e = std::clamp(int(bits >> 23) - 127, -100, 127);
+            const uint32_t fb = uint32_t(127 + 14 - e) << 23, ib = uint32_t(127 - 14 + e) << 23;
+            std::memcpy(&f, &fb, 4);
+            std::memcpy(&inv, &ib, 4);
+          }
+          const __m256i w16 = _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(as_m512(p * vsg * f)));
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(wq + (g * RT + r) * (TB / 2)), w16);
+          winv[g * RT + r] = inv;
+          // Centred codes (n - 8, or n - 128): the centre moves into the bias term.
+          float* ob = obias + (r * ng + g) * TB;
+          storev(ob, loadv<f16v>(ob) + p * (loadv<f16v>(vbias + g * TB) + float(1 << (VB - 1)) * vsg));
+        }
+      }
+    }
+  };
+#endif
+  auto softmax_block = [&](int64_t t0, float* sc) TQ_INLINE {
+    const int nt = int(std::min<int64_t>(TB, n_end - t0));
+    const int nq = int(std::max<int64_t>(0, std::min<int64_t>(nt, N - t0))); // quantized tokens
     // ---- online softmax over the block ----
+    const float ninf = -std::numeric_limits<float>::infinity();
+#if TQ_HAVE_VNNI_PATH
+    if constexpr (VNNI && RT % 4 == 0) {
+      softmax_rows4(t0, sc, nq);
+      return;
+    }
+#endif
     for (int r = 0; r < RT; ++r) {
       f16v s = loadv<f16v>(sc + r * TB);
       Vec<8>::f h8 = __builtin_shufflevector(s, s, 0, 1, 2, 3, 4, 5, 6, 7);
@@ -680,13 +807,17 @@ void process_unit(const Problem& P, const Plan& plan, const Unit& u, float* part
         }
       }
     }
+  };
+  auto v_block = [&](int64_t t0, float* sc) TQ_INLINE {
+    const int nt = int(std::min<int64_t>(TB, n_end - t0));
+    const int nq = int(std::max<int64_t>(0, std::min<int64_t>(nt, N - t0))); // quantized tokens
     constexpr int RS = RT < 4 ? RT : 4;
     if constexpr (VNNI) {
 #if TQ_HAVE_VNNI_PATH
       // Weights as int16 pairs of consecutive tokens, scaled per (group, row) to
       // the block's largest |weight| (relative error 2^-16 of the block's top
       // weight), so one vpdpwssd adds two tokens' contributions per lane.
-      if (nq > 0) {
+      if (nq > 0 && RT % 4 != 0) { // (softmax_rows4 made them already)
         for (int i = 0; i < ng * RT; ++i) {
           const __m512 w = as_m512(loadv<f16v>(wts + i * TB));
           const float wmax = _mm512_reduce_max_ps(_mm512_abs_ps(w));
@@ -779,7 +910,23 @@ void process_unit(const Problem& P, const Plan& plan, const Unit& u, float* part
         for (int d = 0; d < D; ++d) orow[d] += pr * rowperm[d];
       }
     }
+  };
+  float* sc_buf[2] = {sc, sc2};
+  float* ks_buf[2] = {ks, ks2};
+  float* kbias_buf[2] = {kbias, kbias2};
+  VF* accs_buf[2] = {accs, accs2};
+  if (u.n0 < n_end) score_block(u.n0, sc, ks, kbias, accs);
+  int cur = 0;
+  for (int64_t t0 = u.n0; t0 < n_end; t0 += TB, cur ^= 1) {
+    softmax_block(t0, sc_buf[cur]);
+    if (t0 + TB < n_end) score_block(t0 + TB, sc_buf[cur ^ 1], ks_buf[cur ^ 1], kbias_buf[cur ^ 1], accs_buf[cur ^ 1]);
+    v_block(t0, sc_buf[cur]);
   }
+#if TQ_HAVE_VNNI_PATH
+  if constexpr (VNNI && RT % 4 == 0) {
+    for (int r = 0; r < RT; ++r) m[r] = m4[r / 4][4 * (r % 4)];
+  }
+#endif
 
   // ---- un-permute, fold biases, emit ----
   for (int r = 0; r < R; ++r) {
@@ -1041,19 +1188,19 @@ void process_unit_prefill(const Problem& P, const Plan& plan, const Unit& u, flo
   }
 }
 
-template <int W, int KB, int VB, bool VNNI>
+template <int W, int KB, int VB, bool VNNI, int DC = 0>
 UnitFn pick_rt_decode(const Plan& plan) {
   switch (plan.row_tile) {
     case 1:
-      return &process_unit<W, KB, VB, 1, VNNI>;
+      return &process_unit<W, KB, VB, 1, VNNI, DC>;
     case 2:
-      return &process_unit<W, KB, VB, 2, VNNI>;
+      return &process_unit<W, KB, VB, 2, VNNI, DC>;
     case 4:
-      return &process_unit<W, KB, VB, 4, VNNI>;
+      return &process_unit<W, KB, VB, 4, VNNI, DC>;
     case 8:
-      return &process_unit<W, KB, VB, 8, VNNI>;
+      return &process_unit<W, KB, VB, 8, VNNI, DC>;
     case 16:
-      return &process_unit<W, KB, VB, 16, VNNI>;
+      return &process_unit<W, KB, VB, 16, VNNI, DC>;
     default:
       return nullptr; // the host checks: a wrong tile would overrun the row arrays
   }
@@ -1065,7 +1212,10 @@ UnitFn pick_rt(const Problem& p, const Plan& plan) {
     if (plan.row_tile == PROWS) return &process_unit_prefill<KB, VB>;
 #if TQ_HAVE_VNNI_PATH
     // 32-byte segments of packed rows, groups of whole segments or halves.
-    if (cpu_use_vnni() && p.D % 64 == 0 && p.D <= kVnniMaxD) return pick_rt_decode<W, KB, VB, true>(plan);
+    if (cpu_use_vnni() && p.D % 64 == 0 && p.D <= kVnniMaxD) {
+      if (p.D == 128) return pick_rt_decode<W, KB, VB, true, 128>(plan);
+      return pick_rt_decode<W, KB, VB, true>(plan);
+    }
 #endif
   }
   return pick_rt_decode<W, KB, VB, false>(plan);
