@@ -115,6 +115,10 @@ def test_moving_average():
     ("int4-fp0.3-k8l2", dict(fp_layers=(0, 3), k8_layers=(2,), center_keys=False)),
     ("int4-k8l5.1.1", dict(k8_layers=(1, 5), fp_layers=())),
     ("int4-abq", dict(attend_before_quantizing=True, center_keys=False)),
+    ("int4-rot-center-chs", dict(channel_scale=0.5, rotate_keys=True, center_keys=True)),
+    ("int4-chs100", dict(channel_scale=1.0)),
+    ("int4-chs25", dict(channel_scale=0.25)),
+    ("int4-g64", dict(channel_scale=0.0)),
 ])
 def test_parse_config(name, want):
     c = fid.parse_config(name)
@@ -126,7 +130,7 @@ def test_parse_config(name, want):
 @pytest.mark.parametrize("bad", [
     "int5", "int4-g48", "int4-x", "int4-g64-g32", "int4-rot-norot", "mlx4-w0", "mlx4-rot",
     "fp16-g32", "", "int4-w", "int4-wabc", "int4-fp", "int4-k8l1.x", "int4-fp1..2",
-    "mlx4-center",
+    "mlx4-center", "int4-chs0", "int4-chs101", "int4-chsx", "int4-chs-chs50", "mlx4-chs",
 ])
 def test_parse_config_rejects(bad):
     with pytest.raises(ValueError):
@@ -161,6 +165,11 @@ def test_make_cache_kinds():
                                                                         (4, 4, True)]
     with pytest.raises(ValueError, match="out of range"):
         fid.parse_config("int4-fp3").make_cache(tiny_model(layers=3))
+    c = fid.parse_config("int4-chs").make_cache(model)[0]
+    assert c.channel_scale and c.channel_scale_alpha == 0.5
+    c = fid.parse_config("int4-chs100").make_cache(model)[0]
+    assert c.channel_scale and c.channel_scale_alpha == 1.0
+    assert not fid.parse_config("int4").make_cache(model)[0].channel_scale
 
 
 @pytest.mark.parametrize("L, N, causal", [(1, 50, False), (7, 7, True), (16, 300, True),

@@ -44,6 +44,8 @@ Config names (``--configs``, comma-separated): a format, then options joined by
               center               key centering (Int4KVCache's center_keys)
               abq                  attend_before_quantizing: a chunk attends the
                                    tokens it quantizes in full precision
+              chs | chs<N>         per-channel key scaling before rotation
+                                   (channel_scale), exponent 0.5 or N/100
               fp<i>.<j>...         these layers keep a full-precision (float16) cache
               k8l<i>.<j>...        these layers store 8-bit keys
 
@@ -95,6 +97,7 @@ class CacheConfig:
     rotate_values: bool = False
     center_keys: bool = False
     attend_before_quantizing: bool = False
+    channel_scale: float = 0.0  # the exponent alpha of channel_scale; 0: off
     fp_layers: tuple = ()
     k8_layers: tuple = ()
 
@@ -118,7 +121,9 @@ class CacheConfig:
                         v_bits=self.v_bits, window=self.window, sinks=self.sinks,
                         rotate_keys=self.rotate_keys, rotate_values=self.rotate_values,
                         center_keys=self.center_keys,
-                        attend_before_quantizing=self.attend_before_quantizing)
+                        attend_before_quantizing=self.attend_before_quantizing,
+                        channel_scale=self.channel_scale > 0,
+                        channel_scale_alpha=self.channel_scale or 0.5)
             for i in range(n)
         ]
 
@@ -139,6 +144,13 @@ def parse_config(name: str) -> CacheConfig:
             key = {"vrot": "rotate_values", "center": "center_keys",
                    "abq": "attend_before_quantizing"}[p]
             val = True
+        elif p.startswith("chs"):
+            key, digits = "channel_scale", p[3:]
+            if digits and not digits.isdigit():
+                raise ValueError(f"config {name!r}: {p!r}: chs<N> means exponent N/100")
+            val = int(digits) / 100 if digits else 0.5
+            if not 0 < val <= 1:
+                raise ValueError(f"config {name!r}: {p!r}: the exponent must be in (0, 1]")
         elif p.startswith(("fp", "k8l")):
             prefix = "fp" if p.startswith("fp") else "k8l"
             key = {"fp": "fp_layers", "k8l": "k8_layers"}[prefix]
@@ -152,7 +164,8 @@ def parse_config(name: str) -> CacheConfig:
             val = int(p[1:])
         if key is None:
             raise ValueError(f"config {name!r}: unknown option {p!r} (g32|g64|g128, w<N>, "
-                             "s<N>, rot, norot, vrot, center, abq, fp<i>.<j>, k8l<i>.<j>)")
+                             "s<N>, rot, norot, vrot, center, abq, chs, chs<N>, fp<i>.<j>, "
+                             "k8l<i>.<j>)")
         if key in opts:
             raise ValueError(f"config {name!r}: {p!r} repeats an option")
         opts[key] = val
@@ -588,6 +601,43 @@ def kv_bytes_per_token(cache) -> Optional[float]:
     return r["used"] / r["fp16"] if r["fp16"] else None
 
 
+def environment() -> dict:
+    """Date, machine and package versions, recorded in the JSON report."""
+    import datetime
+    import os
+    import platform
+    from importlib import metadata
+
+    cpu = None
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    cpu = cpu or platform.processor() or platform.machine()
+    versions = {}
+    for dist in ("mlx", "mlx-lm", "numpy", "tqmetal"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[dist] = None
+    ext = sorted(Path(__file__).parent.glob("_ext*"))
+    if not ext:
+        from . import _ext as mod
+        ext = [Path(mod.__file__)]
+    versions["tqmetal_ext_mtime"] = datetime.datetime.fromtimestamp(
+        ext[0].stat().st_mtime, datetime.timezone.utc).isoformat(timespec="seconds")
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"platform": platform.platform(), "python": platform.python_version(),
+                    "cpu_model": cpu, "logical_cpus": os.cpu_count(),
+                    "mlx_device": str(mx.default_device())},
+        "versions": versions,
+    }
+
+
 def format_table(rows: List[dict], margin: float) -> str:
     head = ["config", "KL mean", "KL p99.9", "top1", f"top1 m>={margin:g}", "ppl", "ppl ref",
             "first div", "KV/fp16"]
@@ -656,7 +706,8 @@ def build_parser() -> argparse.ArgumentParser:
                "-g32|-g64|-g128 (group, default 64), -w<N> (window, default 128), -s<N> "
                "(sinks, default 4), -rot|-norot (key rotation, default off), -vrot (value "
                "rotation), -center (key centering), -abq (attend before quantizing), "
-               "-fp<i>.<j> (full-precision layers), -k8l<i>.<j> (8-bit-key layers). "
+               "-chs|-chs<N> (per-channel key scaling before rotation, exponent 0.5 or "
+               "N/100), -fp<i>.<j> (full-precision layers), -k8l<i>.<j> (8-bit-key layers). "
                "The issue's targets are stated at --tokens 8192.",
     )
     p.add_argument("--model", default=None,
@@ -781,6 +832,7 @@ def main(argv=None) -> int:
             "gen_tokens": args.gen_tokens, "gen_prompts": len(prompts),
             "gen_prompt_tokens": len(prompts[0]) if prompts else 0,
             "seconds": seconds,
+            **environment(),
             "configs": [dict(asdict(c), **r) for c, r in zip(configs, rows)],
             "per_position": {
                 "ref_top2_margin": [round(float(x), 5) for x in ref["margin"]],
