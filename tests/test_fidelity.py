@@ -249,11 +249,37 @@ def test_eval_end_to_end_tiny(monkeypatch, tmp_path, capsys):
     rows = {r["config"]: r for r in data["configs"]}
     assert rows["fp16"]["kl_mean"] == 0 and rows["fp16"]["top1"] == 1.0
     assert rows["fp16"]["first_divergence"] == [8, 8]
+    assert rows["fp16"]["first_divergence_ref_margin"] == [None, None]
+    assert "(m): the reference's top-2" in out
+    assert data["versions"]["mlx"] == mx.__version__ and data["machine"]["logical_cpus"] >= 1
     assert rows["fp16"]["ppl"] == pytest.approx(rows["fp16"]["ppl_ref"])
     assert rows["int4-g64"]["kl_mean"] >= 0 and rows["int4-g64"]["rotate_keys"] is False
     assert rows["int4-g32-rot-w32"]["window"] == 32
     assert len(data["per_position"]["kl"]["k8v4"]) == 256
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_greedy_divergence_reports_the_reference_margin():
+    model = tiny_model(layers=2)
+    prompts = [[3, 7, 11, 200, 5] * 8, [9, 1, 40] * 10]
+    cfgs = fid.parse_configs("fp16,mlx4-g32")
+    margins = {}
+    with tqpatch.patched():
+        div = fid.greedy_divergence(model, prompts, cfgs, 12, prefill_step=16, margins=margins)
+        ref_m = []
+        fid.greedy_tokens(model, prompts[1], fid.parse_config("fp16").make_cache(model), 12, 16,
+                          margins=ref_m)
+    assert div["fp16"] == [12, 12] and margins["fp16"] == [None, None]
+    assert len(ref_m) == 12 and min(ref_m) >= 0
+    for d, m in zip(div["mlx4-g32"], margins["mlx4-g32"]):
+        assert (m is None) == (d == 12)
+    d, m = div["mlx4-g32"][1], margins["mlx4-g32"][1]
+    if d < 12:  # (it diverges at token 3 here, a margin of 0.018)
+        assert m == pytest.approx(ref_m[d], abs=1e-4)
+    row = {"config": "x", "kl_mean": 0, "kl_p999": 0, "top1": 1, "top1_confident": 1, "ppl": 1,
+           "ppl_ref": 1, "first_divergence": [6, 256],
+           "first_divergence_ref_margin": [0.0123, None], "kv_vs_fp16": 0.3}
+    assert "6(0.012),256" in fid.format_table([row], 0.05)
 
 
 def test_eval_bad_config_is_a_usage_error(capsys):

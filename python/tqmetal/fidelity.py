@@ -540,23 +540,45 @@ def key_sensitivity(model, tokens: Sequence[int], group_size: int = 64, bits: in
     return err / np.maximum(norm, 1e-30)
 
 
-def greedy_tokens(model, prompt: Sequence[int], cache, n: int, prefill_step: int) -> List[int]:
+def greedy_tokens(model, prompt: Sequence[int], cache, n: int, prefill_step: int,
+                  margins: Optional[list] = None) -> List[int]:
+    """``n`` greedy tokens; ``margins`` (a list) receives each step's top-2
+    log-probability margin."""
     from mlx_lm.generate import generate_step
 
     gen = generate_step(mx.array(list(prompt), dtype=mx.int32), model, max_tokens=n,
                         prompt_cache=cache, prefill_step_size=prefill_step)
-    return [int(t) for t, _ in gen]
+    out = []
+    for t, lp in gen:
+        out.append(int(t))
+        if margins is not None:
+            margins.append(float(top2_margin(lp.astype(mx.float32))))
+    return out
 
 
 def greedy_divergence(model, prompts: Sequence[Sequence[int]], configs: Sequence[CacheConfig],
-                      n: int, prefill_step: int = DEFAULT_CHUNK, progress=None) -> dict:
-    """{name: [first divergent position per prompt]}; ``n`` means no divergence."""
+                      n: int, prefill_step: int = DEFAULT_CHUNK, progress=None,
+                      margins: Optional[dict] = None) -> dict:
+    """{name: [first divergent position per prompt]}; ``n`` means no divergence.
+
+    ``margins`` (a dict) receives {name: [the reference's top-2 log-prob margin
+    at that position per prompt, None where none diverges]}: a divergence
+    where the reference itself nearly ties says little about the cache.
+    """
     out = {c.name: [] for c in configs}
+    for c in configs:
+        if margins is not None:
+            margins[c.name] = []
     for i, p in enumerate(prompts):
-        ref = greedy_tokens(model, p, [ReferenceKVCache() for _ in model.layers], n, prefill_step)
+        ref_m = []
+        ref = greedy_tokens(model, p, [ReferenceKVCache() for _ in model.layers], n, prefill_step,
+                            margins=ref_m)
         for c in configs:
             toks = greedy_tokens(model, p, c.make_cache(model), n, prefill_step)
-            out[c.name].append(first_divergence(ref, toks))
+            d = first_divergence(ref, toks)
+            out[c.name].append(d)
+            if margins is not None:
+                margins[c.name].append(round(ref_m[d], 5) if d < len(ref_m) else None)
         if progress is not None:
             progress(i + 1, len(prompts))
     return out
@@ -645,7 +667,9 @@ def format_table(rows: List[dict], margin: float) -> str:
     table = [head]
     for r in rows:
         div = r.get("first_divergence")
-        div_s = "-" if not div else ",".join(str(d) for d in div)
+        ms = r.get("first_divergence_ref_margin") or [None] * len(div or [])
+        div_s = "-" if not div else ",".join(
+            str(d) if m is None else f"{d}({m:.3f})" for d, m in zip(div, ms))
         ratio = r.get("kv_vs_fp16")
         table.append([
             r["config"], f"{r['kl_mean']:.5f}", f"{r['kl_p999']:.4f}", f"{100 * r['top1']:.2f}%",
@@ -811,6 +835,8 @@ def main(argv=None) -> int:
                  "most_sensitive_first": order}, indent=1))
         return 0
 
+    div_margins = {c.name: [] for c in configs}
+
     def rows_of(tf, div):
         ref = tf["ref"]
         rows = []
@@ -819,6 +845,7 @@ def main(argv=None) -> int:
             row = {"config": c.name, **summarize(d["kl"], ref["top1"], d["top1"], ref["margin"],
                                                  ref["nll"], d["nll"], args.margin)}
             row["first_divergence"] = div[c.name]
+            row["first_divergence_ref_margin"] = div_margins.get(c.name, [])
             row["kv_vs_fp16"] = kv_bytes_per_token(tf["_caches"][c.name])
             rows.append(row)
         return rows
@@ -863,7 +890,8 @@ def main(argv=None) -> int:
             prompts = [ids[s:s + P] for s in starts]
             t1 = time.perf_counter()
             div = greedy_divergence(model, prompts, configs, args.gen_tokens,
-                                    prefill_step=args.chunk, progress=bar("greedy prompts"))
+                                    prefill_step=args.chunk, progress=bar("greedy prompts"),
+                                    margins=div_margins)
             gen_time = time.perf_counter() - t1
 
     rows = rows_of(tf, div)
@@ -875,7 +903,8 @@ def main(argv=None) -> int:
     if args.gen_prompts:
         print(f"first div: first greedy token differing from the reference's, per prompt "
               f"({len(prompts)} prompts of {len(prompts[0])} tokens; {args.gen_tokens} = none "
-              "in all generated tokens)")
+              "in all generated tokens); (m): the reference's top-2 log-prob margin (nats) "
+              "at that token")
     print("KV/fp16: bytes the cache holds for these tokens / fp16 bytes for the same tokens "
           "(full-precision window and sinks, scales and biases stored in float16)")
 
