@@ -418,6 +418,29 @@ def test_channel_scale_state_trim_and_sinks():
     assert c._kscale is not None
 
 
+def test_calibrated_key_scales():
+    m = tiny_llama(layers=2)
+    scales = tqcache.calibrate_channel_scales(m, [3, 8, 100, 7, 42] * 30, alpha=0.5, chunk=64)
+    assert [tuple(s.shape) for s in scales] == [(1, 2, 1, 64)] * 2
+    assert all(s.dtype == mx.float16 and bool(mx.all(s > 0)) for s in scales)
+    # exact: nothing quantized, the same logits as without scaling
+    ids = mx.array([[5, 9, 2, 7] * 40])
+    with tqpatch.patched():
+        cache = tqcache.make_prompt_cache(m, kv="int4", window=512, key_scales=scales)
+        a = run(m, cache, ids, [100, 1, 59])
+        b = run(m, tqcache.make_prompt_cache(m, kv="int4", window=512), ids, [100, 1, 59])
+    assert rel_err(a, b) < 5e-4
+    c = cache[1]
+    assert c.channel_scale and c.channel_scale_fixed and mx.array_equal(c._kscale, scales[1])
+    # fixed factors survive trimming everything and a state round trip
+    back = Int4KVCache.from_state(c.state, c.meta_state)
+    for x in (c, back):
+        x.trim(x.offset)
+        assert mx.array_equal(x._kscale, scales[1])
+    with pytest.raises(ValueError, match="key_scales"):
+        Int4KVCache(key_scales=mx.ones((2, 3, 64)))
+
+
 def test_make_prompt_cache_per_layer_policy():
     m = tiny_llama(layers=4)
     cache = tqcache.make_prompt_cache(m, kv="int4", full_precision_layers=[0],

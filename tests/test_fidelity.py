@@ -118,7 +118,9 @@ def test_moving_average():
     ("int4-rot-center-chs", dict(channel_scale=0.5, rotate_keys=True, center_keys=True)),
     ("int4-chs100", dict(channel_scale=1.0)),
     ("int4-chs25", dict(channel_scale=0.25)),
-    ("int4-g64", dict(channel_scale=0.0)),
+    ("int4-g64", dict(channel_scale=0.0, calibrated_scale=False)),
+    ("int4-rot-chsq", dict(channel_scale=0.5, calibrated_scale=True)),
+    ("int4-rot-chsq100", dict(channel_scale=1.0, calibrated_scale=True)),
 ])
 def test_parse_config(name, want):
     c = fid.parse_config(name)
@@ -131,6 +133,7 @@ def test_parse_config(name, want):
     "int5", "int4-g48", "int4-x", "int4-g64-g32", "int4-rot-norot", "mlx4-w0", "mlx4-rot",
     "fp16-g32", "", "int4-w", "int4-wabc", "int4-fp", "int4-k8l1.x", "int4-fp1..2",
     "mlx4-center", "int4-chs0", "int4-chs101", "int4-chsx", "int4-chs-chs50", "mlx4-chs",
+    "int4-chsqx", "int4-chsq-chs",
 ])
 def test_parse_config_rejects(bad):
     with pytest.raises(ValueError):
@@ -170,6 +173,16 @@ def test_make_cache_kinds():
     c = fid.parse_config("int4-chs100").make_cache(model)[0]
     assert c.channel_scale and c.channel_scale_alpha == 1.0
     assert not fid.parse_config("int4").make_cache(model)[0].channel_scale
+    fid.set_calibration_tokens(None)
+    with pytest.raises(ValueError, match="calibration"):
+        fid.parse_config("int4-chsq").make_cache(model)
+    fid.set_calibration_tokens([5, 6, 7, 8] * 20)
+    try:
+        a, b = (fid.parse_config("int4-rot-chsq").make_cache(model) for _ in range(2))
+        assert a[0].channel_scale_fixed and mx.array_equal(a[0]._kscale_given, b[0]._kscale_given)
+        assert len(fid._CALIBRATION["scales"]) == 1  # calibrated once per model and alpha
+    finally:
+        fid.set_calibration_tokens(None)
 
 
 @pytest.mark.parametrize("L, N, causal", [(1, 50, False), (7, 7, True), (16, 300, True),

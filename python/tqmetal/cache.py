@@ -165,6 +165,58 @@ def channel_scales(keys, alpha: float = 0.5, center: bool = True):
     return mx.exp(logs).astype(STORAGE_DTYPE)
 
 
+def calibrate_channel_scales(model, tokens, alpha: float = 0.5, chunk: int = 128) -> list:
+    """Per layer, key channel scales ``[1, H_kv, 1, D]`` (float16) from the
+    queries and keys the model computes on ``tokens`` (a calibration text):
+    ``s_c = (rms_k_c / rms_q_c) ** alpha`` with the keys centred and the queries
+    of the KV head's group, normalised like :func:`channel_scales`. With
+    rotation, the key's quantization error after the transform is spread evenly
+    over the channels, so the logit error goes as |q * s| |k / s|, smallest for
+    alpha 0.5; keys-only factors miss that queries are often large in the same
+    channels. None for layers whose attention did not run.
+    """
+    from .patch import patched
+
+    n = len(model.layers)
+    stats = [None] * n
+
+    class _Probe(_mlc.KVCache):
+        def fused_attention(self, queries, keys, values, *, scale, mask=None, sinks=None):
+            L = queries.shape[2]
+            k = keys[..., -L:, :].astype(mx.float32)
+            B, Hq, _, D = queries.shape
+            Hk = k.shape[1]
+            q = queries.astype(mx.float32).reshape(B, Hk, Hq // Hk, L, D)
+            new = (B * L, mx.sum(k, axis=(0, 2)), mx.sum(k * k, axis=(0, 2)),
+                   mx.sum(q * q, axis=(0, 2, 3)) / (Hq // Hk))
+            old = stats[self.layer]
+            stats[self.layer] = new if old is None else tuple(a + b for a, b in zip(old, new))
+            mx.eval(stats[self.layer][1:])
+            return None
+
+    caches = []
+    for i in range(n):
+        caches.append(_Probe())
+        caches[-1].layer = i
+    toks = mx.array(list(tokens), dtype=mx.int32)[None]
+    with patched():
+        for start in range(0, toks.shape[1], chunk):
+            mx.eval(model(toks[:, start:start + chunk], cache=caches))
+    out = []
+    for st in stats:
+        if st is None:
+            out.append(None)
+            continue
+        cnt, sk, sk2, sq2 = st
+        var_k = mx.maximum(sk2 / cnt - (sk / cnt) ** 2, 0.0)
+        r = mx.sqrt(var_k) / mx.maximum(mx.sqrt(sq2 / cnt), 1e-12)  # [Hk, D]
+        r = mx.maximum(r, 1e-3 * mx.max(r, axis=-1, keepdims=True) + 1e-12)
+        logs = alpha * mx.log(r)
+        logs = logs - mx.mean(logs, axis=-1, keepdims=True)
+        out.append(mx.exp(logs).astype(STORAGE_DTYPE)[None, :, None, :])
+    return out
+
+
 _GPU_OK = None
 
 
@@ -207,6 +259,9 @@ class Int4KVCache(_mlc._BaseCache):
             multiply the queries by it) before rotating, fixed from the first
             update (see the module docstring).
         channel_scale_alpha: the exponent of that factor (0: no scaling).
+        key_scales: fixed factors [H, D] (or [1, H, 1, D]) to use instead, e.g.
+            from :func:`calibrate_channel_scales` (queries and keys of a
+            calibration text); implies ``channel_scale``.
         attend_before_quantizing: a multi-token update attends the tokens it
             quantizes in full precision (see the module docstring).
         chunk_size: tokens quantized at a time once the window overflows.
@@ -235,6 +290,7 @@ class Int4KVCache(_mlc._BaseCache):
         chunk_size: int = 64,
         channel_scale: bool = False,
         channel_scale_alpha: float = 0.5,
+        key_scales=None,
     ):
         self.group_size = group_size
         self.k_bits = bits if k_bits is None else k_bits
@@ -255,8 +311,17 @@ class Int4KVCache(_mlc._BaseCache):
         self.rotate_values = rotate_values
         self.center_keys = bool(center_keys)
         self.attend_before_quantizing = bool(attend_before_quantizing)
-        self.channel_scale = bool(channel_scale)
+        self.channel_scale = bool(channel_scale) or key_scales is not None
         self.channel_scale_alpha = float(channel_scale_alpha)
+        self.channel_scale_fixed = key_scales is not None
+        self._kscale_given = None
+        if key_scales is not None:
+            ks = mx.array(key_scales)
+            if ks.ndim == 2:
+                ks = ks[None, :, None, :]
+            if ks.ndim != 4 or ks.shape[0] != 1 or ks.shape[2] != 1:
+                raise ValueError(f"key_scales must be [H, D] or [1, H, 1, D], got {ks.shape}")
+            self._kscale_given = ks.astype(STORAGE_DTYPE)
         self._reset()
 
     def _reset(self):
@@ -387,7 +452,13 @@ class Int4KVCache(_mlc._BaseCache):
         first = self.offset
         self._fresh, self._fresh_kv = 0, None
         if self.channel_scale:
-            if self._kscale is None:
+            if self._kscale is None and getattr(self, "_kscale_given", None) is not None:
+                given = self._kscale_given
+                if given.shape[1] != keys.shape[1] or given.shape[3] != keys.shape[3]:
+                    raise ValueError(f"Int4KVCache: key_scales {given.shape} do not fit keys "
+                                     f"{keys.shape}")
+                self._kscale = given
+            elif self._kscale is None:
                 lo = min(max(self.num_sinks - self._ns, 0), S - 1)
                 self._kscale = channel_scales(keys[..., lo:, :], self.channel_scale_alpha,
                                               self.center_keys)
@@ -615,6 +686,7 @@ class Int4KVCache(_mlc._BaseCache):
         "group_size", "k_bits", "v_bits", "window", "num_sinks", "chunk_size",
         "rotate_keys", "rotate_values", "max_size", "keep", "center_keys", "model_dtype",
         "attend_before_quantizing", "channel_scale", "channel_scale_alpha",
+        "channel_scale_fixed",
     )
     _FLOAT_META = ("channel_scale_alpha",)
 
@@ -637,6 +709,7 @@ class Int4KVCache(_mlc._BaseCache):
             setattr(self, k, meta.get(k))
         if self.channel_scale is None:
             self.channel_scale, self.channel_scale_alpha = False, 0.5
+        self.channel_scale_fixed = bool(self.channel_scale_fixed)
         self._fk, self._fv, self._kmean, self._kscale = fk, fv, kmean, kscale
         self._qk = None if qk is None else list(qk)
         self._qv = None if qv is None else list(qv)
@@ -679,8 +752,11 @@ class Int4KVCache(_mlc._BaseCache):
         self._ns -= r - k
         self.offset -= n
         if self.offset == 0:
-            # nothing depends on them: the next update picks fresh ones
-            self._kmean = self._kscale = None
+            # nothing depends on them: the next update picks fresh ones (given
+            # key scales stay: they do not come from the data)
+            self._kmean = None
+            if not self.channel_scale_fixed:
+                self._kscale = None
         return n
 
     def size(self):
@@ -799,6 +875,7 @@ def make_prompt_cache(
     attend_before_quantizing: bool = True,
     channel_scale: bool = False,
     channel_scale_alpha: float = 0.5,
+    key_scales: Optional[Sequence] = None,
 ):
     """mlx-lm's ``make_prompt_cache`` with quantized caches.
 
@@ -812,7 +889,8 @@ def make_prompt_cache(
     keep ``kv``'s bits). ``max_kv_size`` bounds every full-attention layer to a
     sliding window of that many tokens keeping the first ``sinks`` (mlx-lm's
     ``RotatingKVCache(max_kv_size, keep=4)``), also for models with
-    ``make_cache``, where mlx-lm 0.32 ignores it.
+    ``make_cache``, where mlx-lm 0.32 ignores it. ``key_scales``: per layer,
+    fixed key channel scales (:func:`calibrate_channel_scales`) or None.
     """
     base = _mlc.make_prompt_cache(model)
     if max_kv_size is not None:
@@ -840,6 +918,8 @@ def make_prompt_cache(
                     window=window, rotate_keys=rotate_keys, rotate_values=rotate_values,
                     center_keys=center_keys, attend_before_quantizing=attend_before_quantizing,
                     channel_scale=channel_scale, channel_scale_alpha=channel_scale_alpha)
+        if key_scales is not None and key_scales[i] is not None:
+            opts["key_scales"] = key_scales[i]
         if i in keep_fp:
             out.append(c)
         elif type(c) is _mlc.KVCache:

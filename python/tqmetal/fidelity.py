@@ -45,7 +45,12 @@ Config names (``--configs``, comma-separated): a format, then options joined by
               abq                  attend_before_quantizing: a chunk attends the
                                    tokens it quantizes in full precision
               chs | chs<N>         per-channel key scaling before rotation
-                                   (channel_scale), exponent 0.5 or N/100
+                                   (channel_scale), exponent 0.5 or N/100,
+                                   factors from the first update's keys
+              chsq | chsq<N>       the same with factors calibrated on queries and
+                                   keys (calibrate_channel_scales) of held-out text:
+                                   the tokens after the evaluated ones (else the
+                                   text's first 512 tokens)
               fp<i>.<j>...         these layers keep a full-precision (float16) cache
               k8l<i>.<j>...        these layers store 8-bit keys
 
@@ -98,6 +103,7 @@ class CacheConfig:
     center_keys: bool = False
     attend_before_quantizing: bool = False
     channel_scale: float = 0.0  # the exponent alpha of channel_scale; 0: off
+    calibrated_scale: bool = False  # chsq: factors from calibrate_channel_scales
     fp_layers: tuple = ()
     k8_layers: tuple = ()
 
@@ -115,6 +121,8 @@ class CacheConfig:
         for i in self.fp_layers + self.k8_layers:
             if i >= n:
                 raise ValueError(f"config {self.name!r}: layer {i} out of range ({n} layers)")
+        given = (calibrated_key_scales(model, self.channel_scale) if self.calibrated_scale
+                 else [None] * n)
         return [
             ReferenceKVCache(mx.float16) if i in self.fp_layers else
             Int4KVCache(self.group_size, k_bits=8 if i in self.k8_layers else self.k_bits,
@@ -123,7 +131,8 @@ class CacheConfig:
                         center_keys=self.center_keys,
                         attend_before_quantizing=self.attend_before_quantizing,
                         channel_scale=self.channel_scale > 0,
-                        channel_scale_alpha=self.channel_scale or 0.5)
+                        channel_scale_alpha=self.channel_scale or 0.5,
+                        key_scales=given[i])
             for i in range(n)
         ]
 
@@ -146,6 +155,9 @@ def parse_config(name: str) -> CacheConfig:
             val = True
         elif p.startswith("chs"):
             key, digits = "channel_scale", p[3:]
+            if digits.startswith("q"):
+                opts["calibrated_scale"] = True
+                digits = digits[1:]
             if digits and not digits.isdigit():
                 raise ValueError(f"config {name!r}: {p!r}: chs<N> means exponent N/100")
             val = int(digits) / 100 if digits else 0.5
@@ -164,7 +176,7 @@ def parse_config(name: str) -> CacheConfig:
             val = int(p[1:])
         if key is None:
             raise ValueError(f"config {name!r}: unknown option {p!r} (g32|g64|g128, w<N>, "
-                             "s<N>, rot, norot, vrot, center, abq, chs, chs<N>, fp<i>.<j>, "
+                             "s<N>, rot, norot, vrot, center, abq, chs[q][<N>], fp<i>.<j>, "
                              "k8l<i>.<j>)")
         if key in opts:
             raise ValueError(f"config {name!r}: {p!r} repeats an option")
@@ -179,6 +191,28 @@ def parse_config(name: str) -> CacheConfig:
     if kind == "fp":
         opts.update(window=0, sinks=0)
     return CacheConfig(name=text, kind=kind, k_bits=k_bits, v_bits=v_bits, **opts)
+
+
+# Calibration text of the chsq configs: main() sets the tokens after the evaluated ones.
+_CALIBRATION = {"tokens": None, "scales": {}}
+
+
+def set_calibration_tokens(tokens: Optional[Sequence[int]]) -> None:
+    _CALIBRATION["tokens"] = None if tokens is None else list(tokens)
+    _CALIBRATION["scales"].clear()
+
+
+def calibrated_key_scales(model, alpha: float) -> list:
+    """``calibrate_channel_scales`` on the calibration tokens, once per model and alpha."""
+    from .cache import calibrate_channel_scales
+
+    if _CALIBRATION["tokens"] is None:
+        raise ValueError("chsq configs need calibration tokens (set_calibration_tokens)")
+    key = (id(model), alpha)
+    if key not in _CALIBRATION["scales"]:
+        _CALIBRATION["scales"][key] = (model, calibrate_channel_scales(
+            model, _CALIBRATION["tokens"], alpha=alpha))
+    return _CALIBRATION["scales"][key][1]
 
 
 def parse_configs(text: str) -> List[CacheConfig]:
@@ -731,7 +765,8 @@ def build_parser() -> argparse.ArgumentParser:
                "(sinks, default 4), -rot|-norot (key rotation, default off), -vrot (value "
                "rotation), -center (key centering), -abq (attend before quantizing), "
                "-chs|-chs<N> (per-channel key scaling before rotation, exponent 0.5 or "
-               "N/100), -fp<i>.<j> (full-precision layers), -k8l<i>.<j> (8-bit-key layers). "
+               "N/100; -chsq: factors calibrated on queries and keys of held-out text), "
+               "-fp<i>.<j> (full-precision layers), -k8l<i>.<j> (8-bit-key layers). "
                "The issue's targets are stated at --tokens 8192.",
     )
     p.add_argument("--model", default=None,
@@ -804,6 +839,14 @@ def main(argv=None) -> int:
     if use_np:
         numpy_matmuls(model)
     tokens, repeats = tokenize_text(tokenizer, text, args.tokens)
+    if any(c.calibrated_scale for c in configs):
+        ids = list(tokenizer.encode(text, add_special_tokens=True))
+        held_out = ids[len(tokens):len(tokens) + 512] if repeats == 1 else []
+        if len(held_out) < 64:
+            held_out = ids[:512]
+            log("note: no held-out text after the evaluated tokens; the chsq configs "
+                "calibrate on the text's first 512 tokens")
+        set_calibration_tokens(held_out)
     if repeats > 1:
         log(f"note: the text has fewer than {args.tokens} tokens; it is repeated {repeats} "
             "times (the repeats are easier to predict, which flatters every cache)")
