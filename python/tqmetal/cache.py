@@ -48,10 +48,13 @@ divided by a factor ``s_c`` before the rotation and centering, and the queries
 are multiplied by it before they are rotated: (q * s).(k / s) = q.k, exact
 for any s (sinks included). ``s`` is fixed from the first update's non-sink
 keys (see :func:`channel_scales`: the channel's largest centred magnitude to
-the power ``channel_scale_alpha``, normalised), stored in float16 next to the
-key mean, and carried by ``state``, save/load and ``trim`` like it. It shrinks
+the power ``channel_scale_alpha``, normalised) unless ``key_scales`` gives it
+(e.g. :func:`calibrate_channel_scales`, from queries and keys of a calibration
+text), stored in float16 next to the key mean, and carried by ``state``,
+save/load and ``trim`` like it (given factors survive a trim to zero). It shrinks
 the channels whose outliers set the quantization ranges and moves their share
-of the error to where the queries weigh it less.
+of the error to where the queries weigh it less; on SmolLM2-135M neither kind
+of factor helped (README, Fidelity), so it is off by default.
 
 With ``attend_before_quantizing`` (a multi-token update, i.e. prefill), the
 tokens an update pushes out of the window are quantized and stored as usual,
@@ -83,7 +86,8 @@ from mlx_lm.models.base import create_causal_mask
 
 from .ops import quantize, sdpa_int4
 
-__all__ = ["Int4KVCache", "RotatingInt4KVCache", "make_prompt_cache", "fused_op_available"]
+__all__ = ["Int4KVCache", "RotatingInt4KVCache", "make_prompt_cache", "fused_op_available",
+           "channel_scales", "calibrate_channel_scales"]
 
 # The dtype of everything the cache stores in floating point (see the module docstring).
 STORAGE_DTYPE = mx.float16
