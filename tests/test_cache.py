@@ -8,6 +8,7 @@ import importlib.util
 from contextlib import contextmanager
 
 import mlx.core as mx
+import numpy as np
 import pytest
 from mlx_lm.generate import generate_step, speculative_generate_step
 from mlx_lm.models import cache as mlc
@@ -319,6 +320,127 @@ def test_key_centering_with_attention_sinks_falls_back():
     assert mx.allclose(kk[..., -4:, :], k[..., -4:, :], rtol=1e-3, atol=3e-3)
 
 
+def _outlier_kvq(seed=7, N=400):
+    """Keys with a common offset and 4 channels of 20x the spread, isotropic queries."""
+    mx.random.seed(seed)
+    B, H, D = 1, 2, 64
+    spread = mx.ones((D,)).at[:4].multiply(20.0)
+    k = mx.random.normal((B, H, N, D)) * spread + 2.0
+    v = mx.random.normal((B, H, N, D))
+    q = mx.random.normal((B, 4, 5, D))
+    return k, v, q
+
+
+def _float64_attention(q, k, v, scale):
+    """Non-causal GQA attention in float64 (numpy)."""
+    q, k, v = (np.array(x.astype(mx.float32), dtype=np.float64) for x in (q, k, v))
+    rep = q.shape[1] // k.shape[1]
+    k, v = np.repeat(k, rep, axis=1), np.repeat(v, rep, axis=1)
+    s = scale * q @ k.swapaxes(-1, -2)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    return (p / p.sum(-1, keepdims=True)) @ v
+
+
+@pytest.mark.parametrize("rotate", [True, False])
+def test_channel_scale_is_exact(rotate):
+    # The fused op over the scaled cache (queries times s, keys over s, both
+    # rotated) is attention over the keys the cache dequantizes (un-rotated,
+    # times s): compared in float64, only float32 rounding is left.
+    k, v, q = _outlier_kvq()
+    c = Int4KVCache(window=0, sinks=0, rotate_keys=rotate, center_keys=True, channel_scale=True)
+    kk, vv = c.update_and_fetch(k[..., :300, :], v[..., :300, :])
+    kk, vv = c.update_and_fetch(k[..., 300:, :], v[..., 300:, :])
+    assert c._nq == 400 and c._kscale.shape == (1, 2, 1, 64) and c._kscale.dtype == mx.float16
+    # fixed from the first update: 4 outlier channels get the largest factors
+    s = np.array(c._kscale.astype(mx.float32))[0, 0, 0]
+    assert s[:4].min() > 3 * s[4:].max()
+    got = np.array(c.fused_attention(q, kk, vv, scale=0.125).astype(mx.float32))
+    want = _float64_attention(q, c.keys_and_values()[0], c.keys_and_values()[1], 0.125)
+    # (the op's float32 sums leave ~1e-4 here, with or without the scaling;
+    # 4-bit keys move these outputs by ~0.2)
+    assert np.abs(got - want).max() < 3e-4 * np.abs(want).max()
+    # nothing quantized: the same logits with and without it, through the model
+    ids = mx.array([[5, 9, 2, 7] * 40])
+    m = tiny_llama(layers=2)
+    with tqpatch.patched():
+        a = run(m, [Int4KVCache(window=512, channel_scale=True, rotate_keys=rotate)
+                    for _ in m.layers], ids, [100, 1, 59])
+        b = run(m, [Int4KVCache(window=512, rotate_keys=rotate) for _ in m.layers], ids,
+                [100, 1, 59])
+    assert rel_err(a, b) < 5e-4
+
+
+def test_channel_scale_helps_outlier_channels():
+    # same output as the unscaled cache within quantization error, and less
+    # error when a few key channels spread far wider than the rest
+    k, v, q = _outlier_kvq()
+    want = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.05)  # exact keys
+    errs = {}
+    for chs in (False, True):
+        c = Int4KVCache(window=0, sinks=0, rotate_keys=True, channel_scale=chs)
+        kk, vv = c.update_and_fetch(k, v)
+        got = c.fused_attention(q, kk, vv, scale=0.05)
+        errs[chs] = float(mx.abs(got - want).max() / mx.abs(want).max())
+    assert errs[False] < 0.1 and errs[True] < 0.7 * errs[False], errs
+
+
+def test_channel_scale_state_trim_and_sinks():
+    k, v, q = _outlier_kvq(N=40)
+    # (attend_before_quantizing off: the restored cache reads what is stored)
+    c = Int4KVCache(window=8, sinks=4, chunk_size=4, channel_scale=True, channel_scale_alpha=1.0,
+                    attend_before_quantizing=False)
+    kk, vv = c.update_and_fetch(k, v)
+    plain = Int4KVCache(window=8, sinks=4, chunk_size=4)
+    plain.update_and_fetch(k, v)
+    assert c.nbytes_used == plain.nbytes_used + c._kscale.nbytes  # [1, 2, 1, 64] float16
+    assert c.nbytes == plain.nbytes + c._kscale.nbytes
+    # exact with attention sinks (unlike centering): the fused path serves them
+    c2 = Int4KVCache(window=8, sinks=4, chunk_size=4, center_keys=False, channel_scale=True)
+    kk2, vv2 = c2.update_and_fetch(k, v)
+    out = c2.fused_attention(q, kk2, vv2, scale=0.125, sinks=mx.zeros((4,)))
+    assert out is not None
+    ref = mx.fast.scaled_dot_product_attention(q, kk2, vv2, scale=0.125, sinks=mx.zeros((4,)))
+    assert rel_err(out, ref) < 1e-4
+    # from_state / meta_state carry the factors and the exponent
+    back = Int4KVCache.from_state(c.state, c.meta_state)
+    assert back.channel_scale and back.channel_scale_alpha == 1.0
+    assert mx.array_equal(back._kscale, c._kscale)
+    assert mx.array_equal(back.keys_and_values()[0], c.keys_and_values()[0])
+    # a state saved before channel_scale existed (no factors) still loads
+    fk, fv, qk, qv, kmean, _, meta = Int4KVCache(window=8).state
+    old = Int4KVCache.from_state((fk, fv, qk, qv, kmean, {k: v for k, v in meta.items()
+                                                          if not k.startswith("channel")}))
+    assert old.channel_scale is False and old._kscale is None
+    # trimming everything drops them: the next update picks fresh ones
+    c.trim(c.offset)
+    assert c._kscale is None
+    c.update_and_fetch(k[..., :20, :] * 0.5, v[..., :20, :])
+    assert c._kscale is not None
+
+
+def test_calibrated_key_scales():
+    m = tiny_llama(layers=2)
+    scales = tqcache.calibrate_channel_scales(m, [3, 8, 100, 7, 42] * 30, alpha=0.5, chunk=64)
+    assert [tuple(s.shape) for s in scales] == [(1, 2, 1, 64)] * 2
+    assert all(s.dtype == mx.float16 and bool(mx.all(s > 0)) for s in scales)
+    # exact: nothing quantized, the same logits as without scaling
+    ids = mx.array([[5, 9, 2, 7] * 40])
+    with tqpatch.patched():
+        cache = tqcache.make_prompt_cache(m, kv="int4", window=512, key_scales=scales)
+        a = run(m, cache, ids, [100, 1, 59])
+        b = run(m, tqcache.make_prompt_cache(m, kv="int4", window=512), ids, [100, 1, 59])
+    assert rel_err(a, b) < 5e-4
+    c = cache[1]
+    assert c.channel_scale and c.channel_scale_fixed and mx.array_equal(c._kscale, scales[1])
+    # fixed factors survive trimming everything and a state round trip
+    back = Int4KVCache.from_state(c.state, c.meta_state)
+    for x in (c, back):
+        x.trim(x.offset)
+        assert mx.array_equal(x._kscale, scales[1])
+    with pytest.raises(ValueError, match="key_scales"):
+        Int4KVCache(key_scales=mx.ones((2, 3, 64)))
+
+
 def test_make_prompt_cache_per_layer_policy():
     m = tiny_llama(layers=4)
     cache = tqcache.make_prompt_cache(m, kv="int4", full_precision_layers=[0],
@@ -384,7 +506,7 @@ def test_speculative_decoding(model):
 
 def test_save_load_prompt_cache(model, tokens, tmp_path):
     caches = [
-        Int4KVCache(window=8, sinks=4, chunk_size=4),
+        Int4KVCache(window=8, sinks=4, chunk_size=4, channel_scale=True),
         Int4KVCache(window=8, k_bits=8, v_bits=4),
     ]
     run(model, caches, tokens, [100, 1, 1])
@@ -396,6 +518,8 @@ def test_save_load_prompt_cache(model, tokens, tmp_path):
     for a, b in zip(caches, loaded):
         assert a.meta_state == b.meta_state
         assert mx.array_equal(a.keys_and_values()[0], b.keys_and_values()[0])
+    assert loaded[0].channel_scale and mx.array_equal(loaded[0]._kscale, caches[0]._kscale)
+    assert loaded[1]._kscale is None
     x = tokens[:, 102:110]
     assert mx.array_equal(model(x, cache=caches), model(x, cache=loaded))
     # mixed with mlx-lm's own classes, a rotating cache, and an unused cache

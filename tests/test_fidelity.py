@@ -115,6 +115,12 @@ def test_moving_average():
     ("int4-fp0.3-k8l2", dict(fp_layers=(0, 3), k8_layers=(2,), center_keys=False)),
     ("int4-k8l5.1.1", dict(k8_layers=(1, 5), fp_layers=())),
     ("int4-abq", dict(attend_before_quantizing=True, center_keys=False)),
+    ("int4-rot-center-chs", dict(channel_scale=0.5, rotate_keys=True, center_keys=True)),
+    ("int4-chs100", dict(channel_scale=1.0)),
+    ("int4-chs25", dict(channel_scale=0.25)),
+    ("int4-g64", dict(channel_scale=0.0, calibrated_scale=False)),
+    ("int4-rot-chsq", dict(channel_scale=0.5, calibrated_scale=True)),
+    ("int4-rot-chsq100", dict(channel_scale=1.0, calibrated_scale=True)),
 ])
 def test_parse_config(name, want):
     c = fid.parse_config(name)
@@ -126,7 +132,8 @@ def test_parse_config(name, want):
 @pytest.mark.parametrize("bad", [
     "int5", "int4-g48", "int4-x", "int4-g64-g32", "int4-rot-norot", "mlx4-w0", "mlx4-rot",
     "fp16-g32", "", "int4-w", "int4-wabc", "int4-fp", "int4-k8l1.x", "int4-fp1..2",
-    "mlx4-center",
+    "mlx4-center", "int4-chs0", "int4-chs101", "int4-chsx", "int4-chs-chs50", "mlx4-chs",
+    "int4-chsqx", "int4-chsq-chs",
 ])
 def test_parse_config_rejects(bad):
     with pytest.raises(ValueError):
@@ -161,6 +168,21 @@ def test_make_cache_kinds():
                                                                         (4, 4, True)]
     with pytest.raises(ValueError, match="out of range"):
         fid.parse_config("int4-fp3").make_cache(tiny_model(layers=3))
+    c = fid.parse_config("int4-chs").make_cache(model)[0]
+    assert c.channel_scale and c.channel_scale_alpha == 0.5
+    c = fid.parse_config("int4-chs100").make_cache(model)[0]
+    assert c.channel_scale and c.channel_scale_alpha == 1.0
+    assert not fid.parse_config("int4").make_cache(model)[0].channel_scale
+    fid.set_calibration_tokens(None)
+    with pytest.raises(ValueError, match="calibration"):
+        fid.parse_config("int4-chsq").make_cache(model)
+    fid.set_calibration_tokens([5, 6, 7, 8] * 20)
+    try:
+        a, b = (fid.parse_config("int4-rot-chsq").make_cache(model) for _ in range(2))
+        assert a[0].channel_scale_fixed and mx.array_equal(a[0]._kscale_given, b[0]._kscale_given)
+        assert len(fid._CALIBRATION["scales"]) == 1  # calibrated once per model and alpha
+    finally:
+        fid.set_calibration_tokens(None)
 
 
 @pytest.mark.parametrize("L, N, causal", [(1, 50, False), (7, 7, True), (16, 300, True),
@@ -240,11 +262,37 @@ def test_eval_end_to_end_tiny(monkeypatch, tmp_path, capsys):
     rows = {r["config"]: r for r in data["configs"]}
     assert rows["fp16"]["kl_mean"] == 0 and rows["fp16"]["top1"] == 1.0
     assert rows["fp16"]["first_divergence"] == [8, 8]
+    assert rows["fp16"]["first_divergence_ref_margin"] == [None, None]
+    assert "(m): the reference's top-2" in out
+    assert data["versions"]["mlx"] == mx.__version__ and data["machine"]["logical_cpus"] >= 1
     assert rows["fp16"]["ppl"] == pytest.approx(rows["fp16"]["ppl_ref"])
     assert rows["int4-g64"]["kl_mean"] >= 0 and rows["int4-g64"]["rotate_keys"] is False
     assert rows["int4-g32-rot-w32"]["window"] == 32
     assert len(data["per_position"]["kl"]["k8v4"]) == 256
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_greedy_divergence_reports_the_reference_margin():
+    model = tiny_model(layers=2)
+    prompts = [[3, 7, 11, 200, 5] * 8, [9, 1, 40] * 10]
+    cfgs = fid.parse_configs("fp16,mlx4-g32")
+    margins = {}
+    with tqpatch.patched():
+        div = fid.greedy_divergence(model, prompts, cfgs, 12, prefill_step=16, margins=margins)
+        ref_m = []
+        fid.greedy_tokens(model, prompts[1], fid.parse_config("fp16").make_cache(model), 12, 16,
+                          margins=ref_m)
+    assert div["fp16"] == [12, 12] and margins["fp16"] == [None, None]
+    assert len(ref_m) == 12 and min(ref_m) >= 0
+    for d, m in zip(div["mlx4-g32"], margins["mlx4-g32"]):
+        assert (m is None) == (d == 12)
+    d, m = div["mlx4-g32"][1], margins["mlx4-g32"][1]
+    if d < 12:  # (it diverges at token 3 here, a margin of 0.018)
+        assert m == pytest.approx(ref_m[d], abs=1e-4)
+    row = {"config": "x", "kl_mean": 0, "kl_p999": 0, "top1": 1, "top1_confident": 1, "ppl": 1,
+           "ppl_ref": 1, "first_divergence": [6, 256],
+           "first_divergence_ref_margin": [0.0123, None], "kv_vs_fp16": 0.3}
+    assert "6(0.012),256" in fid.format_table([row], 0.05)
 
 
 def test_eval_bad_config_is_a_usage_error(capsys):

@@ -196,11 +196,13 @@ def test_generate_per_layer_key_bits_and_centering(use_tiny, capsys, monkeypatch
 
     monkeypatch.setattr(tqc, "make_prompt_cache", spy)  # generate imports it at call time
     rc = tqgen.main(["--prompt", "hi", "--max-tokens", "3", "--kv-k8-layers", "-1",
-                     "--no-center-keys"])
+                     "--no-center-keys", "--kv-channel-scale"])
     assert rc == 0 and made
     assert [c.k_bits for c in made[0]][-1] == 8 and made[0][0].k_bits == 4
     assert not any(c.center_keys for c in made[0])
-    assert "8-bit keys in layers -1" in capsys.readouterr().out
+    assert all(c.channel_scale and c._kscale is not None for c in made[0])
+    out = capsys.readouterr().out
+    assert "8-bit keys in layers -1" in out and "key channel scaling on" in out
     with pytest.raises(SystemExit):
         tqgen.main(["--kv-k8-layers", "1,x"])
     assert "--kv-k8-layers" in capsys.readouterr().err

@@ -43,6 +43,19 @@ common offset (keys often have a few channels far from zero, which set the
 range of every group they are in). Not exact with attention sinks (a fixed
 logit in the softmax): with sinks the fused path is not used.
 
+With ``channel_scale`` (SmoothQuant-style) every key channel c of a head is
+divided by a factor ``s_c`` before the rotation and centering, and the queries
+are multiplied by it before they are rotated: (q * s).(k / s) = q.k, exact
+for any s (sinks included). ``s`` is fixed from the first update's non-sink
+keys (see :func:`channel_scales`: the channel's largest centred magnitude to
+the power ``channel_scale_alpha``, normalised) unless ``key_scales`` gives it
+(e.g. :func:`calibrate_channel_scales`, from queries and keys of a calibration
+text), stored in float16 next to the key mean, and carried by ``state``,
+save/load and ``trim`` like it (given factors survive a trim to zero). It shrinks
+the channels whose outliers set the quantization ranges and moves their share
+of the error to where the queries weigh it less; on SmolLM2-135M neither kind
+of factor helped (README, Fidelity), so it is off by default.
+
 With ``attend_before_quantizing`` (a multi-token update, i.e. prefill), the
 tokens an update pushes out of the window are quantized and stored as usual,
 but this update's own attention still reads them in full precision (a tail
@@ -53,8 +66,8 @@ attention sees them quantized. Nothing more is stored; the transient tail is
 the size of the update, not of the cache. Not used by the sliding-window cache.
 
 Storage is float16 whatever the model's dtype: the full-precision sinks and
-window, the quantization scales and biases, the key mean. Queries, outputs and
-the fetched K/V keep the model's dtype.
+window, the quantization scales and biases, the key mean and channel scales.
+Queries, outputs and the fetched K/V keep the model's dtype.
 
 ``update_and_fetch`` returns, lazily, the dequantized K and V in sequence
 order: an attention function that does not know this cache (mlx-lm without
@@ -73,7 +86,8 @@ from mlx_lm.models.base import create_causal_mask
 
 from .ops import quantize, sdpa_int4
 
-__all__ = ["Int4KVCache", "RotatingInt4KVCache", "make_prompt_cache", "fused_op_available"]
+__all__ = ["Int4KVCache", "RotatingInt4KVCache", "make_prompt_cache", "fused_op_available",
+           "channel_scales", "calibrate_channel_scales"]
 
 # The dtype of everything the cache stores in floating point (see the module docstring).
 STORAGE_DTYPE = mx.float16
@@ -133,6 +147,80 @@ def _unrotate(x):
     return x @ _INVERSE[key]
 
 
+def channel_scales(keys, alpha: float = 0.5, center: bool = True):
+    """Per-head, per-channel key scales ``s`` [B, H, 1, D] (float16) from ``keys``.
+
+    ``s_c = r_c ** alpha`` with ``r_c`` the largest magnitude of channel c over
+    the tokens (after subtracting the channel mean when ``center``), divided by
+    the geometric mean over the channels (so a head's key norms stay the same
+    on average). Keys are stored as ``k / s`` and queries multiplied by ``s``:
+    (q * s).(k / s) = q.k exactly, whatever ``s`` is (it is rounded to float16
+    once and both sides use the rounded value). alpha 1 gives every channel the
+    same range; alpha 0.5 balances the key's quantization error against the
+    query channel it is multiplied by, if queries are spread evenly.
+    """
+    k = keys.astype(mx.float32)
+    if center:
+        k = k - mx.mean(k, axis=2, keepdims=True)
+    r = mx.max(mx.abs(k), axis=2, keepdims=True)
+    r = mx.maximum(r, 1e-3 * mx.max(r, axis=-1, keepdims=True) + 1e-12)
+    logs = alpha * mx.log(r)
+    logs = logs - mx.mean(logs, axis=-1, keepdims=True)
+    return mx.exp(logs).astype(STORAGE_DTYPE)
+
+
+def calibrate_channel_scales(model, tokens, alpha: float = 0.5, chunk: int = 128) -> list:
+    """Per layer, key channel scales ``[1, H_kv, 1, D]`` (float16) from the
+    queries and keys the model computes on ``tokens`` (a calibration text):
+    ``s_c = (rms_k_c / rms_q_c) ** alpha`` with the keys centred and the queries
+    of the KV head's group, normalised like :func:`channel_scales`. With
+    rotation, the key's quantization error after the transform is spread evenly
+    over the channels, so the logit error goes as |q * s| |k / s|, smallest for
+    alpha 0.5; keys-only factors miss that queries are often large in the same
+    channels. None for layers whose attention did not run.
+    """
+    from .patch import patched
+
+    n = len(model.layers)
+    stats = [None] * n
+
+    class _Probe(_mlc.KVCache):
+        def fused_attention(self, queries, keys, values, *, scale, mask=None, sinks=None):
+            L = queries.shape[2]
+            k = keys[..., -L:, :].astype(mx.float32)
+            B, Hq, _, D = queries.shape
+            Hk = k.shape[1]
+            q = queries.astype(mx.float32).reshape(B, Hk, Hq // Hk, L, D)
+            new = (B * L, mx.sum(k, axis=(0, 2)), mx.sum(k * k, axis=(0, 2)),
+                   mx.sum(q * q, axis=(0, 2, 3)) / (Hq // Hk))
+            old = stats[self.layer]
+            stats[self.layer] = new if old is None else tuple(a + b for a, b in zip(old, new))
+            mx.eval(stats[self.layer][1:])
+            return None
+
+    caches = []
+    for i in range(n):
+        caches.append(_Probe())
+        caches[-1].layer = i
+    toks = mx.array(list(tokens), dtype=mx.int32)[None]
+    with patched():
+        for start in range(0, toks.shape[1], chunk):
+            mx.eval(model(toks[:, start:start + chunk], cache=caches))
+    out = []
+    for st in stats:
+        if st is None:
+            out.append(None)
+            continue
+        cnt, sk, sk2, sq2 = st
+        var_k = mx.maximum(sk2 / cnt - (sk / cnt) ** 2, 0.0)
+        r = mx.sqrt(var_k) / mx.maximum(mx.sqrt(sq2 / cnt), 1e-12)  # [Hk, D]
+        r = mx.maximum(r, 1e-3 * mx.max(r, axis=-1, keepdims=True) + 1e-12)
+        logs = alpha * mx.log(r)
+        logs = logs - mx.mean(logs, axis=-1, keepdims=True)
+        out.append(mx.exp(logs).astype(STORAGE_DTYPE)[None, :, None, :])
+    return out
+
+
 _GPU_OK = None
 
 
@@ -171,6 +259,13 @@ class Int4KVCache(_mlc._BaseCache):
         rotate_values: Hadamard-rotate values (the output is rotated back).
         center_keys: subtract a per-channel key mean before storing keys
             (exact for attention without sinks; see the module docstring).
+        channel_scale: divide every key channel by a per-head factor (and
+            multiply the queries by it) before rotating, fixed from the first
+            update (see the module docstring).
+        channel_scale_alpha: the exponent of that factor (0: no scaling).
+        key_scales: fixed factors [H, D] (or [1, H, 1, D]) to use instead, e.g.
+            from :func:`calibrate_channel_scales` (queries and keys of a
+            calibration text); implies ``channel_scale``.
         attend_before_quantizing: a multi-token update attends the tokens it
             quantizes in full precision (see the module docstring).
         chunk_size: tokens quantized at a time once the window overflows.
@@ -197,6 +292,9 @@ class Int4KVCache(_mlc._BaseCache):
         center_keys: bool = True,
         attend_before_quantizing: bool = True,
         chunk_size: int = 64,
+        channel_scale: bool = False,
+        channel_scale_alpha: float = 0.5,
+        key_scales=None,
     ):
         self.group_size = group_size
         self.k_bits = bits if k_bits is None else k_bits
@@ -208,6 +306,8 @@ class Int4KVCache(_mlc._BaseCache):
             raise ValueError(f"group_size must be 16, 32, 64 or 128, got {group_size}")
         if window < 0 or sinks < 0 or chunk_size < 1:
             raise ValueError("window and sinks must be >= 0 and chunk_size >= 1")
+        if not 0 <= channel_scale_alpha <= 1:
+            raise ValueError(f"channel_scale_alpha must be in [0, 1], got {channel_scale_alpha}")
         self.window = window
         self.num_sinks = sinks
         self.chunk_size = chunk_size
@@ -215,6 +315,17 @@ class Int4KVCache(_mlc._BaseCache):
         self.rotate_values = rotate_values
         self.center_keys = bool(center_keys)
         self.attend_before_quantizing = bool(attend_before_quantizing)
+        self.channel_scale = bool(channel_scale) or key_scales is not None
+        self.channel_scale_alpha = float(channel_scale_alpha)
+        self.channel_scale_fixed = key_scales is not None
+        self._kscale_given = None
+        if key_scales is not None:
+            ks = mx.array(key_scales)
+            if ks.ndim == 2:
+                ks = ks[None, :, None, :]
+            if ks.ndim != 4 or ks.shape[0] != 1 or ks.shape[2] != 1:
+                raise ValueError(f"key_scales must be [H, D] or [1, H, 1, D], got {ks.shape}")
+            self._kscale_given = ks.astype(STORAGE_DTYPE)
         self._reset()
 
     def _reset(self):
@@ -226,6 +337,7 @@ class Int4KVCache(_mlc._BaseCache):
         self._qstart = 0  # position of the token in slot qlo
         self._rot_k = self._rot_v = None  # resolved on the first update
         self._kmean = None  # [B, H, 1, D] subtracted from stored keys (center_keys)
+        self._kscale = None  # [B, H, 1, D] stored keys are k / s before rotation (channel_scale)
         self.model_dtype = None  # name of the dtype K/V arrive in, e.g. "float32"
         self._fk = self._fv = None  # fp buffers [B, H, sinks + window + chunk, D]
         self._qk = self._qv = None  # lists (packed, scales, biases)
@@ -343,6 +455,18 @@ class Int4KVCache(_mlc._BaseCache):
         S = keys.shape[2]
         first = self.offset
         self._fresh, self._fresh_kv = 0, None
+        if self.channel_scale:
+            if self._kscale is None and getattr(self, "_kscale_given", None) is not None:
+                given = self._kscale_given
+                if given.shape[1] != keys.shape[1] or given.shape[3] != keys.shape[3]:
+                    raise ValueError(f"Int4KVCache: key_scales {given.shape} do not fit keys "
+                                     f"{keys.shape}")
+                self._kscale = given
+            elif self._kscale is None:
+                lo = min(max(self.num_sinks - self._ns, 0), S - 1)
+                self._kscale = channel_scales(keys[..., lo:, :], self.channel_scale_alpha,
+                                              self.center_keys)
+            keys = keys / self._kscale
         if self._rot_k:
             keys = mx.hadamard_transform(keys)
         if self._rot_v:
@@ -436,7 +560,10 @@ class Int4KVCache(_mlc._BaseCache):
             if fp is self._fk and self._kmean is not None:
                 x = x + self._kmean
             x = x.astype(getattr(mx, self.model_dtype))
-            out.append(_unrotate(x) if rot else x)
+            x = _unrotate(x) if rot else x
+            if fp is self._fk and self._kscale is not None:
+                x = x * self._kscale.astype(x.dtype)
+            out.append(x)
         return tuple(out)
 
     def _fetch(self):
@@ -464,7 +591,8 @@ class Int4KVCache(_mlc._BaseCache):
             return None  # centering shifts every logit, not the sinks' fixed one
 
         L = queries.shape[2]
-        q = mx.hadamard_transform(queries) if self._rot_k else queries
+        q = queries if self._kscale is None else self._scale_queries(queries)
+        q = mx.hadamard_transform(q) if self._rot_k else q
         qk, qv = self._quantized_views()
         if qk is None:
             qk, qv = self._empty_quantized(self.k_bits), self._empty_quantized(self.v_bits)
@@ -481,6 +609,16 @@ class Int4KVCache(_mlc._BaseCache):
             sinks=sinks, k_tail=kt, v_tail=vt,
         )
         return _unrotate(out) if self._rot_v else out
+
+    def _scale_queries(self, queries):
+        """Queries times the key channel scales of their KV head (GQA: Hq = r * Hk)."""
+        s = self._kscale.astype(queries.dtype)
+        B, Hq, L, D = queries.shape
+        Hk = s.shape[1]
+        if Hq == Hk:
+            return queries * s
+        q = queries.reshape(B, Hk, Hq // Hk, L, D) * mx.expand_dims(s, 2)
+        return q.reshape(B, Hq, L, D)
 
     # ---- masks ----------------------------------------------------------
 
@@ -551,23 +689,32 @@ class Int4KVCache(_mlc._BaseCache):
         "offset", "_ns", "_nw", "_nq", "_qlo", "_qstart", "_rot_k", "_rot_v",
         "group_size", "k_bits", "v_bits", "window", "num_sinks", "chunk_size",
         "rotate_keys", "rotate_values", "max_size", "keep", "center_keys", "model_dtype",
-        "attend_before_quantizing",
+        "attend_before_quantizing", "channel_scale", "channel_scale_alpha",
+        "channel_scale_fixed",
     )
+    _FLOAT_META = ("channel_scale_alpha",)
 
     @property
     def state(self):
         # The buffers as held (no copies: mlx-lm evaluates state every prefill
         # chunk), plus every scalar, so that from_state alone rebuilds the cache.
         meta = {k: getattr(self, k, None) for k in self._META}
-        return self._fk, self._fv, self._qk, self._qv, self._kmean, meta
+        return self._fk, self._fv, self._qk, self._qv, self._kmean, self._kscale, meta
 
     @state.setter
     def state(self, v):
-        fk, fv, qk, qv, kmean, meta = v
+        if len(v) == 6:  # saved before channel_scale existed
+            fk, fv, qk, qv, kmean, meta = v
+            kscale = None
+        else:
+            fk, fv, qk, qv, kmean, kscale, meta = v
         self._reset()
         for k in self._META:
             setattr(self, k, meta.get(k))
-        self._fk, self._fv, self._kmean = fk, fv, kmean
+        if self.channel_scale is None:
+            self.channel_scale, self.channel_scale_alpha = False, 0.5
+        self.channel_scale_fixed = bool(self.channel_scale_fixed)
+        self._fk, self._fv, self._kmean, self._kscale = fk, fv, kmean, kscale
         self._qk = None if qk is None else list(qk)
         self._qv = None if qv is None else list(qv)
 
@@ -582,6 +729,8 @@ class Int4KVCache(_mlc._BaseCache):
         for k, s in zip(self._META, v):
             if s in special:
                 setattr(self, k, special[s])
+            elif k in self._FLOAT_META:
+                setattr(self, k, float(s))
             else:
                 setattr(self, k, int(s) if s.lstrip("-").isdigit() else s)
 
@@ -607,7 +756,11 @@ class Int4KVCache(_mlc._BaseCache):
         self._ns -= r - k
         self.offset -= n
         if self.offset == 0:
-            self._kmean = None  # nothing depends on it: the next update picks a fresh one
+            # nothing depends on them: the next update picks fresh ones (given
+            # key scales stay: they do not come from the data)
+            self._kmean = None
+            if not self.channel_scale_fixed:
+                self._kscale = None
         return n
 
     def size(self):
@@ -619,7 +772,8 @@ class Int4KVCache(_mlc._BaseCache):
     @property
     def nbytes(self):
         """Bytes of all buffers as allocated (see the class docstring)."""
-        arrays = [self._fk, self._fv, self._kmean] + (self._qk or []) + (self._qv or [])
+        arrays = [self._fk, self._fv, self._kmean, self._kscale] + (self._qk or []) + (
+            self._qv or [])
         return sum(a.nbytes for a in arrays if a is not None)
 
     @property
@@ -629,8 +783,8 @@ class Int4KVCache(_mlc._BaseCache):
             return 0
         per_fp = (self._fk.nbytes + self._fv.nbytes) // self._fk.shape[2]
         per_q = sum(a.nbytes // max(a.shape[2], 1) for a in (self._qk or []) + (self._qv or []))
-        mean = 0 if self._kmean is None else self._kmean.nbytes
-        return per_fp * (self._ns + self._nw) + per_q * self._nq + mean
+        extra = sum(a.nbytes for a in (self._kmean, self._kscale) if a is not None)
+        return per_fp * (self._ns + self._nw) + per_q * self._nq + extra
 
 
 class RotatingInt4KVCache(Int4KVCache):
@@ -723,6 +877,9 @@ def make_prompt_cache(
     center_keys: bool = True,
     k8_layers: Sequence[int] = (),
     attend_before_quantizing: bool = True,
+    channel_scale: bool = False,
+    channel_scale_alpha: float = 0.5,
+    key_scales: Optional[Sequence] = None,
 ):
     """mlx-lm's ``make_prompt_cache`` with quantized caches.
 
@@ -736,7 +893,8 @@ def make_prompt_cache(
     keep ``kv``'s bits). ``max_kv_size`` bounds every full-attention layer to a
     sliding window of that many tokens keeping the first ``sinks`` (mlx-lm's
     ``RotatingKVCache(max_kv_size, keep=4)``), also for models with
-    ``make_cache``, where mlx-lm 0.32 ignores it.
+    ``make_cache``, where mlx-lm 0.32 ignores it. ``key_scales``: per layer,
+    fixed key channel scales (:func:`calibrate_channel_scales`) or None.
     """
     base = _mlc.make_prompt_cache(model)
     if max_kv_size is not None:
@@ -762,7 +920,10 @@ def make_prompt_cache(
     for i, c in enumerate(base):
         opts = dict(group_size=group_size, k_bits=8 if i in keys8 else k_bits, v_bits=v_bits,
                     window=window, rotate_keys=rotate_keys, rotate_values=rotate_values,
-                    center_keys=center_keys, attend_before_quantizing=attend_before_quantizing)
+                    center_keys=center_keys, attend_before_quantizing=attend_before_quantizing,
+                    channel_scale=channel_scale, channel_scale_alpha=channel_scale_alpha)
+        if key_scales is not None and key_scales[i] is not None:
+            opts["key_scales"] = key_scales[i]
         if i in keep_fp:
             out.append(c)
         elif type(c) is _mlc.KVCache:

@@ -44,6 +44,13 @@ Config names (``--configs``, comma-separated): a format, then options joined by
               center               key centering (Int4KVCache's center_keys)
               abq                  attend_before_quantizing: a chunk attends the
                                    tokens it quantizes in full precision
+              chs | chs<N>         per-channel key scaling before rotation
+                                   (channel_scale), exponent 0.5 or N/100,
+                                   factors from the first update's keys
+              chsq | chsq<N>       the same with factors calibrated on queries and
+                                   keys (calibrate_channel_scales) of held-out text:
+                                   the tokens after the evaluated ones (else the
+                                   text's first 512 tokens)
               fp<i>.<j>...         these layers keep a full-precision (float16) cache
               k8l<i>.<j>...        these layers store 8-bit keys
 
@@ -95,6 +102,8 @@ class CacheConfig:
     rotate_values: bool = False
     center_keys: bool = False
     attend_before_quantizing: bool = False
+    channel_scale: float = 0.0  # the exponent alpha of channel_scale; 0: off
+    calibrated_scale: bool = False  # chsq: factors from calibrate_channel_scales
     fp_layers: tuple = ()
     k8_layers: tuple = ()
 
@@ -112,13 +121,18 @@ class CacheConfig:
         for i in self.fp_layers + self.k8_layers:
             if i >= n:
                 raise ValueError(f"config {self.name!r}: layer {i} out of range ({n} layers)")
+        given = (calibrated_key_scales(model, self.channel_scale) if self.calibrated_scale
+                 else [None] * n)
         return [
             ReferenceKVCache(mx.float16) if i in self.fp_layers else
             Int4KVCache(self.group_size, k_bits=8 if i in self.k8_layers else self.k_bits,
                         v_bits=self.v_bits, window=self.window, sinks=self.sinks,
                         rotate_keys=self.rotate_keys, rotate_values=self.rotate_values,
                         center_keys=self.center_keys,
-                        attend_before_quantizing=self.attend_before_quantizing)
+                        attend_before_quantizing=self.attend_before_quantizing,
+                        channel_scale=self.channel_scale > 0,
+                        channel_scale_alpha=self.channel_scale or 0.5,
+                        key_scales=given[i])
             for i in range(n)
         ]
 
@@ -139,6 +153,16 @@ def parse_config(name: str) -> CacheConfig:
             key = {"vrot": "rotate_values", "center": "center_keys",
                    "abq": "attend_before_quantizing"}[p]
             val = True
+        elif p.startswith("chs"):
+            key, digits = "channel_scale", p[3:]
+            if digits.startswith("q"):
+                opts["calibrated_scale"] = True
+                digits = digits[1:]
+            if digits and not digits.isdigit():
+                raise ValueError(f"config {name!r}: {p!r}: chs<N> means exponent N/100")
+            val = int(digits) / 100 if digits else 0.5
+            if not 0 < val <= 1:
+                raise ValueError(f"config {name!r}: {p!r}: the exponent must be in (0, 1]")
         elif p.startswith(("fp", "k8l")):
             prefix = "fp" if p.startswith("fp") else "k8l"
             key = {"fp": "fp_layers", "k8l": "k8_layers"}[prefix]
@@ -152,7 +176,8 @@ def parse_config(name: str) -> CacheConfig:
             val = int(p[1:])
         if key is None:
             raise ValueError(f"config {name!r}: unknown option {p!r} (g32|g64|g128, w<N>, "
-                             "s<N>, rot, norot, vrot, center, abq, fp<i>.<j>, k8l<i>.<j>)")
+                             "s<N>, rot, norot, vrot, center, abq, chs[q][<N>], fp<i>.<j>, "
+                             "k8l<i>.<j>)")
         if key in opts:
             raise ValueError(f"config {name!r}: {p!r} repeats an option")
         opts[key] = val
@@ -166,6 +191,28 @@ def parse_config(name: str) -> CacheConfig:
     if kind == "fp":
         opts.update(window=0, sinks=0)
     return CacheConfig(name=text, kind=kind, k_bits=k_bits, v_bits=v_bits, **opts)
+
+
+# Calibration text of the chsq configs: main() sets the tokens after the evaluated ones.
+_CALIBRATION = {"tokens": None, "scales": {}}
+
+
+def set_calibration_tokens(tokens: Optional[Sequence[int]]) -> None:
+    _CALIBRATION["tokens"] = None if tokens is None else list(tokens)
+    _CALIBRATION["scales"].clear()
+
+
+def calibrated_key_scales(model, alpha: float) -> list:
+    """``calibrate_channel_scales`` on the calibration tokens, once per model and alpha."""
+    from .cache import calibrate_channel_scales
+
+    if _CALIBRATION["tokens"] is None:
+        raise ValueError("chsq configs need calibration tokens (set_calibration_tokens)")
+    key = (id(model), alpha)
+    if key not in _CALIBRATION["scales"]:
+        _CALIBRATION["scales"][key] = (model, calibrate_channel_scales(
+            model, _CALIBRATION["tokens"], alpha=alpha))
+    return _CALIBRATION["scales"][key][1]
 
 
 def parse_configs(text: str) -> List[CacheConfig]:
@@ -527,23 +574,45 @@ def key_sensitivity(model, tokens: Sequence[int], group_size: int = 64, bits: in
     return err / np.maximum(norm, 1e-30)
 
 
-def greedy_tokens(model, prompt: Sequence[int], cache, n: int, prefill_step: int) -> List[int]:
+def greedy_tokens(model, prompt: Sequence[int], cache, n: int, prefill_step: int,
+                  margins: Optional[list] = None) -> List[int]:
+    """``n`` greedy tokens; ``margins`` (a list) receives each step's top-2
+    log-probability margin."""
     from mlx_lm.generate import generate_step
 
     gen = generate_step(mx.array(list(prompt), dtype=mx.int32), model, max_tokens=n,
                         prompt_cache=cache, prefill_step_size=prefill_step)
-    return [int(t) for t, _ in gen]
+    out = []
+    for t, lp in gen:
+        out.append(int(t))
+        if margins is not None:
+            margins.append(float(top2_margin(lp.astype(mx.float32))))
+    return out
 
 
 def greedy_divergence(model, prompts: Sequence[Sequence[int]], configs: Sequence[CacheConfig],
-                      n: int, prefill_step: int = DEFAULT_CHUNK, progress=None) -> dict:
-    """{name: [first divergent position per prompt]}; ``n`` means no divergence."""
+                      n: int, prefill_step: int = DEFAULT_CHUNK, progress=None,
+                      margins: Optional[dict] = None) -> dict:
+    """{name: [first divergent position per prompt]}; ``n`` means no divergence.
+
+    ``margins`` (a dict) receives {name: [the reference's top-2 log-prob margin
+    at that position per prompt, None where none diverges]}: a divergence
+    where the reference itself nearly ties says little about the cache.
+    """
     out = {c.name: [] for c in configs}
+    for c in configs:
+        if margins is not None:
+            margins[c.name] = []
     for i, p in enumerate(prompts):
-        ref = greedy_tokens(model, p, [ReferenceKVCache() for _ in model.layers], n, prefill_step)
+        ref_m = []
+        ref = greedy_tokens(model, p, [ReferenceKVCache() for _ in model.layers], n, prefill_step,
+                            margins=ref_m)
         for c in configs:
             toks = greedy_tokens(model, p, c.make_cache(model), n, prefill_step)
-            out[c.name].append(first_divergence(ref, toks))
+            d = first_divergence(ref, toks)
+            out[c.name].append(d)
+            if margins is not None:
+                margins[c.name].append(round(ref_m[d], 5) if d < len(ref_m) else None)
         if progress is not None:
             progress(i + 1, len(prompts))
     return out
@@ -588,6 +657,43 @@ def kv_bytes_per_token(cache) -> Optional[float]:
     return r["used"] / r["fp16"] if r["fp16"] else None
 
 
+def environment() -> dict:
+    """Date, machine and package versions, recorded in the JSON report."""
+    import datetime
+    import os
+    import platform
+    from importlib import metadata
+
+    cpu = None
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    cpu = cpu or platform.processor() or platform.machine()
+    versions = {}
+    for dist in ("mlx", "mlx-lm", "numpy", "tqmetal"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[dist] = None
+    ext = sorted(Path(__file__).parent.glob("_ext*"))
+    if not ext:
+        from . import _ext as mod
+        ext = [Path(mod.__file__)]
+    versions["tqmetal_ext_mtime"] = datetime.datetime.fromtimestamp(
+        ext[0].stat().st_mtime, datetime.timezone.utc).isoformat(timespec="seconds")
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"platform": platform.platform(), "python": platform.python_version(),
+                    "cpu_model": cpu, "logical_cpus": os.cpu_count(),
+                    "mlx_device": str(mx.default_device())},
+        "versions": versions,
+    }
+
+
 def format_table(rows: List[dict], margin: float) -> str:
     head = ["config", "KL mean", "KL p99.9", "top1", f"top1 m>={margin:g}", "ppl", "ppl ref",
             "first div", "KV/fp16"]
@@ -595,7 +701,9 @@ def format_table(rows: List[dict], margin: float) -> str:
     table = [head]
     for r in rows:
         div = r.get("first_divergence")
-        div_s = "-" if not div else ",".join(str(d) for d in div)
+        ms = r.get("first_divergence_ref_margin") or [None] * len(div or [])
+        div_s = "-" if not div else ",".join(
+            str(d) if m is None else f"{d}({m:.3f})" for d, m in zip(div, ms))
         ratio = r.get("kv_vs_fp16")
         table.append([
             r["config"], f"{r['kl_mean']:.5f}", f"{r['kl_p999']:.4f}", f"{100 * r['top1']:.2f}%",
@@ -656,6 +764,8 @@ def build_parser() -> argparse.ArgumentParser:
                "-g32|-g64|-g128 (group, default 64), -w<N> (window, default 128), -s<N> "
                "(sinks, default 4), -rot|-norot (key rotation, default off), -vrot (value "
                "rotation), -center (key centering), -abq (attend before quantizing), "
+               "-chs|-chs<N> (per-channel key scaling before rotation, exponent 0.5 or "
+               "N/100; -chsq: factors calibrated on queries and keys of held-out text), "
                "-fp<i>.<j> (full-precision layers), -k8l<i>.<j> (8-bit-key layers). "
                "The issue's targets are stated at --tokens 8192.",
     )
@@ -729,6 +839,14 @@ def main(argv=None) -> int:
     if use_np:
         numpy_matmuls(model)
     tokens, repeats = tokenize_text(tokenizer, text, args.tokens)
+    if any(c.calibrated_scale for c in configs):
+        ids = list(tokenizer.encode(text, add_special_tokens=True))
+        held_out = ids[len(tokens):len(tokens) + 512] if repeats == 1 else []
+        if len(held_out) < 64:
+            held_out = ids[:512]
+            log("note: no held-out text after the evaluated tokens; the chsq configs "
+                "calibrate on the text's first 512 tokens")
+        set_calibration_tokens(held_out)
     if repeats > 1:
         log(f"note: the text has fewer than {args.tokens} tokens; it is repeated {repeats} "
             "times (the repeats are easier to predict, which flatters every cache)")
@@ -760,6 +878,8 @@ def main(argv=None) -> int:
                  "most_sensitive_first": order}, indent=1))
         return 0
 
+    div_margins = {c.name: [] for c in configs}
+
     def rows_of(tf, div):
         ref = tf["ref"]
         rows = []
@@ -768,6 +888,7 @@ def main(argv=None) -> int:
             row = {"config": c.name, **summarize(d["kl"], ref["top1"], d["top1"], ref["margin"],
                                                  ref["nll"], d["nll"], args.margin)}
             row["first_divergence"] = div[c.name]
+            row["first_divergence_ref_margin"] = div_margins.get(c.name, [])
             row["kv_vs_fp16"] = kv_bytes_per_token(tf["_caches"][c.name])
             rows.append(row)
         return rows
@@ -781,6 +902,7 @@ def main(argv=None) -> int:
             "gen_tokens": args.gen_tokens, "gen_prompts": len(prompts),
             "gen_prompt_tokens": len(prompts[0]) if prompts else 0,
             "seconds": seconds,
+            **environment(),
             "configs": [dict(asdict(c), **r) for c, r in zip(configs, rows)],
             "per_position": {
                 "ref_top2_margin": [round(float(x), 5) for x in ref["margin"]],
@@ -811,7 +933,8 @@ def main(argv=None) -> int:
             prompts = [ids[s:s + P] for s in starts]
             t1 = time.perf_counter()
             div = greedy_divergence(model, prompts, configs, args.gen_tokens,
-                                    prefill_step=args.chunk, progress=bar("greedy prompts"))
+                                    prefill_step=args.chunk, progress=bar("greedy prompts"),
+                                    margins=div_margins)
             gen_time = time.perf_counter() - t1
 
     rows = rows_of(tf, div)
@@ -823,7 +946,8 @@ def main(argv=None) -> int:
     if args.gen_prompts:
         print(f"first div: first greedy token differing from the reference's, per prompt "
               f"({len(prompts)} prompts of {len(prompts[0])} tokens; {args.gen_tokens} = none "
-              "in all generated tokens)")
+              "in all generated tokens); (m): the reference's top-2 log-prob margin (nats) "
+              "at that token")
     print("KV/fp16: bytes the cache holds for these tokens / fp16 bytes for the same tokens "
           "(full-precision window and sinks, scales and biases stored in float16)")
 

@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--center-keys", action=argparse.BooleanOptionalAction, default=None,
                    help="subtract a per-channel key mean before quantizing (exact without "
                         "attention sinks; default: make_prompt_cache's)")
+    p.add_argument("--kv-channel-scale", action=argparse.BooleanOptionalAction, default=None,
+                   help="per-channel key scaling before rotation (exact; default: "
+                        "make_prompt_cache's, off)")
     p.add_argument("--kv-k8-layers", default="",
                    help="comma-separated layer indices that store 8-bit keys (negative: from "
                         "the end), e.g. '26,13'")
@@ -138,6 +141,8 @@ def cache_description(args) -> str:
             f"sinks {args.kv_sinks}, key rotation {rot}")
     if args.center_keys is not None:
         text += f", key centering {'on' if args.center_keys else 'off'}"
+    if args.kv_channel_scale is not None:
+        text += f", key channel scaling {'on' if args.kv_channel_scale else 'off'}"
     if args.kv_k8_layers:
         text += f", 8-bit keys in layers {args.kv_k8_layers}"
     return text
@@ -282,6 +287,8 @@ def main(argv=None) -> int:
         parser.error(f"--kv-k8-layers: expected comma-separated integers, got "
                      f"{args.kv_k8_layers!r}")
     extra = {} if args.center_keys is None else {"center_keys": args.center_keys}
+    if args.kv_channel_scale is not None:
+        extra["channel_scale"] = args.kv_channel_scale
     try:
         cache = make_prompt_cache(
             model, kv=args.kv, group_size=args.kv_group_size, window=args.kv_window,
