@@ -361,6 +361,7 @@ class Bench:
         if self.tq is not None:
             v["tqmetal_module"] = getattr(self.tq, "__version__", None)
             v["tqmetal_file"] = getattr(self.tq, "__file__", None)
+            v["tqmetal_cpu_isa"] = self.tq.cpu_isa()  # the kernel variant timed
             try:
                 d = os.path.dirname(self.tq.__file__)
                 v["tqmetal_ext"] = [
@@ -742,7 +743,7 @@ class Bench:
         built = f" (ext built {ext[0]['mtime']})" if ext else ""
         P(f"versions: mlx {v['mlx']} (mlx-cpu {v.get('mlx-cpu')}), numpy {v['numpy']}, "
           f"mlx-lm {v.get('mlx-lm')}, tqmetal {v.get('tqmetal') or v.get('tqmetal_module')}"
-          f"{built}")
+          f"{built}, CPU kernel {v.get('tqmetal_cpu_isa')}")
         ob = self.openblas
         P(f"BLAS: openblas preload {'ON (' + str(ob['requested']) + ')' if ob['active'] else 'off'}; "
           f"cblas_sgemm from {ob['cblas_sgemm_from'] or 'bundled reference BLAS (local scope)'}; "

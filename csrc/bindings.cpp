@@ -178,7 +178,7 @@ NB_MODULE(_ext, m) {
       },
       "x"_a, "group_size"_a = 64, "bits"_a = 4, "stream"_a.none() = nb::none());
 
-  m.def("cpu_isa", &tqmetal::cpu_isa, "The CPU kernel variant in use (avx512vnni, avx512, avx2, generic).");
+  m.def("cpu_isa", &tqmetal::cpu_isa, "The CPU kernel variant in use (avx512amx, avx512vnni, avx512, avx2, generic).");
   m.def("num_threads", &tqmetal::cpu::num_threads, "Threads the CPU kernels use.");
   m.def(
       "plan_sdpa_int4",

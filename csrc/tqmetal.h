@@ -54,8 +54,8 @@ array sdpa_int4(
 std::tuple<array, array, array>
 quantize(const array& x, int group_size = 64, int bits = 4, StreamOrDevice s = {});
 
-// Which CPU kernel variant the running machine uses ("avx512vnni", "avx512", "avx2",
-// "generic").
+// Which CPU kernel variant the running machine uses ("avx512amx", "avx512vnni",
+// "avx512", "avx2", "generic").
 const char* cpu_isa();
 
 } // namespace tqmetal

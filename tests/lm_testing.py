@@ -1,20 +1,10 @@
 """Shared pieces of the mlx-lm integration tests (test_cache.py, test_patch.py)."""
 
-from pathlib import Path
-
 import mlx.core as mx
 from mlx_lm.models import llama
 
-import tqmetal
-
-# The pure-Python modules under test come from this source tree even when the
-# installed package (which provides the compiled extension) is an older build.
-_SRC = str(Path(__file__).resolve().parents[1] / "python" / "tqmetal")
-if Path(_SRC).is_dir() and _SRC not in tqmetal.__path__:
-    tqmetal.__path__.insert(0, _SRC)
-
-from tqmetal import cache as tqcache  # noqa: E402
-from tqmetal import patch as tqpatch  # noqa: E402
+from tqmetal import cache as tqcache
+from tqmetal import patch as tqpatch
 
 
 def tiny_llama(layers=2, hidden=128, heads=4, kv_heads=2, head_dim=64, vocab=256, inter=256):

@@ -3,23 +3,16 @@ synthetic logits, the config-name parser, and a tiny end-to-end run."""
 
 import json
 import math
-from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 import pytest
 
-import tqmetal
+from tqmetal import fidelity as fid
+from tqmetal import generate as tqgen
+from tqmetal import patch as tqpatch
 
-_SRC = str(Path(__file__).resolve().parents[1] / "python" / "tqmetal")
-if Path(_SRC).is_dir() and _SRC not in tqmetal.__path__:
-    tqmetal.__path__.insert(0, _SRC)
-
-from tqmetal import fidelity as fid  # noqa: E402
-from tqmetal import generate as tqgen  # noqa: E402
-from tqmetal import patch as tqpatch  # noqa: E402
-
-from test_generate_cli import byte_tokenizer, tiny_model  # noqa: E402
+from test_generate_cli import byte_tokenizer, tiny_model
 
 
 # ---- metrics ---------------------------------------------------------------

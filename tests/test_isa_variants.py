@@ -1,4 +1,4 @@
-"""Every CPU kernel variant (portable, AVX2, AVX-512, AVX-512 with VNNI) against the reference.
+"""Every CPU kernel variant (portable, AVX2, AVX-512, AVX-512 with VNNI, with AMX) against the reference.
 
 The machine runs the best variant it supports; TQMETAL_CPU_ISA lowers the choice, so
 the others are exercised here too, in subprocesses (the choice is made once per process).
@@ -42,6 +42,15 @@ _SCRIPT = textwrap.dedent(
                     seed=6),
         R.make_case(B=1, Hq=16, Hkv=2, L=1, N=515, D=128, dtype="float32", group_size=64,
                     k_bits=8, v_bits=8, mask="causal", sinks=True, seed=7),
+        # head dim 128, 4-bit K: AMX tiles for the K scores where the CPU has them
+        # (8 rows x 2 groups: two score tiles; 4 rows x 4 groups; one group; a
+        # partial last block; two sequences)
+        R.make_case(B=2, Hq=8, Hkv=1, L=1, N=1000, T=3, D=128, dtype="float32", group_size=64,
+                    v_bits=8, mask="causal", seed=8),
+        R.make_case(B=1, Hq=8, Hkv=2, L=1, N=777, D=128, dtype="float16", group_size=32,
+                    mask="bool_few", seed=9),
+        R.make_case(B=1, Hq=2, Hkv=1, L=2, N=531, D=128, dtype="bfloat16", group_size=128,
+                    mask="add_inf", strided=True, seed=10),
     ]
     for c in cases:
         out = tqmetal.sdpa_int4(c.q, c.k, c.v, **c.kwargs())
@@ -50,7 +59,7 @@ _SCRIPT = textwrap.dedent(
     """
 )
 
-_LEVELS = ["generic", "avx2", "avx512", "avx512vnni"]
+_LEVELS = ["generic", "avx2", "avx512", "avx512vnni", "avx512amx"]
 
 
 @pytest.mark.parametrize("isa", _LEVELS)

@@ -2,6 +2,13 @@
 // plans the work units, runs the best kernel variant on the thread pool and merges
 // the per-split softmax states.
 #include <alloca.h>
+#if defined(TQMETAL_HAVE_X86_VARIANTS)
+#include <cpuid.h>
+#endif
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -169,10 +176,29 @@ Plan make_plan(const Problem& p) {
   return plan;
 }
 
+// 4 = AVX-512 with VNNI and AMX-INT8 (tile dot products for decode's K scores),
 // 3 = AVX-512 with VNNI (integer dot products in decode), 2 = AVX-512,
-// 1 = AVX2 + FMA + F16C, 0 = portable. TQMETAL_CPU_ISA=generic|avx2|avx512
+// 1 = AVX2 + FMA + F16C, 0 = portable. TQMETAL_CPU_ISA=generic|avx2|avx512|avx512vnni
 // lowers the choice (tests cover every variant on one machine); it never raises
 // it above what the CPU supports.
+#if defined(TQMETAL_HAVE_X86_VARIANTS)
+// AMX tile data is an XSAVE feature Linux enables per process on request
+// (arch_prctl ARCH_REQ_XCOMP_PERM); without it the first tile instruction
+// faults. Granted once for the whole process, every thread included.
+static bool amx_usable() {
+  unsigned a, b, c, d;
+  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+  const bool tile = (d >> 24) & 1, int8 = (d >> 25) & 1;
+  if (!tile || !int8) return false;
+#if defined(__linux__)
+  constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+  return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+#else
+  return false;
+#endif
+}
+#endif
+
 int isa_level() {
   static const int level = [] {
     int best = 0;
@@ -185,26 +211,38 @@ int isa_level() {
       best = 1;
     }
 #endif
+    int cap = 4;
     if (const char* s = std::getenv("TQMETAL_CPU_ISA")) {
       const std::string want(s);
-      if (want == "generic") best = 0;
-      if (want == "avx2") best = std::min(best, 1);
-      if (want == "avx512") best = std::min(best, 2);
+      if (want == "generic") cap = 0;
+      if (want == "avx2") cap = 1;
+      if (want == "avx512") cap = 2;
+      if (want == "avx512vnni") cap = 3;
     }
+    best = std::min(best, cap);
+#if defined(TQMETAL_HAVE_X86_VARIANTS)
+    // The tile state is requested only when it would be used.
+    if (best == 3 && cap == 4 && amx_usable()) best = 4;
+#endif
     return best;
   }();
   return level;
 }
 
 bool cpu_use_vnni() {
-  return isa_level() == 3;
+  return isa_level() >= 3;
+}
+
+bool cpu_use_amx() {
+  return isa_level() == 4;
 }
 
 UnitFn pick_kernel(const Problem& p, const Plan& plan) {
   UnitFn fn = nullptr;
 #if defined(TQMETAL_HAVE_X86_VARIANTS)
   const int level = isa_level();
-  if (level >= 2) fn = unit_fn_avx512(p, plan);
+  if (level >= 3) fn = unit_fn_avx512int(p, plan);
+  if (!fn && level >= 2) fn = unit_fn_avx512(p, plan);
   if (level == 1) fn = unit_fn_avx2(p, plan);
 #endif
   if (!fn && isa_level() == 0) fn = unit_fn_generic(p, plan);
@@ -215,7 +253,7 @@ UnitFn pick_kernel(const Problem& p, const Plan& plan) {
 }
 
 const char* isa_name() {
-  static const char* names[] = {"generic", "avx2", "avx512", "avx512vnni"};
+  static const char* names[] = {"generic", "avx2", "avx512", "avx512vnni", "avx512amx"};
   return names[isa_level()];
 }
 

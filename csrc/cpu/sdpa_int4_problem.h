@@ -102,12 +102,17 @@ using UnitFn = void (*)(const Problem&, const Plan&, const Unit&, float* partial
 UnitFn unit_fn_generic(const Problem&, const Plan&);
 UnitFn unit_fn_avx2(const Problem&, const Plan&);
 UnitFn unit_fn_avx512(const Problem&, const Plan&);
+// The integer decode kernels (VNNI, AMX); null where none applies.
+UnitFn unit_fn_avx512int(const Problem&, const Plan&);
 
 float to_float(const void* base, int64_t idx, DType dt);
 
 // Whether decode may use the AVX512-VNNI integer path (the CPU has it and
 // TQMETAL_CPU_ISA does not ask for plain avx512 or lower).
 bool cpu_use_vnni();
+// Whether decode may use AMX tiles for the K scores (the CPU has AMX-INT8, the
+// kernel granted this process the tile state, TQMETAL_CPU_ISA allows it).
+bool cpu_use_amx();
 
 // Per-thread scratch of at least n floats, 64-byte aligned. It lives in the host
 // file, built for the baseline ISA: a std::vector instantiated inside an ISA

@@ -319,11 +319,12 @@ def run_e2e(model_spec: Optional[str], contexts: list, gen_tokens: int, caches: 
     }
 
 
-def _versions() -> dict:
+def _versions(packages=("mlx", "mlx-cpu", "mlx-lm", "tqmetal")) -> dict:
+    """Installed versions of `packages` (None where one is not installed)."""
     from importlib import metadata
 
     out = {}
-    for pkg in ("mlx", "mlx-cpu", "mlx-lm", "tqmetal"):
+    for pkg in packages:
         try:
             out[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:

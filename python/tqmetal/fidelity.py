@@ -662,7 +662,6 @@ def environment() -> dict:
     import datetime
     import os
     import platform
-    from importlib import metadata
 
     cpu = None
     try:
@@ -673,12 +672,9 @@ def environment() -> dict:
     except OSError:
         pass
     cpu = cpu or platform.processor() or platform.machine()
-    versions = {}
-    for dist in ("mlx", "mlx-lm", "numpy", "tqmetal"):
-        try:
-            versions[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            versions[dist] = None
+    from .bench import _versions
+
+    versions = _versions(("mlx", "mlx-lm", "numpy", "tqmetal"))
     ext = sorted(Path(__file__).parent.glob("_ext*"))
     if not ext:
         from . import _ext as mod

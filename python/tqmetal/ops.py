@@ -103,7 +103,10 @@ def quantize(x: mx.array, group_size: int = 64, bits: int = 4, *, stream=None):
 
 
 def cpu_isa() -> str:
-    """The CPU kernel variant picked for this machine: avx512vnni, avx512, avx2 or generic."""
+    """The CPU kernel variant picked for this machine: avx512amx, avx512vnni, avx512, avx2 or generic.
+
+    ``TQMETAL_CPU_ISA`` (one of those names) lowers the choice, never raises it.
+    """
     return _ext.cpu_isa()
 
 
