@@ -375,11 +375,11 @@ TQ_INLINE inline void load_group_params(
 
 #if defined(__AVX512BW__) && defined(TQMETAL_KERNEL_INT)
 // Integer dot products (AVX512-VNNI) for decode, selected at run time only on
-// CPUs that have them (built only into the avx512int object). vpdpwssd sums two int16 x int16 products per int32 lane:
-// one instruction does the work of two float FMAs and needs no int->float
-// conversion of the nibbles. It is written as inline asm so that this file keeps
-// one set of compile flags (a VNNI target attribute would not let the shared
-// helpers inline).
+// CPUs that have them (built only into the avx512int object). vpdpwssd sums two
+// int16 x int16 products per int32 lane: one instruction does the work of two
+// float FMAs and needs no int->float conversion of the nibbles. It is written
+// as inline asm so that this file keeps one set of compile flags (a VNNI target
+// attribute would not let the shared helpers inline).
 #define TQ_HAVE_VNNI_PATH 1
 constexpr int kVnniMaxD = 512;
 inline __m512i dpwssd(__m512i acc, __m512i a, __m512i b) {
@@ -406,7 +406,6 @@ constexpr int kVnniMaxD = 512;
 // split into signed bytes, q = 256 hi + lo, and a column is zero outside its
 // group, so per-group sums come out separately for the per-token scales.
 #define TQ_HAVE_AMX_PATH 1
-#include <immintrin.h>
 struct alignas(64) TileConfig {
   uint8_t palette = 1, start_row = 0;
   uint8_t reserved[14] = {};
