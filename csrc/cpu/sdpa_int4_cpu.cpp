@@ -181,6 +181,8 @@ Plan make_plan(const Problem& p) {
 // 1 = AVX2 + FMA + F16C, 0 = portable. TQMETAL_CPU_ISA=generic|avx2|avx512|avx512vnni
 // lowers the choice (tests cover every variant on one machine); it never raises
 // it above what the CPU supports.
+static const char* const kIsaNames[] = {"generic", "avx2", "avx512", "avx512vnni", "avx512amx"};
+
 #if defined(TQMETAL_HAVE_X86_VARIANTS)
 // AMX tile data is an XSAVE feature Linux enables per process on request
 // (arch_prctl ARCH_REQ_XCOMP_PERM); without it the first tile instruction
@@ -213,11 +215,9 @@ int isa_level() {
 #endif
     int cap = 4;
     if (const char* s = std::getenv("TQMETAL_CPU_ISA")) {
-      const std::string want(s);
-      if (want == "generic") cap = 0;
-      if (want == "avx2") cap = 1;
-      if (want == "avx512") cap = 2;
-      if (want == "avx512vnni") cap = 3;
+      for (int i = 0; i < 4; ++i) { // "avx512amx", the top level, lowers nothing
+        if (std::string(s) == kIsaNames[i]) cap = i;
+      }
     }
     best = std::min(best, cap);
 #if defined(TQMETAL_HAVE_X86_VARIANTS)
@@ -253,8 +253,7 @@ UnitFn pick_kernel(const Problem& p, const Plan& plan) {
 }
 
 const char* isa_name() {
-  static const char* names[] = {"generic", "avx2", "avx512", "avx512vnni", "avx512amx"};
-  return names[isa_level()];
+  return kIsaNames[isa_level()];
 }
 
 void run_problem(const Problem& p) {
