@@ -75,6 +75,11 @@ tqm::Problem problem_from_dict(const nb::dict& d) {
   p.sinks = tensor("sinks");
   p.blocks = int(get_int("blocks", 0));
   p.gpu_cores = int(get_int("gpu_cores", 32));
+  if (d.contains("max_threads")) {
+    for (auto [k, v] : nb::cast<nb::dict>(d["max_threads"])) {
+      p.max_threads[nb::cast<std::string>(k)] = nb::cast<int>(v);
+    }
+  }
   return p;
 }
 
@@ -98,6 +103,7 @@ nb::dict plan_to_dict(const tqm::Plan& plan) {
   static const char* kinds[] = {"input", "output", "scratch", "int32", "int64", "float32"};
   for (const auto& l : plan.launches) {
     nb::dict ld;
+    ld["library"] = l.library;
     ld["kernel"] = l.kernel;
     nb::dict fcs;
     for (const auto& f : l.constants) {
