@@ -8,6 +8,7 @@
 
 #include "cpu/thread_pool.h"
 #include "metal/dispatch_plan.h"
+#include "metal/gpu_path.h"
 #include "tqmetal.h"
 
 namespace nb = nanobind;
@@ -203,6 +204,18 @@ NB_MODULE(_ext, m) {
 #endif
       },
       "Whether this build has the Metal kernels (eval_gpu): macOS with an MLX built with Metal.");
+  m.def(
+      "gpu_path",
+      [] {
+        const tqm::GpuPath g = tqm::gpu_path();
+        nb::dict r;
+        r["path"] = g.path;
+        r["reason"] = g.reason;
+        r["metallib_dir"] = g.metallib_dir;
+        return r;
+      },
+      "Which GPU path the op has: 'metallib' (prebuilt tqmetal_kernels.metallib), 'runtime' (the "
+      "embedded kernel sources, compiled by Metal at first use) or 'none', and why.");
   m.def(
       "metal_unsupported_reason",
       [](const nb::dict& d) { return tqm::metal_unsupported_reason(problem_from_dict(d)); },
