@@ -46,6 +46,7 @@ import collections
 import concurrent.futures
 import dataclasses
 import functools
+import hashlib
 import os
 import re
 import shutil
@@ -191,9 +192,23 @@ def host_units() -> list[Path]:
 @functools.lru_cache(maxsize=None)
 def generated_dir() -> Path:
     """csrc/metal/embed_sources.py's header, as CMake generates it for a macOS build."""
-    d = Path(tempfile.mkdtemp(prefix="generated-", dir=cache_dir()))
     units = {s.stem: embed_sources.expand([s], [tools().mlx_include], ROOT) for s in metal_units()}
-    (d / "tqmetal_kernel_sources.h").write_text(embed_sources.header(units))
+    return _content_dir("generated", {"tqmetal_kernel_sources.h": embed_sources.header(units)})
+
+
+def _content_dir(kind: str, files: dict) -> Path:
+    """A cache directory holding `files` ({name: text}), named by their content (race-free)."""
+    h = hashlib.sha256("\0".join(f"{k}\0{v}" for k, v in sorted(files.items())).encode()).hexdigest()[:16]
+    d = cache_dir() / f"{kind}-{h}"
+    if not (d / ".complete").exists():
+        tmp = Path(tempfile.mkdtemp(prefix=f"{kind}-", dir=cache_dir()))
+        for name, text in files.items():
+            (tmp / name).write_text(text)
+        (tmp / ".complete").write_text("")
+        try:
+            tmp.rename(d)
+        except OSError:  # another process made it first
+            shutil.rmtree(tmp, ignore_errors=True)
     return d
 
 
@@ -369,11 +384,8 @@ def shim(mode: str) -> Path:
              each with its size (llvm-nm -S), per kernel instance."""
     if mode == "emu":
         return mslemu.SHIM
-    out = Path(tempfile.mkdtemp(prefix=f"shim-{mode}-", dir=cache_dir()))
-    shutil.rmtree(out)
-    shutil.copytree(mslemu.SHIM, out)
-    p = out / "msl_emu.h"
-    s = p.read_text()
+    files = {f.name: f.read_text() for f in mslemu.SHIM.iterdir() if f.is_file()}
+    s = files["msl_emu.h"]
 
     def sub(old, new):
         nonlocal s
@@ -397,8 +409,8 @@ def shim(mode: str) -> Path:
                          "static __msl_tgtype_##name name")
     else:
         raise ValueError(mode)
-    p.write_text(s)
-    return out
+    files["msl_emu.h"] = s
+    return _content_dir(f"shim-{mode}", files)
 
 
 def _emulated_tu(stem: str, text: str, work: Path) -> Path:
