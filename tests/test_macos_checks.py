@@ -58,3 +58,15 @@ def test_planted_defect_is_caught(plant):
     issue 11's defects 2 and 1; as, tgmem, cxx17 and lambda break metal/ in a copy of its text)."""
     results = C.planted(plant)()
     assert results and not all(r.ok for r in results), f"planted defect {plant!r} was not caught"
+
+
+def test_embedded_sources_match_the_macos_wheel():
+    """The emulator tests expand the kernels with the installed (Linux) mlx's headers, a Mac build with the
+    mlx-metal wheel's: the texts must be the same for the emulator to have run what a Mac compiles."""
+    import metal_sources
+    from mslemu.testing import mlx_include
+
+    if not mlx_include():
+        pytest.skip("no mlx headers installed")
+    for unit in C.metal_units():
+        assert C.unit_source(unit) == metal_sources.expanded_text(unit.stem, mlx_include()), unit.name
