@@ -217,6 +217,17 @@ NB_MODULE(_ext, m) {
       "Which GPU path the op has: 'metallib' (prebuilt tqmetal_kernels.metallib), 'runtime' (the "
       "embedded kernel sources, compiled by Metal at first use) or 'none', and why.");
   m.def(
+      "metallib_dirs",
+      [](const std::string& module_dir, const std::optional<std::string>& env_dir) {
+        std::vector<std::string> r;
+        for (const auto& d : tqm::metallib_dirs(module_dir, env_dir ? env_dir->c_str() : nullptr)) {
+          r.push_back(d.string());
+        }
+        return r;
+      },
+      "module_dir"_a, "env_dir"_a.none() = nb::none(),
+      "Where eval_gpu looks for tqmetal_kernels.metallib, given the binary's directory and TQMETAL_METALLIB_DIR.");
+  m.def(
       "metal_unsupported_reason",
       [](const nb::dict& d) { return tqm::metal_unsupported_reason(problem_from_dict(d)); },
       "problem"_a,

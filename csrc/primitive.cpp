@@ -3,7 +3,6 @@
 #include <stdexcept>
 
 #include "cpu/sdpa_int4_cpu.h"
-#include "metal/gpu_path.h"
 #include "mlx/fast.h"
 #include "mlx/ops.h"
 #include "mlx/transforms.h"
@@ -24,15 +23,6 @@ void ScaledDotProductAttentionInt4::eval_gpu(const std::vector<array>& inputs, a
   throw std::invalid_argument(
       "[tqmetal.sdpa_int4] stream: this build of tqmetal has no GPU kernels; "
       "use stream=mx.cpu");
-}
-
-const metal::GpuPath& metal::gpu_path() {
-  static const GpuPath none{
-      "none",
-      "this build has no Metal kernels: it was compiled against an MLX without Metal (Linux, or "
-      "MLX_BUILD_METAL off); sdpa_int4 runs on the CPU",
-      ""};
-  return none;
 }
 #endif
 

@@ -8,7 +8,9 @@
 //   "none"      no GPU kernels: a build without Metal (Linux), or no Metal device.
 #pragma once
 
+#include <filesystem>
 #include <string>
+#include <vector>
 
 namespace tqmetal::metal {
 
@@ -20,5 +22,10 @@ struct GpuPath {
 
 // Decided once per process (the environment is read at the first call).
 const GpuPath& gpu_path();
+
+// The directories searched for tqmetal_kernels.metallib, in order: TQMETAL_METALLIB_DIR
+// (`env_dir`) alone when set, else the directory of the binary that links tqmetal_core
+// (the extension module, in tqmetal/) and its parent (tqmetal_bench is in tqmetal/bin/).
+std::vector<std::filesystem::path> metallib_dirs(const std::filesystem::path& module_dir, const char* env_dir);
 
 } // namespace tqmetal::metal

@@ -61,15 +61,7 @@ tqm::GpuPath find_gpu_path() {
       "by Metal's run-time compiler at first use, once per process";
   if (forced == "runtime") return {"runtime", "TQMETAL_METAL_PATH=runtime" + compiled_at_first_use, ""};
 
-  // Where the metallib may be: TQMETAL_METALLIB_DIR, else beside the binary (the extension
-  // module in tqmetal/), else one level up (tqmetal_bench in tqmetal/bin/).
-  std::vector<std::filesystem::path> dirs;
-  if (const char* env = std::getenv("TQMETAL_METALLIB_DIR"); env && *env) {
-    dirs.push_back(env);
-  } else if (const auto here = module_dir(); !here.empty()) {
-    dirs.push_back(here);
-    dirs.push_back(here.parent_path());
-  }
+  const auto dirs = tqm::metallib_dirs(module_dir(), std::getenv("TQMETAL_METALLIB_DIR"));
   std::string searched;
   for (const auto& d : dirs) {
     std::error_code ec;
@@ -83,7 +75,7 @@ tqm::GpuPath find_gpu_path() {
     throw std::runtime_error("TQMETAL_METAL_PATH=metallib: no " + std::string(kMetallib) + ".metallib in " + searched);
   }
   if (!TQMETAL_METALLIB_BUILT) {
-    return {"runtime", std::string("the build had no Metal compiler (") + TQMETAL_METALLIB_STATUS + ")" +
+    return {"runtime", std::string("the build made no metallib (") + TQMETAL_METALLIB_STATUS + ")" +
                 compiled_at_first_use, ""};
   }
   return {"runtime", std::string(kMetallib) + ".metallib was built but is not in " + searched + compiled_at_first_use,
