@@ -192,3 +192,17 @@ def test_gpu_path_reports_this_build():
     assert g["path"] in ("metallib", "runtime", "none") and g["reason"]
     if not _ext.has_metal_kernels():
         assert g["path"] == "none" and "without Metal" in g["reason"]
+
+
+def test_metallib_search_dirs_cover_the_bench_binary():
+    """tqmetal_bench is installed in tqmetal/bin/, the metallib beside the extension in tqmetal/: the
+    search from the bench's directory reaches the extension's (issue 11, defect 3)."""
+    assert _ext.metallib_dirs("/site/tqmetal") == ["/site/tqmetal", "/site"]
+    assert _ext.metallib_dirs("/site/tqmetal/bin") == ["/site/tqmetal/bin", "/site/tqmetal"]
+    assert _ext.metallib_dirs("/site/tqmetal/bin", "/opt/metallib") == ["/opt/metallib"]
+    assert _ext.metallib_dirs("/site/tqmetal/bin", "") == ["/site/tqmetal/bin", "/site/tqmetal"]
+    assert _ext.metallib_dirs("") == []
+    pkg = pathlib.Path(_ext.__file__).resolve().parent
+    bench = pkg / "bin" / "tqmetal_bench"
+    if bench.exists():
+        assert str(pkg) in _ext.metallib_dirs(str(bench.parent))
