@@ -99,13 +99,19 @@ def test_generator_expands_once_and_keeps_lines(tmp_path):
 
 # --------------------------------------------------------------------------------------- strided inputs
 def _strided_last(arrays, prob, name):
-    """Store input `name` with its last two axes swapped in memory: the last axis gets stride = rows."""
+    """Store input `name` with a last-axis stride of 2: its elements interleaved with garbage (NaN, or
+    random words), which the result would show if a kernel read them."""
     x = arrays[name]
     assert prob[name]["offset"] == 0 and x.ndim == 4
-    buf = np.ascontiguousarray(np.swapaxes(x, 2, 3))
-    es = [s // buf.itemsize for s in buf.strides]
+    if x.dtype == np.uint32:
+        buf = np.random.default_rng(1).integers(0, 2**32, size=x.shape[:-1] + (2 * x.shape[-1],),
+                                                dtype=np.uint64).astype(np.uint32)
+    else:  # float16/float32 NaN, bfloat16 (uint16) NaN
+        buf = np.full(x.shape[:-1] + (2 * x.shape[-1],), 0x7FC0 if x.dtype == np.uint16 else np.nan, x.dtype)
+    buf[..., ::2] = x
+    es = [st // buf.itemsize for st in buf.strides]
     arrays[name] = buf
-    prob[name] = dict(prob[name], strides=[es[0], es[1], es[3], es[2]])
+    prob[name] = dict(prob[name], strides=[es[0], es[1], es[2], 2])
 
 
 @pytest.fixture(scope="module")
