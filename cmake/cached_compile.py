@@ -50,9 +50,19 @@ def main():
     pre = subprocess.run([cmd[0], "-E", "-P", *keep], capture_output=True)
     if pre.returncode != 0:
         return subprocess.call(cmd)  # let the real compile report the error
+    # The key: code generation flags (include paths and the source's own path only
+    # decide which text is compiled, and that text is hashed itself).
+    flags, skip = [], False
+    for a in keep:
+        if skip:
+            skip = False
+        elif a in ("-isystem", "-iquote", "-I"):
+            skip = True
+        elif not a.startswith("-I") and not a.endswith((".cpp", ".cc", ".cxx", ".c")):
+            flags.append(a)
     st = os.stat(shutil.which(cmd[0]) or cmd[0])
     h = hashlib.sha256()
-    h.update(repr((cmd[0], st.st_size, st.st_mtime_ns, keep)).encode())
+    h.update(repr((cmd[0], st.st_size, st.st_mtime_ns, flags)).encode())
     h.update(pre.stdout)
     key = os.path.join(cache_dir, h.hexdigest())
 
