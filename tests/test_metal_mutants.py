@@ -58,7 +58,7 @@ def grid(path: str):
 def run_grid_on_mutant(name: str, path: str):
     """(failed cases, total, first failure message) of the path's grid on mutant `name`."""
     tree = MM.mutated_tree(name)
-    lib = T.mslemu.compile(str(tree / MM.PATHS[path]), include_dirs=[T.mlx_include()], racecheck=False)
+    lib = T.mslemu.compile(str(tree / MM.PATHS[path]), include_dirs=[T.mlx_include()], instrument=False)
     planner = _ext.plan_sdpa_int4_decode if path == "decode" else _ext.plan_sdpa_int4_prefill
     failed, first, cases = 0, "", grid(path)
     for desc, case, kw in cases:

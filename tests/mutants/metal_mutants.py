@@ -66,7 +66,12 @@ def applies_to(name: str, path: str) -> bool:
 
 def mutated_tree(name: str, dest: pathlib.Path | None = None) -> pathlib.Path:
     """A copy of metal/ with mutant `name` applied; returns the folder."""
-    dest = pathlib.Path(dest or tempfile.mkdtemp(prefix=f"tqmetal_mutant_{name}_"))
+    if dest is None:
+        # a fixed folder: the emulator caches libraries by source text and path
+        dest = pathlib.Path(tempfile.gettempdir()) / f"tqmetal-mutant-{name}"
+        shutil.rmtree(dest, ignore_errors=True)
+        dest.mkdir(parents=True)
+    dest = pathlib.Path(dest)
     for f in METAL_DIR.iterdir():
         if f.is_file():
             shutil.copy(f, dest / f.name)
