@@ -49,9 +49,9 @@ CASES = [
     ("tail_only_bool_dead", dict(B=2, Hq=2, Hkv=1, L=3, N=0, T=17, D=64, dtype="bfloat16", mask="bool_dead")),
     ("tail_only_one_token", dict(Hq=2, Hkv=1, N=0, T=1, D=256, dtype="float16", group_size=128, sinks=True)),
     ("L3_three_row_tiles", dict(Hq=8, Hkv=1, L=3, N=70, T=2, D=64, dtype="float16", mask="causal", sinks=True)),
-    ("L4_four_row_tiles", dict(Hq=8, Hkv=2, L=4, N=45, D=128, dtype="float32", mask="bool_BHLN")),
+    ("L4_four_row_tiles", dict(Hq=8, Hkv=1, L=4, N=45, D=128, dtype="float32", mask="bool_BHLN")),
     ("L5_three_row_tiles", dict(Hq=4, Hkv=1, L=5, N=50, T=5, D=64, dtype="bfloat16", mask="add_inf", k_bits=8)),
-    ("L6_three_row_tiles", dict(Hq=4, Hkv=2, L=6, N=33, D=128, dtype="float16", mask="causal", v_bits=8)),
+    ("L6_three_row_tiles", dict(Hq=4, Hkv=1, L=6, N=33, D=128, dtype="float16", mask="causal", v_bits=8)),
     ("L7_four_row_tiles", dict(Hq=4, Hkv=1, L=7, N=60, T=3, D=64, dtype="float32", mask="bool_dead",
                                sinks=True)),
     ("L8_four_row_tiles", dict(Hq=4, Hkv=1, L=8, N=40, D=128, dtype="float16", mask="causal")),
@@ -173,7 +173,7 @@ REFUSALS = [
     (dict(k_bits=2), "both", "bits k2v4"),
     (dict(v_bits=3), "both", "bits k4v3"),
     (dict(group_size=48), "prefill", "group size 48"),
-    (dict(group_size=24, D=96), "prefill", "does not divide"),
+    (dict(D=80, group_size=32), "prefill", "does not divide"),
     (dict(Hkv=3), "both", "multiple of H_kv"),
     (dict(q=dict(strides=[512, 64, 64, 2])), "both", "q: last axis"),
     (dict(k_packed=dict(strides=[640, 320, 8, 2])), "both", "k_packed: last axis"),
@@ -185,8 +185,8 @@ REFUSALS = [
     (dict(mask=dict(strides=[0, 44, 1])), "both", "mask strides"),
     (dict(N=2**31 - 2), "both", "32-bit token"),
     (dict(L=2**29), "both", "32-bit row"),
-    (dict(case=dict(L=5)), "decode", "too many query rows"),  # 8 * 5 = 40 rows > 32
-    (dict(case=dict(D=256, L=3)), "decode", "too many query rows"),  # 24 rows > 16 at D = 256
+    (dict(case=dict(L=9)), "decode", "too many query rows"),  # G 4 x L 9 = 36 rows > 4 tiles of 8
+    (dict(case=dict(D=256, L=5)), "decode", "too many query rows"),  # 20 rows > 4 tiles of 4 at D = 256
     (dict(case=dict(D=48, group_size=16)), "prefill", "head dim 48"),
     (dict(B=2**31 - 1), "prefill", "grid too large"),
 ]
@@ -211,7 +211,8 @@ def test_planner_empty_cache_layout_ignored():
 
 def test_planner_combined_choice_and_unsupported_reason():
     assert _ext.plan_sdpa_int4(_prob())["path"] == "decode"
-    assert _ext.plan_sdpa_int4(_prob(case=dict(L=5)))["path"] == "prefill"
+    assert _ext.plan_sdpa_int4(_prob(case=dict(L=8)))["path"] == "decode"  # 32 rows: 4 tiles
+    assert _ext.plan_sdpa_int4(_prob(case=dict(L=9)))["path"] == "prefill"
     p = _ext.plan_sdpa_int4(_prob(k_bits=2))
     assert p["path"] == "none" and "decode:" in p["reason"] and "prefill:" in p["reason"]
     # the op's rule ignores layouts (eval_gpu copies) but not dtypes of the tails
@@ -235,7 +236,8 @@ def test_planner_explicit_blocks(blocks, NT, want_blocks):
 def test_planner_automatic_blocks():
     # few threadgroups (B * Hkv * row_tiles = 2) for 32 cores: split, each block >= 256 tokens
     p = _ext.plan_sdpa_int4_decode(_prob(case=dict(N=4000, T=0), gpu_cores=32))
-    assert p["two_pass"] and p["blocks"] == 15 and p["block_len"] >= 256
+    assert p["two_pass"] and p["block_len"] >= 256 and p["block_len"] % 32 == 0
+    assert p["blocks"] == -(-4000 // p["block_len"]) and p["blocks"] <= 15
     # enough threadgroups already: one pass
     assert not _ext.plan_sdpa_int4_decode(_prob(case=dict(N=4000, T=0), B=64, gpu_cores=32))["two_pass"]
     # too short to split into >= 256-token blocks
