@@ -170,5 +170,7 @@ def run_case(lib, case, order, *, strided=False, transposed_q=False, blocks=0, s
         assert plan["two_pass"] == expect_two_pass, plan
     out = out_buffer(case)
     stats = execute(lib, plan, arrays, out, order)
-    R.check_close(out_values(case, out), case.reference(), case.tol(), context=repr(case))
+    # the Metal kernels compute in float: the float paths' bound, whatever CPU this is
+    R.check_close(out_values(case, out), case.reference(), R.tolerance(case.q.dtype, int16_query=False),
+                  context=repr(case))
     return plan, stats, arrays, out

@@ -140,8 +140,8 @@ def test_foreign_state():
     k, v = kv(5)
     other = mlc.KVCache()
     other.update_and_fetch(k, v)
-    with pytest.raises(ValueError, match=r"Int4KVCache.state: expected .* got 2 items"):
-        Int4KVCache.from_state(other.state, other.meta_state)
+    with pytest.raises(ValueError, match=r"Int4KVCache.state: expected .* got \d+ items"):
+        Int4KVCache.from_state(other.state, None)
     with pytest.raises(ValueError, match=r"Int4KVCache.state: expected"):
         Int4KVCache.from_state((k, v, None, None, None, None, {"offset": "5"}), None)
     good = make()

@@ -14,14 +14,6 @@ import edge_grid
 import fuzz_cases as F
 from cpu_variants import LEVELS
 
-# Which variants show which pending bug (measured on an AVX-512/AMX Xeon with main at
-# 879a3e9): the strict xfails fail ("XPASS(strict)") as soon as a variant is fixed.
-BUG_VARIANTS = {
-    "batch0": set(LEVELS),
-    "q_nonfinite": {"avx512vnni", "avx512amx"},
-    "k_group_nonfinite": {"avx512", "avx512vnni", "avx512amx"},
-}
-
 
 def _run(cpu_workers, isa, spec):
     if isa not in cpu_workers:
@@ -45,17 +37,18 @@ def test_nonfinite_inputs(cpu_workers, isa, name, spec):
 
 def _pending_params():
     out = []
-    for bug, spec in edge_grid.PENDING:
+    for bug, name, spec, failing in edge_grid.PENDING:
         for isa in LEVELS:
             marks = []
-            if bug in F.PENDING_KERNEL_FIXES and isa in BUG_VARIANTS[bug]:
+            if bug in F.PENDING_KERNEL_FIXES and isa in failing:
                 marks = [pytest.mark.xfail(strict=True, reason=f"issue 14 CPU kernel bug '{bug}' (lead's fix pending)")]
-            out.append(pytest.param(isa, bug, spec, marks=marks, id=f"{bug}-{isa}-{spec['seed']}"))
+            out.append(pytest.param(isa, spec, marks=marks, id=f"{name}-{isa}"))
     return out
 
 
-@pytest.mark.parametrize("isa,bug,spec", _pending_params())
-def test_pending_kernel_fixes(cpu_workers, isa, bug, spec):
-    """B = 0 -> an empty result (not SIGFPE); a NaN/inf query row -> NaN; a key group with a
-    NaN/inf scale or bias -> NaN in every row that sees it, as mx.fast on the dequantized cache."""
+@pytest.mark.parametrize("isa,spec", _pending_params())
+def test_pending_kernel_fixes(cpu_workers, isa, spec):
+    """B = 0 -> an empty result (not SIGFPE); NaN/inf in a query row, a key group's scale or
+    bias, a tail key or an additive mask -> NaN where mx.fast on the dequantized cache is NaN;
+    a hidden row with a -inf sink -> the uniform average."""
     _run(cpu_workers, isa, spec)

@@ -69,7 +69,8 @@ def run_metal(libs, spec: dict):
     lib = libs[0] if plan["path"] == "decode" else libs[1]
     out = MP.out_buffer(c)
     MP.execute(lib, plan, arrays, out, "reverse")
-    R.check_close(MP.out_values(c, out), c.reference(), c.tol(), context=f"metal {plan['path']} {c!r}")
+    R.check_close(MP.out_values(c, out), c.reference(), R.tolerance(c.q.dtype, int16_query=False),
+                  context=f"metal {plan['path']} {c!r}")
     return plan["path"]
 
 
@@ -125,11 +126,12 @@ def specs(draw, *, focus: str):
             sp["dtype"] = "float16"
     elif focus == "nonfinite":
         sp["mask"] = draw(st.sampled_from(["none", "causal", "bool_dead", "add_LN", "add_inf", "bool_few"]))
-        targets = ["k_tail", "mask", "sinks", "v_scales", "v_biases", "v_tail"]
-        if "q_nonfinite" not in F.PENDING_KERNEL_FIXES:
+        pending = F.PENDING_KERNEL_FIXES
+        targets = ["mask", "sinks", "v_scales", "v_biases", "v_tail"]
+        if "q_nonfinite" not in pending:
             targets.append("q")
-        if "k_group_nonfinite" not in F.PENDING_KERNEL_FIXES:
-            targets += ["k_scales", "k_biases"]
+        if "k_nonfinite" not in pending:
+            targets += ["k_scales", "k_biases", "k_tail"]
         poison = []
         for _ in range(draw(st.integers(1, 2))):
             where = draw(st.sampled_from(targets))
@@ -137,7 +139,14 @@ def specs(draw, *, focus: str):
                 # a non-finite value at a key whose weight is exactly 0 is where MLX's own
                 # paths disagree (tests/reference.py): values only with no hiding mask
                 sp["mask"] = draw(st.sampled_from(["none", "add_LN"]))
-            value = draw(st.sampled_from(["nan", "inf", "-inf"]))
+            values = ["nan", "inf", "-inf"]
+            if where == "mask" and "mask_nonfinite" in pending:
+                values = ["-inf"]
+            if where == "v_scales" and "v_scale_inf" in pending:
+                values = ["nan"]
+            if where == "sinks" and "dead_row_neg_inf_sink" in pending:
+                values = ["nan", "inf"]
+            value = draw(st.sampled_from(values))
             poison.append([where, value] + draw(st.lists(st.integers(0, 10_000), min_size=4, max_size=4)))
         sp["poison"] = poison
     return sp

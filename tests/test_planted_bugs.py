@@ -34,9 +34,9 @@ def mutant_output(c: R.Case, bug: str) -> np.ndarray:
     return R.to_f64(mx.array(mut.astype(np.float32)).astype(c.q.dtype))
 
 
-def caught(c: R.Case, bug: str) -> bool:
+def caught(c: R.Case, bug: str, int16_query: bool = False) -> bool:
     try:
-        R.check_close(mutant_output(c, bug), c.reference(), c.tol())
+        R.check_close(mutant_output(c, bug), c.reference(), R.tolerance(c.q.dtype, int16_query=int16_query))
     except AssertionError:
         return True
     return False
@@ -50,10 +50,10 @@ def applicable(c: R.Case, bug: str) -> bool:
     return True
 
 
-def grid_catches(cases, bug):
+def grid_catches(cases, bug, int16_query=False):
     cases = [c for c in cases if applicable(c, bug)]
     assert cases, f"no case of the grid can show {bug}"
-    hits = [caught(c, bug) for c in cases]
+    hits = [caught(c, bug, int16_query) for c in cases]
     return sum(hits), len(hits)
 
 
@@ -88,7 +88,10 @@ def sdpa_grid_cases():
     return cases
 
 
-GRIDS = ["edge", "sdpa", "metal_decode", "metal_prefill"]
+# (grid, bound set): the CPU grids run on the float variants (generic, avx2, avx512) and the
+# integer ones (avx512vnni, avx512amx: float32's bound is looser there, reference.TOL_OP_INT16_QUERY)
+GRIDS = [("edge", False), ("edge", True), ("sdpa", False), ("sdpa", True), ("metal_decode", False),
+         ("metal_prefill", False)]
 
 
 @pytest.fixture(scope="module")
@@ -102,17 +105,19 @@ def grids():
 
 
 @pytest.mark.parametrize("bug", R.PLANTED_BUGS)
-@pytest.mark.parametrize("grid", GRIDS)
-def test_planted_bug_fails_grid(grids, grid, bug):
-    hit, n = grid_catches(grids[grid], bug)
+@pytest.mark.parametrize("grid,int16_query", GRIDS, ids=[f"{g}{'-int16q' if i else ''}" for g, i in GRIDS])
+def test_planted_bug_fails_grid(grids, grid, int16_query, bug):
+    hit, n = grid_catches(grids[grid], bug, int16_query)
     assert hit > 0, f"{bug}: no case of the {grid} grid fails ({n} applicable)"
 
 
-@pytest.mark.parametrize("bug", ["drop_last_key", "sinks_by_kv_head"])
-def test_bug_caught_by_most_cases(grids, bug):
-    """Not by luck: dropping the last key or misreading a sink moves most applicable cases of
-    the edge grid past the bound (the data make the last keys and the sinks matter)."""
-    hit, n = grid_catches(grids["edge"], bug)
+@pytest.mark.parametrize("int16_query", [False, True], ids=["float", "int16q"])
+@pytest.mark.parametrize("bug", ["drop_last_key", "sinks_by_kv_head", "causal_off_by_one"])
+def test_bug_caught_by_most_cases(grids, bug, int16_query):
+    """Not by luck: dropping the last key, misreading a sink or moving the diagonal puts most
+    applicable cases of the edge grid past the bound (the data make the last keys and the
+    sinks matter)."""
+    hit, n = grid_catches(grids["edge"], bug, int16_query)
     assert hit >= 0.8 * n, f"{bug}: only {hit} of {n} edge-grid cases fail"
 
 
@@ -121,8 +126,8 @@ def test_correct_reference_passes(grids):
     for c in grids["edge"][:40]:
         K, V = c.kv_ref()
         out = R.attention_ref(c.q, K, V, scale=c.scale, mask=c.mask, sinks=c.sinks)
-        R.check_close(R.to_f64(mx.array(out.astype(np.float32)).astype(c.q.dtype)), c.reference(), c.tol(),
-                      context=repr(c))
+        R.check_close(R.to_f64(mx.array(out.astype(np.float32)).astype(c.q.dtype)), c.reference(),
+                      R.tolerance(c.q.dtype, int16_query=False), context=repr(c))
 
 
 def test_metal_mutants_still_apply(tmp_path):
