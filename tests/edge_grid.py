@@ -71,6 +71,9 @@ INT16 = ("avx512vnni", "avx512amx")
 PENDING = [
     ("batch0", *_spec("batch0_decode", B=0, N=256, D=64, Hq=8, Hkv=2, dtype="float16"), ALL),
     ("batch0", *_spec("batch0_prefill", B=0, N=40, L=40, mask="causal"), ALL),
+    ("empty_rows", *_spec("no_query_rows", L=0, N=70, T=3, mask="causal"), ALL),
+    ("no_keys", *_spec("no_keys_decode", N=0, T=0, L=1, sinks=True, dtype="float16"), ALL),
+    ("no_keys", *_spec("no_keys_prefill", N=0, T=0, L=40), ALL),
     ("q_nonfinite", *_spec("q_nan_row_decode", N=300, D=128, group_size=64, Hq=8, Hkv=2,
                            poison=[["q", "nan", 0, 3, 0, 5]]), INT16),
     ("q_nonfinite", *_spec("q_inf_decode", N=70, T=4, poison=[["q", "inf", 0, 1, 0, 3]]), AVX512),

@@ -33,6 +33,9 @@ import reference as R
 # xfails on the variants that fail them; remove the name when the fix is merged (the
 # strict xfails then report XPASS until edge_grid.PENDING's entries move to the grid).
 #   batch0                B = 0 kills the process (SIGFPE, an integer division by zero)
+#   empty_rows            L = 0 is refused (ValueError "needs at least one query"); mx.fast
+#                         returns the empty [B, H, 0, D] (csrc/sdpa_int4.cpp)
+#   no_keys               N + T = 0 is refused ("the cache is empty"); mx.fast returns zeros
 #   q_nonfinite           a NaN/inf query row comes out finite (the int16 query rounding of
 #                         the VNNI/AMX decode; the AVX-512 kernels on inf and in prefill)
 #   k_nonfinite           a key group with a NaN/inf scale or bias (mx.quantize of a group
@@ -45,7 +48,7 @@ import reference as R
 #                         (VNNI/AMX decode: the centred codes' bias term is inf - inf)
 #   dead_row_neg_inf_sink a row whose every key a boolean mask hides, with a -inf sink: NaN
 #                         instead of the uniform average MLX gives (every variant)
-PENDING_KERNEL_FIXES = {"batch0", "q_nonfinite", "k_nonfinite", "mask_nonfinite", "v_scale_inf",
+PENDING_KERNEL_FIXES = {"batch0", "empty_rows", "no_keys", "q_nonfinite", "k_nonfinite", "mask_nonfinite", "v_scale_inf",
                         "dead_row_neg_inf_sink"}
 
 POISON_TARGETS = ("q", "k_scales", "k_biases", "v_scales", "v_biases", "k_tail", "v_tail", "mask", "sinks")

@@ -222,7 +222,7 @@ KV_OPTION_CASES = [
     ([], (4, 4, 64, 128, 4, None, None, None)),
     (["--kv", "int8", "--kv-group-size", "32"], (8, 8, 32, 128, 4, None, None, None)),
     (["--kv", "k8v4", "--kv-window", "16", "--kv-sinks", "0"], (8, 4, 64, 16, 0, None, None, None)),
-    (["--kv", "k4v8", "--kv-group-size", "128", "--no-rotate-keys"], (4, 8, 128, 128, 4, False, None, None)),
+    (["--kv", "k4v8", "--kv-group-size", "32", "--no-rotate-keys"], (4, 8, 32, 128, 4, False, None, None)),
     (["--kv-group-size", "16", "--rotate-keys", "--kv-sinks", "2"], (4, 4, 16, 128, 2, True, None, None)),
     (["--max-kv-size", "96", "--kv-sinks", "3", "--kv-window", "8"], (4, 4, 64, 8, 3, None, 96, 3)),
     (["--kv", "fp16", "--max-kv-size", "64"], None),

@@ -47,8 +47,8 @@ def grid(path: str):
         for name, kw in ME.CASES:
             c = R.make_case(seed=len(name), **kw)
             out.append((name, c, dict(blocks=1)))
-            if kw["N"] + kw.get("T", 0) >= 2:
-                out.append((name + "/2blocks", c, dict(blocks=2)))
+            if kw["N"] + kw.get("T", 0) > 32:
+                out.append((name + "/3blocks", c, dict(blocks=3)))
     else:
         for name, kw in MP.CASES:
             out.append((name, R.make_case(seed=len(name), **kw), {}))
