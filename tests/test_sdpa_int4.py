@@ -618,7 +618,8 @@ def test_matches_mx_fast(mask, sinks, dtype):
         K, V = c.dequantized_mx()
         fast = mx.fast.scaled_dot_product_attention(c.q, K, V, scale=c.scale, mask=c.mask, sinks=c.sinks)
         out = run_op(c)
-        R.check_close(out, fast, R.tolerance_mx_fast(c.q.dtype), context=f"op vs mx.fast {c!r}")
+        tol = max(c.tol(), R.tolerance_mx_fast(c.q.dtype))  # both err: the larger bound
+        R.check_close(out, fast, tol, context=f"op vs mx.fast {c!r}")
 
 
 # ==================================================================================
