@@ -60,11 +60,10 @@ for ext in ("big_scores", "scales0", "equal_keys", "scale0"):
     GRID.append(_spec(f"extreme_{ext}", extreme=ext, L=2, N=90, T=2, mask="causal", sinks=True,
                       dtype="float16"))
 
-# The inputs of the CPU kernel bugs being fixed (fuzz_cases.PENDING_KERNEL_FIXES):
-# (bug, name, spec, the variants that fail it on main at 45c88fd, measured on this repo's
-# CI machine: generic, avx2, avx512, avx512vnni; AMX untested here).  Separate so that
-# their strict xfails do not hide the rest of the grid; the Metal kernels (emulated) pass
-# every one of them.
+# The inputs of the bugs these tests found: (bug, name, spec, the variants that failed it
+# before its fix, measured on generic, avx2, avx512, avx512vnni; AMX untested here).  A bug
+# still in fuzz_cases.PENDING_KERNEL_FIXES makes its cases strict xfails on those variants;
+# the others run as ordinary cases.  The Metal kernels (emulated) pass every one of them.
 ALL = ("generic", "avx2", "avx512", "avx512vnni", "avx512amx")
 AVX512 = ("avx512", "avx512vnni", "avx512amx")
 INT16 = ("avx512vnni", "avx512amx")

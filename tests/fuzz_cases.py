@@ -27,29 +27,22 @@ import numpy as np
 
 import reference as R
 
-# CPU kernel bugs found by these tests and not yet fixed on main (issue 14; the lead
-# fixes csrc/cpu). While a name is here, the fuzz suite does not draw the inputs that
-# hit it and tests/test_edge_values.py marks its cases (edge_grid.PENDING) as strict
-# xfails on the variants that fail them; remove the name when the fix is merged (the
-# strict xfails then report XPASS until edge_grid.PENDING's entries move to the grid).
-#   batch0                B = 0 kills the process (SIGFPE, an integer division by zero)
+# Bugs found by these tests (issue 14) and not yet fixed on main. While a name is here,
+# the fuzz suite does not draw the inputs that hit it and tests/test_edge_values.py marks
+# its cases (edge_grid.PENDING) as strict xfails on the variants that fail them; remove the
+# name when the fix is merged (the strict xfails then report XPASS until it is).
 #   empty_rows            L = 0 is refused (ValueError "needs at least one query"); mx.fast
 #                         returns the empty [B, H, 0, D] (csrc/sdpa_int4.cpp)
 #   no_keys               N + T = 0 is refused ("the cache is empty"); mx.fast returns zeros
-#   q_nonfinite           a NaN/inf query row comes out finite (the int16 query rounding of
-#                         the VNNI/AMX decode; the AVX-512 kernels on inf and in prefill)
-#   k_nonfinite           a key group with a NaN/inf scale or bias (mx.quantize of a group
-#                         holding inf gives a NaN scale), or a NaN/inf tail key, does not
-#                         make the rows that see it NaN (AVX-512 kernels; every variant's
-#                         decode for an infinite bias: the factored bias * sum(q) is +-inf
-#                         where the dequantized key's dot product is NaN)
-#   mask_nonfinite        NaN or +inf in an additive mask does not make the row NaN (AVX-512)
-#   v_scale_inf           an infinite V scale gives NaN where the dequantized value is +-inf
-#                         (VNNI/AMX decode: the centred codes' bias term is inf - inf)
 #   dead_row_neg_inf_sink a row whose every key a boolean mask hides, with a -inf sink: NaN
-#                         instead of the uniform average MLX gives (every variant)
-PENDING_KERNEL_FIXES = {"batch0", "empty_rows", "no_keys", "q_nonfinite", "k_nonfinite", "mask_nonfinite", "v_scale_inf",
-                        "dead_row_neg_inf_sink"}
+#                         instead of the uniform average MLX gives (every CPU variant; the
+#                         Metal kernels give the average)
+# Fixed by the lead's 8b74eea (the names edge_grid.PENDING still uses): batch0 (B = 0 was
+# SIGFPE), q_nonfinite (NaN/inf query rows came out finite: the int16 query rounding, the
+# AVX-512 max), k_nonfinite (NaN/inf key scales, biases or tail keys; an infinite bias in
+# every variant's decode), mask_nonfinite (NaN/+inf additive masks on AVX-512), v_scale_inf
+# (an infinite V scale gave NaN for +-inf on VNNI).
+PENDING_KERNEL_FIXES = {"empty_rows", "no_keys", "dead_row_neg_inf_sink"}
 
 POISON_TARGETS = ("q", "k_scales", "k_biases", "v_scales", "v_biases", "k_tail", "v_tail", "mask", "sinks")
 
