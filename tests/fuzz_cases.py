@@ -54,6 +54,8 @@ def _value(v) -> float:
 def _poke(a: mx.array, index, value: float) -> mx.array:
     """a with one element replaced (a new contiguous array in a's dtype)."""
     x = np.array(R.to_numpy(a))  # bfloat16 arrives as float32 (exact) and goes back
+    if x.size == 0:
+        return a
     idx = tuple(int(i) % s for i, s in zip(index, x.shape)) if x.ndim else ()
     x[idx] = value
     return mx.array(x).astype(a.dtype)

@@ -564,6 +564,8 @@ def make_mask(kind: str, B: int, Hq: int, L: int, N: int, dtype, rng):
 
     def rand_bool(shape, p_keep=0.7):
         m = rng.random(shape) < p_keep
+        if m.size == 0:
+            return m
         # keep every row alive by letting each row see at least one key
         flat = m.reshape(-1, shape[-1])
         idx = rng.integers(0, shape[-1], size=flat.shape[0])
@@ -586,7 +588,7 @@ def make_mask(kind: str, B: int, Hq: int, L: int, N: int, dtype, rng):
     if kind == "bool_dead":
         m = rand_bool((B, Hq, L, N))
         flat = m.reshape(-1, N)
-        n_dead = max(1, flat.shape[0] // 4)
+        n_dead = max(1, flat.shape[0] // 4) if flat.shape[0] else 0
         dead = rng.choice(flat.shape[0], size=n_dead, replace=False)
         flat[dead] = False
         return mx.array(flat.reshape(B, Hq, L, N))
@@ -608,14 +610,15 @@ def make_mask(kind: str, B: int, Hq: int, L: int, N: int, dtype, rng):
     if kind == "bool_few":
         m = np.zeros((B, 1, L, N), dtype=bool)
         flat = m.reshape(-1, N)
-        for r in range(flat.shape[0]):
+        for r in range(flat.shape[0] if N else 0):
             flat[r, rng.integers(0, N, size=3)] = True
         return mx.array(m)
     if kind == "bool_L1":
         m = rng.random((L, 1)) < 0.7
         if L > 1:
             m[0, 0] = False  # one dead row (uniform average / 0 with sinks)
-        m[-1, 0] = True
+        if L > 0:
+            m[-1, 0] = True
         return mx.array(m)
     if kind == "bool_stride2":
         buf = mx.array(rand_bool((1, L, 2 * N)))
@@ -637,7 +640,7 @@ def make_mask(kind: str, B: int, Hq: int, L: int, N: int, dtype, rng):
     if kind == "add_dead":
         a = rand_add((B, Hq, L, N))
         flat = a.reshape(-1, N)
-        n_dead = max(1, flat.shape[0] // 4)
+        n_dead = max(1, flat.shape[0] // 4) if flat.shape[0] else 0
         dead = rng.choice(flat.shape[0], size=n_dead, replace=False)
         flat[dead] = -np.inf
         return mx.array(flat.reshape(B, Hq, L, N)).astype(dtype)
