@@ -74,7 +74,7 @@ def op_rounds_query_to_int16() -> bool:
     return _INT16_QUERY
 # mx.fast itself computes in the input dtype (scores rounded to float16/bfloat16):
 # comparisons of mx.fast against the reference need this looser per-row bound.
-TOL_MX_FAST = {"float16": 5e-5, "bfloat16": 2e-3, "float32": 1e-9}
+TOL_MX_FAST = {"float16": 5e-5, "bfloat16": 2e-3, "float32": 1e-7}
 # Old whole-output NMSE bounds (kept for callers outside the kernel grid).
 TOL_F32 = 1e-6
 TOL_HALF = 5e-4
