@@ -56,8 +56,10 @@ TOL_OP = {"float16": 1e-6, "bfloat16": 2e-5, "float32": 1e-9}
 # softmax weights of a block to int16 (README, "Decode on AVX512-VNNI CPUs"): about 1e-5
 # relative on the logits, so the error grows with the logits' size: float32 outputs show
 # it (measured worst row 1.5e-7 at sharpness 8, 2.5e-7 with scale 1, 3e-9 on ordinary
-# data); float16/bfloat16 rounding hides it.
-TOL_OP_INT16_QUERY = {**TOL_OP, "float32": 1e-6}
+# data; 1.95e-6 for one row of the fuzz suite's "scales0" extreme, where some groups'
+# scales are 0 and a block's int16 weights are scaled to the few rows left);
+# float16/bfloat16 rounding hides it.
+TOL_OP_INT16_QUERY = {**TOL_OP, "float32": 5e-6}
 _INT16_QUERY = None
 
 
@@ -587,6 +589,8 @@ def make_mask(kind: str, B: int, Hq: int, L: int, N: int, dtype, rng):
         return mx.array(rand_bool((B, 1, 1, N)))
     if kind == "bool_dead":
         m = rand_bool((B, Hq, L, N))
+        if not m.size:  # (reshape(-1, 0) of an empty array is ambiguous)
+            return mx.array(m)
         flat = m.reshape(-1, N)
         n_dead = max(1, flat.shape[0] // 4) if flat.shape[0] else 0
         dead = rng.choice(flat.shape[0], size=n_dead, replace=False)
@@ -609,9 +613,10 @@ def make_mask(kind: str, B: int, Hq: int, L: int, N: int, dtype, rng):
         return mx.array(w)
     if kind == "bool_few":
         m = np.zeros((B, 1, L, N), dtype=bool)
-        flat = m.reshape(-1, N)
-        for r in range(flat.shape[0] if N else 0):
-            flat[r, rng.integers(0, N, size=3)] = True
+        if m.size:  # (reshape(-1, 0) of an empty array is ambiguous)
+            flat = m.reshape(-1, N)
+            for r in range(flat.shape[0]):
+                flat[r, rng.integers(0, N, size=3)] = True
         return mx.array(m)
     if kind == "bool_L1":
         m = rng.random((L, 1)) < 0.7

@@ -102,11 +102,11 @@ def shapes(draw, *, small: bool = False):
     B = draw(st.sampled_from([1, 1, 2] + ([] if "batch0" in F.PENDING_KERNEL_FIXES else [0])))
     # L from 1 (decode) to past the CPU prefill threshold (32 rows per KV head)
     L = draw(st.sampled_from([1, 1, 2, 3, 4, 5, 8, 9, 17, 33, 40]))
-    if "empty_rows" not in F.PENDING_KERNEL_FIXES and draw(st.integers(0, 9)) == 0:
+    if "empty_rows" not in F.PENDING_KERNEL_FIXES | F.FUZZ_NOT_DRAWN and draw(st.integers(0, 9)) == 0:
         L = 0
     T = draw(st.sampled_from([0, 0, 1, 5, 16]))
     N = draw(st.sampled_from([0, 1, 2, 31, 64, 65, 130, 257] if not small else [0, 1, 7, 33]))
-    if N + T == 0 and "no_keys" in F.PENDING_KERNEL_FIXES:
+    if N + T == 0 and "no_keys" in F.PENDING_KERNEL_FIXES | F.FUZZ_NOT_DRAWN:
         T = 1
     return dict(B=B, Hq=Hq, Hkv=Hkv, L=L, N=N, T=T, D=D, group_size=gs,
                 k_bits=draw(st.sampled_from([4, 8])), v_bits=draw(st.sampled_from([4, 8])))
@@ -130,7 +130,7 @@ def specs(draw, *, focus: str):
             sp["dtype"] = "float16"
     elif focus == "nonfinite":
         sp["mask"] = draw(st.sampled_from(["none", "causal", "bool_dead", "add_LN", "add_inf", "bool_few"]))
-        pending = F.PENDING_KERNEL_FIXES
+        pending = F.PENDING_KERNEL_FIXES | F.FUZZ_NOT_DRAWN
         targets = ["mask", "sinks", "v_scales", "v_biases", "v_tail"]
         if "q_nonfinite" not in pending:
             targets.append("q")

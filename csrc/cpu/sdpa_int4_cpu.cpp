@@ -133,13 +133,16 @@ void finalize_row(const Problem& p, int b, int hkv, int row, float m, float l, c
   const int D = p.D;
   float* tmp = static_cast<float*>(alloca(sizeof(float) * D));
   std::memcpy(tmp, o, sizeof(float) * D);
-  if (p.sinks) {
-    const float sk = p.sinks[h] * 1.4426950408889634f;
+  const float sk = p.sinks ? p.sinks[h] * 1.4426950408889634f : 0.f;
+  // MLX's masked logits are the lowest finite value, which a -inf sink does not
+  // outweigh: a row whose every key is masked is then the mean of V, as without sinks.
+  const bool dead = l == 0.f && m == -std::numeric_limits<float>::infinity();
+  if (p.sinks && !(dead && sk == -std::numeric_limits<float>::infinity())) {
     const float mnew = std::max(m, sk);
     const float alpha = (m == -std::numeric_limits<float>::infinity()) ? 0.f : std::exp2(m - mnew);
     for (int d = 0; d < D; ++d) tmp[d] *= alpha;
     l = l * alpha + std::exp2(sk - mnew);
-  } else if (l == 0.f && (p.mask_kind == MaskKind::causal || p.mask_kind == MaskKind::boolean)) {
+  } else if (dead && (p.mask_kind == MaskKind::causal || p.mask_kind == MaskKind::boolean)) {
     std::fill(tmp, tmp + D, 0.f);
     for (int64_t n = 0; n < p.N; ++n) {
       for (int d = 0; d < D; ++d) tmp[d] += dequant_at(p, p.v, b, hkv, n, d);
