@@ -742,6 +742,14 @@ class Int4KVCache(_mlc._BaseCache):
             obj.meta_state = meta_state
         return obj
 
+    @classmethod
+    def merge(cls, caches):
+        """One batch cache of these caches, for mlx-lm's ``BatchGenerator`` and server
+        (:mod:`tqmetal.batch_cache`)."""
+        from .batch_cache import merge_caches  # batch_cache builds on this module
+
+        return merge_caches(caches)
+
     def is_trimmable(self):
         return True
 
