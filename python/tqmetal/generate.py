@@ -166,7 +166,7 @@ def kv_report(caches) -> dict:
             if c.empty():
                 continue
             n = c.size()
-            h, dk, dv = c._fk.shape[1], c._fk.shape[-1], c._fv.shape[-1]
+            h, dk, dv = c.fp.keys.shape[1], c.fp.keys.shape[-1], c.fp.values.shape[-1]
             used += c.nbytes_used
             allocated += c.nbytes
         elif isinstance(c, (mlc.KVCache, mlc.RotatingKVCache, mlc.QuantizedKVCache)):

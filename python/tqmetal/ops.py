@@ -113,3 +113,22 @@ def cpu_isa() -> str:
 def num_threads() -> int:
     """Threads the CPU kernels use (TQMETAL_NUM_THREADS overrides)."""
     return _ext.num_threads()
+
+
+_GPU_OK = None
+
+
+def fused_op_available() -> bool:
+    """Whether sdpa_int4 runs on the default device (CPU always; GPU with a Metal build)."""
+    global _GPU_OK
+    if mx.default_device() == mx.cpu:
+        return True
+    if _GPU_OK is None:
+        try:
+            z = mx.zeros((1, 1, 1, 32))
+            zq = quantize(z, 32, 4)
+            sdpa_int4(z, zq, zq, scale=1.0, group_size=32, stream=mx.gpu)
+            _GPU_OK = True
+        except Exception:
+            _GPU_OK = False
+    return _GPU_OK
