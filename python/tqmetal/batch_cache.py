@@ -46,14 +46,14 @@ import mlx.core as mx
 from mlx_lm.models import cache as _mlc
 from mlx_lm.models.base import create_causal_mask
 
-from . import cache as _cache
-from .ops import quantize, sdpa_int4
+from .cache_storage import STORAGE_DTYPE, dequantize
+from .key_transforms import channel_scales, hadamard_kind, unrotate
+from .ops import fused_op_available, quantize, sdpa_int4
 
 __all__ = ["BatchInt4KVCache", "BatchRotatingInt4KVCache", "cache_options", "merge_caches"]
 
-STORAGE_DTYPE = _cache.STORAGE_DTYPE
-
-# The constructor options of the single-sequence caches that a batch carries.
+# The constructor options of the single-sequence caches that a batch carries
+# (names as in their ``state`` meta).
 _OPTION_NAMES = (
     "group_size", "k_bits", "v_bits", "window", "num_sinks", "chunk_size", "rotate_keys",
     "rotate_values", "center_keys", "attend_before_quantizing", "channel_scale",
@@ -62,14 +62,15 @@ _OPTION_NAMES = (
 
 
 def cache_options(c) -> dict:
-    """The options of a single-sequence int4 cache (and max_size/keep if rotating)."""
+    """The options of a single-sequence int4 cache (and max_size/keep if it slides)."""
     opts = {k: getattr(c, k) for k in _OPTION_NAMES}
-    if isinstance(c, _cache.RotatingInt4KVCache):
+    if getattr(c, "max_size", None) is not None:
         opts["max_size"], opts["keep"] = c.max_size, c.keep
     return opts
 
 
-def _make_single(opts: dict, key_scales=None):
+def _make_single(cls, opts: dict, key_scales=None):
+    """A fresh single-sequence cache of class ``cls`` with these options."""
     kw = dict(
         k_bits=opts["k_bits"], v_bits=opts["v_bits"], window=opts["window"],
         rotate_keys=opts["rotate_keys"], rotate_values=opts["rotate_values"],
@@ -80,8 +81,15 @@ def _make_single(opts: dict, key_scales=None):
     if key_scales is not None:
         kw["key_scales"] = key_scales
     if "max_size" in opts:
-        return _cache.RotatingInt4KVCache(opts["max_size"], opts["keep"], opts["group_size"], **kw)
-    return _cache.Int4KVCache(opts["group_size"], sinks=opts["num_sinks"], **kw)
+        return cls(opts["max_size"], opts["keep"], opts["group_size"], **kw)
+    return cls(opts["group_size"], sinks=opts["num_sinks"], **kw)
+
+
+def _resolve_rotation(want, d, bits, what):
+    ok = hadamard_kind(d) is not None
+    if want and not ok:
+        raise ValueError(f"Int4KVCache: no Hadamard transform of size {d} ({what})")
+    return bool(bits == 4 and ok) if want is None else bool(want)
 
 
 def _round_up(n: int, step: int) -> int:
@@ -111,28 +119,21 @@ _MASK_MEMO = [None, None]
 class BatchInt4KVCache(_mlc._BaseCache):
     """B sequences of :class:`tqmetal.cache.Int4KVCache`, left-padded (see the module docstring).
 
-    Made by ``Int4KVCache.merge(caches)`` (mlx-lm's ``BatchGenerator`` calls it)
-    or directly: ``BatchInt4KVCache(left_padding, **options)`` with the options of
-    :class:`~tqmetal.cache.Int4KVCache` (``sinks`` for ``num_sinks``).
+    Made by ``Int4KVCache.merge(caches)`` (mlx-lm's ``BatchGenerator`` calls it),
+    or as ``BatchInt4KVCache(left_padding, like=Int4KVCache(...))``: an empty batch
+    whose rows take the options of ``like`` (and ``extract`` gives caches of its class).
     """
 
     step = 256  # quantized capacity grows in these steps
     f_slack = 64  # spare full-precision slots between compactions
 
-    def __init__(self, left_padding: List[int], group_size: int = 64, bits: int = 4, *,
-                 k_bits=None, v_bits=None, window=128, sinks=4, rotate_keys=None,
-                 rotate_values=False, center_keys=True, attend_before_quantizing=True,
-                 chunk_size=64, channel_scale=False, channel_scale_alpha=0.5, key_scales=None):
-        # Validate through the single cache's constructor (same errors, same defaults).
-        proto = _cache.Int4KVCache(
-            group_size, bits, k_bits=k_bits, v_bits=v_bits, window=window, sinks=sinks,
-            rotate_keys=rotate_keys, rotate_values=rotate_values, center_keys=center_keys,
-            attend_before_quantizing=attend_before_quantizing, chunk_size=chunk_size,
-            channel_scale=channel_scale, channel_scale_alpha=channel_scale_alpha,
-            key_scales=key_scales)
-        self._init(cache_options(proto), list(left_padding), getattr(proto, "_kscale_given", None))
+    def __init__(self, left_padding: List[int], like):
+        self._init(cache_options(like), list(left_padding), getattr(like, "_kscale_given", None),
+                   type(like))
 
-    def _init(self, opts: dict, left_padding: List[int], key_scales_given=None):
+    def _init(self, opts: dict, left_padding: List[int], key_scales_given=None,
+              single_cls=None):
+        self._single_cls = single_cls
         for k, v in opts.items():
             if k not in ("max_size", "keep"):
                 setattr(self, k, v)
@@ -192,11 +193,15 @@ class BatchInt4KVCache(_mlc._BaseCache):
     def _setup(self, keys, values):
         B, H, _, D = keys.shape
         Dv = values.shape[-1]
-        # Resolve rotation and check head dims exactly as the single cache does.
-        probe = _make_single(self._opts)
-        probe._setup(keys[:1, :, :1], values[:1, :, :1])
-        self._rot_k, self._rot_v = probe._rot_k, probe._rot_v
-        self.model_dtype = probe.model_dtype
+        # Check head dims and resolve rotation as the single cache does.
+        for name, d in (("keys", D), ("values", Dv)):
+            if d % self.group_size:
+                raise ValueError(
+                    f"Int4KVCache: {name} head dim {d} is not a multiple of "
+                    f"group_size={self.group_size} (try group_size=16 or 32)")
+        self._rot_k = _resolve_rotation(self.rotate_keys, D, self.k_bits, "keys")
+        self._rot_v = _resolve_rotation(self.rotate_values, Dv, self.v_bits, "values")
+        self.model_dtype = str(keys.dtype).rsplit(".", 1)[-1]
         self._H, self._D, self._Dv = H, D, Dv
         self._q = (_empty_triple(B, H, 0, D, self.k_bits, self.group_size),
                    _empty_triple(B, H, 0, Dv, self.v_bits, self.group_size))
@@ -294,7 +299,7 @@ class BatchInt4KVCache(_mlc._BaseCache):
                     self._kscale[b : b + 1] = g
                 else:
                     lo = min(max(self.num_sinks - self._ns[b], 0), S_b[b] - 1)
-                    self._kscale[b : b + 1] = _cache.channel_scales(
+                    self._kscale[b : b + 1] = channel_scales(
                         keys[b : b + 1, :, lo : S_b[b]], self.channel_scale_alpha,
                         self.center_keys)
             keys = keys / self._kscale
@@ -371,7 +376,7 @@ class BatchInt4KVCache(_mlc._BaseCache):
         for which, bits, rot in ((0, self.k_bits, self._rot_k), (1, self.v_bits, self._rot_v)):
             pk, sc, bi = self._q[which]
             n = idx - self._qbase
-            deq = _cache._dequantize(pk[..., :n, :], sc[..., :n, :].astype(mx.float32),
+            deq = dequantize(pk[..., :n, :], sc[..., :n, :].astype(mx.float32),
                                      bi[..., :n, :].astype(mx.float32), self.group_size, bits)
             if self._qbase > 0:
                 pad = mx.zeros((*deq.shape[:2], self._qbase, deq.shape[3]), deq.dtype)
@@ -397,7 +402,7 @@ class BatchInt4KVCache(_mlc._BaseCache):
             if which == 0 and self._kmean is not None:
                 x = x + self._kmean
             x = x.astype(getattr(mx, self.model_dtype))
-            x = _cache._unrotate(x) if rot else x
+            x = unrotate(x) if rot else x
             if which == 0 and self._kscale is not None:
                 x = x * self._kscale.astype(x.dtype)
             out.append(x)
@@ -465,7 +470,7 @@ class BatchInt4KVCache(_mlc._BaseCache):
         if f is None or f[0]() is not keys or f[1]() is not values:
             return None
         D = queries.shape[-1]
-        if self._D != D or self._Dv != D or not _cache.fused_op_available():
+        if self._D != D or self._Dv != D or not fused_op_available():
             return None
         if sinks is not None and self._kmean is not None:
             return None
@@ -488,7 +493,7 @@ class BatchInt4KVCache(_mlc._BaseCache):
             group_size=self.group_size, k_bits=self.k_bits, v_bits=self.v_bits,
             sinks=sinks, k_tail=kt, v_tail=vt,
         )
-        return _cache._unrotate(out) if self._rot_v else out
+        return unrotate(out) if self._rot_v else out
 
     # ---- batch protocol ---------------------------------------------------------
 
@@ -652,7 +657,7 @@ class BatchInt4KVCache(_mlc._BaseCache):
 
     def extract(self, idx):
         """Row ``idx`` as a single-sequence cache, in the layout that cache would have."""
-        c = _make_single(self._opts, self._kscale_given)
+        c = _make_single(self._single_cls, self._opts, self._kscale_given)
         off = self._off(idx)
         if self._f is None or off <= 0:
             return c
@@ -675,7 +680,7 @@ class BatchInt4KVCache(_mlc._BaseCache):
         a = q_start - self._qbase
         qk = [mx.contiguous(x[idx : idx + 1, :, a : a + nq]) for x in self._q[0]]
         qv = [mx.contiguous(x[idx : idx + 1, :, a : a + nq]) for x in self._q[1]]
-        meta = {k: getattr(c, k, None) for k in c._META}
+        meta = dict(c.state[-1])
         meta.update(offset=off, _ns=ns, _nw=nw, _nq=nq, _qlo=0, _qstart=q_start - lp,
                     _rot_k=self._rot_k, _rot_v=self._rot_v, model_dtype=self.model_dtype)
         kmean = None if self._kmean is None else mx.contiguous(self._kmean[idx : idx + 1])
@@ -703,38 +708,41 @@ class BatchInt4KVCache(_mlc._BaseCache):
         offsets = [c.offset for c in caches]
         idx = max(offsets)
         batch = cls.__new__(cls)
-        batch._init(opts, [idx - o for o in offsets], getattr(caches[0], "_kscale_given", None))
+        batch._init(opts, [idx - o for o in offsets], getattr(caches[0], "_kscale_given", None),
+                    type(caches[0]))
         batch._idx = idx
         batch._end = [idx] * len(caches)
-        full = [c for c in caches if not c.empty() and c.offset > 0]
+        # Each single cache through its state: (fk, fv, qk, qv, kmean, kscale, meta).
+        states = [None if c.empty() or c.offset == 0 else c.state for c in caches]
+        full = [st for st in states if st is not None]
         if not full:
             batch._changed()
             return batch
-        p = full[0]
-        B, H = len(caches), p._fk.shape[1]
-        D, Dv = p._fk.shape[-1], p._fv.shape[-1]
-        for c in full:
-            if (c._rot_k, c._rot_v, c.model_dtype, c._fk.shape[1], c._fk.shape[-1]) != (
-                    p._rot_k, p._rot_v, p.model_dtype, H, D):
+        fk0, fv0, meta0 = full[0][0], full[0][1], full[0][-1]
+        B, H = len(caches), fk0.shape[1]
+        D, Dv = fk0.shape[-1], fv0.shape[-1]
+        model = ("_rot_k", "_rot_v", "model_dtype")
+        for st in full:
+            if [st[-1][k] for k in model] + [st[0].shape[1], st[0].shape[-1]] != [
+                    meta0[k] for k in model] + [H, D]:
                 raise ValueError(f"{cls.__name__}.merge: caches of different models")
-        batch._rot_k, batch._rot_v, batch.model_dtype = p._rot_k, p._rot_v, p.model_dtype
+        batch._rot_k, batch._rot_v, batch.model_dtype = (meta0[k] for k in model)
         batch._H, batch._D, batch._Dv = H, D, Dv
         s0 = batch.num_sinks
-        # Per row: sinks, quantized tokens [qs, qe), window [qe, end) (slots).
+        # Per row: sinks, quantized tokens at slots [qs, qe), window [qe, idx).
         rows = []
-        for b, c in enumerate(caches):
-            if c.empty() or c.offset == 0:
+        for b, st in enumerate(states):
+            if st is None:
                 rows.append(None)
                 continue
-            lp = batch._lp[b]
-            nw = c._nw
-            qe = idx - nw
-            qs = lp + c._qstart if c._nq else qe
-            rows.append((c, lp, qs, qe, nw))
-        qbase = min([r[2] for r in rows if r is not None] + [idx])
+            m = st[-1]
+            qe = idx - m["_nw"]
+            qs = batch._lp[b] + m["_qstart"] if m["_nq"] else qe
+            rows.append((st, qs, qe))
+        qbase = min([r[1] for r in rows if r is not None] + [idx])
         qbase = min(qbase, min(batch._lp[b] + s0 for b in range(B)))
         qcap = _round_up(idx - qbase, batch.step) or batch.step
-        fbase = min([r[3] for r in rows if r is not None] + [idx])
+        fbase = min([r[2] for r in rows if r is not None] + [idx])
         fcap = max(batch._f_steady(), idx - fbase)
         qk = _empty_triple(B, H, qcap, D, batch.k_bits, batch.group_size)
         qv = _empty_triple(B, H, qcap, Dv, batch.v_bits, batch.group_size)
@@ -743,22 +751,19 @@ class BatchInt4KVCache(_mlc._BaseCache):
         kmean = mx.zeros((B, H, 1, D), STORAGE_DTYPE) if batch.center_keys else None
         kscale = mx.ones((B, H, 1, D), STORAGE_DTYPE) if batch.channel_scale else None
         for b, r in enumerate(rows):
-            c = caches[b]
             if r is None:
                 continue  # an empty row: its stats come with its first update
-            c, lp, qs, qe, nw = r
-            if c._ns:
-                fk[b : b + 1, :, : c._ns] = c._fk[..., : c._ns, :]
-                fv[b : b + 1, :, : c._ns] = c._fv[..., : c._ns, :]
-            if c._nq:
-                views_k = [x[..., c._qlo : c._qlo + c._nq, :] for x in c._qk]
-                views_v = [x[..., c._qlo : c._qlo + c._nq, :] for x in c._qv]
+            (cfk, cfv, cqk, cqv, ckmean, ckscale, m), qs, qe = r
+            ns, nw, nq, qlo = m["_ns"], m["_nw"], m["_nq"], m["_qlo"]
+            if ns:
+                fk[b : b + 1, :, :ns] = cfk[..., :ns, :]
+                fv[b : b + 1, :, :ns] = cfv[..., :ns, :]
+            if nq:
                 a = qs - qbase
-                for buf, src in zip(qk + qv, views_k + views_v):
-                    buf[b : b + 1, :, a : a + c._nq] = src
+                for buf, src in zip(qk + qv, list(cqk) + list(cqv)):
+                    buf[b : b + 1, :, a : a + nq] = src[..., qlo : qlo + nq, :]
             if nw:
-                wk = c._fk[..., c.num_sinks : c.num_sinks + nw, :]
-                wv = c._fv[..., c.num_sinks : c.num_sinks + nw, :]
+                wk, wv = cfk[..., s0 : s0 + nw, :], cfv[..., s0 : s0 + nw, :]
                 a = s0 + qe - fbase
                 fk[b : b + 1, :, a : a + nw] = wk
                 fv[b : b + 1, :, a : a + nw] = wv
@@ -767,11 +772,11 @@ class BatchInt4KVCache(_mlc._BaseCache):
                 for buf, src in zip(qk + qv, quantize(wk, batch.group_size, batch.k_bits)
                                     + quantize(wv, batch.group_size, batch.v_bits)):
                     buf[b : b + 1, :, a : a + nw] = src
-            if kmean is not None and c._kmean is not None:
-                kmean[b : b + 1] = c._kmean
-            if kscale is not None and c._kscale is not None:
-                kscale[b : b + 1] = c._kscale
-            batch._ns[b], batch._nw[b] = c._ns, nw
+            if kmean is not None and ckmean is not None:
+                kmean[b : b + 1] = ckmean
+            if kscale is not None and ckscale is not None:
+                kscale[b : b + 1] = ckscale
+            batch._ns[b], batch._nw[b] = ns, nw
             batch._has_stats[b] = True
         batch._q, batch._qbase = (qk, qv), qbase
         batch._f, batch._fbase = (fk, fv), fbase
@@ -873,12 +878,10 @@ class BatchRotatingInt4KVCache(BatchInt4KVCache):
     """B sequences of :class:`tqmetal.cache.RotatingInt4KVCache` (sliding window
     of ``max_size`` tokens, the first ``keep`` kept)."""
 
-    def __init__(self, max_size: int, left_padding: List[int], keep: int = 0, **kwargs):
-        proto = _cache.RotatingInt4KVCache(max_size, keep, **kwargs)
-        self._init(cache_options(proto), list(left_padding), getattr(proto, "_kscale_given", None))
-
-    def _init(self, opts, left_padding, key_scales_given=None):
-        super()._init(opts, left_padding, key_scales_given)
+    def _init(self, opts, left_padding, key_scales_given=None, single_cls=None):
+        if "max_size" not in opts:
+            raise ValueError("BatchRotatingInt4KVCache: expected RotatingInt4KVCache caches")
+        super()._init(opts, left_padding, key_scales_given, single_cls)
         self.max_size, self.keep = opts["max_size"], opts["keep"]
 
     @property
@@ -916,16 +919,11 @@ class BatchRotatingInt4KVCache(BatchInt4KVCache):
         off = self._off(b)
         return min(off, self.max_size)
 
-    @classmethod
-    def merge(cls, caches):
-        if not all(isinstance(c, _cache.RotatingInt4KVCache) for c in caches):
-            raise ValueError("BatchRotatingInt4KVCache.merge: expected RotatingInt4KVCache caches")
-        return super().merge.__func__(cls, caches)
 
 
 def merge_caches(caches):
-    """``Int4KVCache.merge``: a batch cache of the caches' kind (rotating or not)."""
-    if caches and isinstance(caches[0], _cache.RotatingInt4KVCache):
+    """``Int4KVCache.merge``: a batch cache of the caches' kind (sliding window or not)."""
+    if caches and getattr(caches[0], "max_size", None) is not None:
         return BatchRotatingInt4KVCache.merge(caches)
     return BatchInt4KVCache.merge(caches)
 
