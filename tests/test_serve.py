@@ -34,13 +34,13 @@ def _free_port():
 
 
 class Server:
-    def __init__(self, *flags):
+    def __init__(self, *flags, log_path=os.devnull):
         self.port = _free_port()
         env = dict(os.environ, PYTHONUNBUFFERED="1")
-        self.log = open(os.devnull, "w")
+        self.log = open(log_path, "w")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "tqmetal.serve", "--host", "127.0.0.1", "--port",
-             str(self.port), "--log-level", "WARNING", *flags],
+             str(self.port), "--log-level", "INFO", *flags],
             stdout=self.log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
@@ -133,10 +133,12 @@ PROMPTS = [
 
 
 @pytest.fixture(scope="module")
-def server():
+def server(tmp_path_factory):
     # window 16 / sinks 4: prompts of 30-60 tokens are mostly int4 already.
+    log = tmp_path_factory.mktemp("serve") / "server.log"
     s = Server("--kv", "int4", "--kv-window", "16", "--prompt-cache-size", "0",
-               "--max-prompt-tokens", "400", "--max-tokens", "64")
+               "--max-prompt-tokens", "400", "--max-tokens", "64", log_path=log)
+    s.log_path = log
     yield s
     s.stop()
 
@@ -165,6 +167,12 @@ def _concurrent(jobs):
         t.join(timeout=REQUEST_TIMEOUT_S)
     assert not errors, errors
     return results
+
+
+def test_serves_batched_on_int4_caches(server, alone):
+    log = server.log_path.read_text()
+    assert "tqmetal serve: --kv int4: Int4KVCache per layer (batching: True)" in log
+    assert "Prompt processing progress" in log  # the BatchGenerator path
 
 
 def test_concurrent_equals_alone(server, alone):

@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
+import logging
 import sys
 from typing import List, Optional
 
@@ -53,16 +55,23 @@ class CacheConfig:
     def make_prompt_cache(self, model, max_kv_size: Optional[int] = None):
         from .cache import make_prompt_cache
 
+
         extra = {}
         if self.center_keys is not None:
             extra["center_keys"] = self.center_keys
         if self.channel_scale is not None:
             extra["channel_scale"] = self.channel_scale
-        return make_prompt_cache(
+        caches = make_prompt_cache(
             model, kv=self.kv, group_size=self.group_size, window=self.window,
             sinks=self.sinks, rotate_keys=self.rotate_keys, k8_layers=self.k8_layers,
             max_kv_size=max_kv_size if max_kv_size is not None else self.max_kv_size, **extra,
         )
+        if not getattr(self, "_announced", False):
+            self._announced = True
+            kinds = sorted({type(c).__name__ for c in caches})
+            logging.info("tqmetal serve: --kv %s: %s per layer (batching: %s)", self.kv,
+                         ", ".join(kinds), all(hasattr(c, "merge") for c in caches))
+        return caches
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -138,8 +147,8 @@ def install(config: CacheConfig, max_prompt_tokens: Optional[int] = None):
     For servers started in-process (e.g. ``mlx_lm.server.run``); ``tqmetal serve``
     calls it before handing over to ``mlx_lm.server.main``.
     """
-    import mlx_lm.generate as mlg
-    import mlx_lm.server as mls
+    mlg = importlib.import_module("mlx_lm.generate")  # mlx_lm.generate is also a function
+    mls = importlib.import_module("mlx_lm.server")
 
     from .patch import patch_mlx_lm
 
