@@ -152,7 +152,8 @@ def install(config: CacheConfig, max_prompt_tokens: Optional[int] = None):
 
     from .patch import patch_mlx_lm
 
-    patch_mlx_lm()
+    if config.kv != "fp16":  # fp16: mlx-lm's caches and attention, untouched
+        patch_mlx_lm()
     mls.make_prompt_cache = config.make_prompt_cache
     mlg.make_prompt_cache = config.make_prompt_cache
     mls.load = _load
