@@ -292,6 +292,18 @@ def test_deepcopy_and_nbytes(model):
     assert abs(used - sum(c.nbytes_used for c in batch)) <= 2 * 2 * 2 * 64 * 2 * 2
 
 
+def test_state_round_trip(model):
+    opts = CONFIGS["int4"]
+    prompts = _prompts([30, 10], seed=29)
+    batch = [c.merge([_single(opts)[i] for _ in prompts]) for i, c in enumerate(_single(opts))]
+    _batch_prefill(model, batch, prompts)
+    mx.eval([c.state for c in batch])
+    again = [type(c).from_state(c.state) for c in batch]
+    y = mx.array([[4], [4]])
+    _close(list(model(y, cache=again)[:, -1]), list(model(y, cache=batch)[:, -1]))
+    assert type(again[0].extract(1)) is tqcache.Int4KVCache
+
+
 def test_merge_rejects_mixed_options():
     a = tqcache.Int4KVCache(window=8)
     b = tqcache.Int4KVCache(window=16)

@@ -795,12 +795,16 @@ class BatchInt4KVCache(_mlc._BaseCache):
         meta = {k: getattr(self, k, None) for k in self._META}
         meta.update({k: list(getattr(self, k)) for k in self._ROWS})
         meta["options"] = dict(self._opts)
+        meta["single_class"] = None if self._single_cls is None else self._single_cls.__name__
         return arrays, self._kmean, self._kscale, meta
 
     @state.setter
     def state(self, v):
         arrays, kmean, kscale, meta = v
-        self._init(meta["options"], meta["_lp"])
+        # the single cache class is registered in mlx-lm's cache module (load_prompt_cache)
+        single = meta.get("single_class")
+        self._init(meta["options"], meta["_lp"], None,
+                   None if single is None else getattr(_mlc, single))
         for k in self._META:
             setattr(self, k, meta.get(k))
         for k in self._ROWS:
