@@ -84,6 +84,7 @@ from mlx_lm.models import cache as _mlc
 from mlx_lm.models.base import create_causal_mask
 
 from . import patch
+from .batch_cache import merge_caches
 from .cache_order import KeyOrder, translate_mask_memo
 from .cache_storage import (STORAGE_DTYPE, FullPrecisionPart, QuantizedPart, dequantize,
                             empty_triple)
@@ -597,6 +598,12 @@ class Int4KVCache(_mlc._BaseCache):
         if meta_state is not None:
             obj.meta_state = meta_state
         return obj
+
+    @classmethod
+    def merge(cls, caches):
+        """One batch cache of these caches, for mlx-lm's ``BatchGenerator`` and server
+        (:mod:`tqmetal.batch_cache`)."""
+        return merge_caches(caches)
 
     def is_trimmable(self):
         return True

@@ -8,6 +8,7 @@ import sys
 # subcommand -> (module, one-line help). Each module has main(argv) -> int.
 COMMANDS = {
     "generate": ("tqmetal.generate", "generate text with an int4 KV cache (mlx-lm model or GGUF)"),
+    "serve": ("tqmetal.serve", "mlx_lm.server with int4 caches, fused attention, continuous batching"),
     "eval": ("tqmetal.fidelity", "fidelity report: int4/int8 cache against fp16 on a real model"),
     "plan": ("tqmetal.plan", "memory planner: which context fits in how much memory"),
     "bench": ("tqmetal.bench", "benchmarks: the op grid with plots, and `bench e2e` (mlx-lm tokens/s)"),

@@ -17,6 +17,7 @@ would take for the same tokens, peak memory, and where the attention ran
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from typing import Optional
@@ -84,6 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sliding window: keep at most this many tokens (the sinks included)")
     p.add_argument("--prefill-step-size", type=int, default=DEFAULT_PREFILL_STEP_SIZE,
                    help=f"prompt tokens processed at a time (default {DEFAULT_PREFILL_STEP_SIZE})")
+    p.add_argument("--pipeline", action="store_true",
+                   help="under mlx.launch: split the layers over the ranks (pipeline) even "
+                        "where tensor parallelism would work (default: tensor parallel when "
+                        "the KV heads divide over the ranks, else pipeline)")
     p.add_argument("--verbose", type=_str2bool, nargs="?", const=True, default=True,
                    help="print the streamed text and the statistics (default); "
                         "'--verbose False' prints only the response")
@@ -279,6 +284,18 @@ def main(argv=None) -> int:
         print(f"tqmetal generate: {e}", file=sys.stderr)
         return 1
 
+    group = mx.distributed.init()
+    if group.size() > 1:  # started by mlx.launch: this rank holds part of the model
+        from .distributed import shard_model
+
+        try:
+            shard_model(model, group, "pipeline" if args.pipeline else "auto")
+        except ValueError as e:
+            print(f"tqmetal generate: {e}", file=sys.stderr)
+            return 1
+        if group.rank() != 0:  # every rank computes the same tokens; rank 0 prints them
+            sys.stdout = open(os.devnull, "w")
+
     prompt = encode_prompt(tokenizer, prompt_text, args.system_prompt, args.ignore_chat_template)
     if not prompt:
         parser.error("the prompt is empty")
@@ -320,6 +337,11 @@ def main(argv=None) -> int:
         except ValueError as e:  # e.g. a head dim the group size does not divide
             print(f"\ntqmetal generate: {e}", file=sys.stderr)
             return 1
+    if group.size() > 1:
+        # generate_step runs one step ahead: let every rank finish it (its sends and
+        # receives) before any rank exits and closes its sockets.
+        mx.synchronize()
+        mx.eval(mx.distributed.all_sum(mx.array(1.0), group=group))
     if not args.verbose:
         print("".join(text))
         return 0

@@ -1,0 +1,228 @@
+"""`tqmetal serve`: mlx-lm's OpenAI-compatible server on tqmetal's int4 caches.
+
+    tqmetal serve                                  # SmolLM2-135M (GGUF), int4, 127.0.0.1:8080
+    tqmetal serve --port 8081 --kv k8v4 --kv-window 256
+    tqmetal serve --model mlx-community/Llama-3.2-1B-Instruct-4bit --max-kv-size 4096
+
+This is ``mlx_lm.server`` itself (same flags, same HTTP API, same errors,
+continuous batching through ``BatchGenerator``, the LRU prompt cache with trie
+prefix reuse) with three things swapped in before it starts:
+
+* the caches: ``mlx_lm.server.make_prompt_cache`` and the one
+  ``BatchGenerator`` calls become :func:`tqmetal.cache.make_prompt_cache` with
+  the ``--kv*`` options; tqmetal's caches have ``merge``, so the server batches
+  (mlx-lm's own ``--kv-bits`` turns batching off);
+* attention: :func:`tqmetal.patch.patch_mlx_lm` (the fused int4 op, B >= 1);
+* loading: a ``.gguf`` model path (the default, the bundled SmolLM2) loads
+  with :mod:`tqmetal.gguf`, anything else with ``mlx_lm.load``.
+
+Flags of its own: ``--kv int4|int8|k8v4|k4v8|fp16`` and the cache options of
+``tqmetal generate`` (``--kv-window``, ``--kv-sinks``, ``--rotate-keys``,
+``--center-keys``, ``--kv-channel-scale``, ``--kv-k8-layers``,
+``--max-kv-size``), plus ``--max-prompt-tokens`` (longer prompts get
+mlx-lm's error response). ``--kv-group-size`` is mlx_lm.server's own flag and
+sets the int4 group size too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import logging
+import sys
+from typing import List, Optional
+
+from .generate import KV_FORMATS
+
+__all__ = ["CacheConfig", "build_parser", "install", "main"]
+
+
+@dataclasses.dataclass
+class CacheConfig:
+    """What ``tqmetal serve`` (and :func:`install`) give make_prompt_cache."""
+
+    kv: str = "int4"
+    group_size: int = 64
+    window: int = 128
+    sinks: int = 4
+    rotate_keys: Optional[bool] = None
+    center_keys: Optional[bool] = None
+    channel_scale: Optional[bool] = None
+    k8_layers: tuple = ()
+    max_kv_size: Optional[int] = None
+
+    def make_prompt_cache(self, model, max_kv_size: Optional[int] = None):
+        from .cache import make_prompt_cache
+
+
+        extra = {}
+        if self.center_keys is not None:
+            extra["center_keys"] = self.center_keys
+        if self.channel_scale is not None:
+            extra["channel_scale"] = self.channel_scale
+        caches = make_prompt_cache(
+            model, kv=self.kv, group_size=self.group_size, window=self.window,
+            sinks=self.sinks, rotate_keys=self.rotate_keys, k8_layers=self.k8_layers,
+            max_kv_size=max_kv_size if max_kv_size is not None else self.max_kv_size, **extra,
+        )
+        if not getattr(self, "_announced", False):
+            self._announced = True
+            kinds = sorted({type(c).__name__ for c in caches})
+            logging.info("tqmetal serve: --kv %s: %s per layer (batching: %s)", self.kv,
+                         ", ".join(kinds), all(hasattr(c, "merge") for c in caches))
+        return caches
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="tqmetal serve", add_help=False,
+        description="mlx_lm.server with tqmetal's int4 KV caches and fused attention "
+                    "(continuous batching on). Every mlx_lm.server flag works; these are added:",
+    )
+    p.add_argument("--kv", choices=KV_FORMATS, default="int4",
+                   help="KV cache format (default int4; fp16 = mlx-lm's own caches)")
+    p.add_argument("--kv-window", type=int, default=128,
+                   help="most recent tokens kept in full precision (default 128)")
+    p.add_argument("--kv-sinks", type=int, default=4,
+                   help="first tokens kept in full precision (default 4)")
+    p.add_argument("--rotate-keys", action=argparse.BooleanOptionalAction, default=None,
+                   help="Hadamard-rotate keys (default: on for 4-bit keys when the head dim allows)")
+    p.add_argument("--center-keys", action=argparse.BooleanOptionalAction, default=None,
+                   help="subtract a per-channel key mean before quantizing (default on)")
+    p.add_argument("--kv-channel-scale", action=argparse.BooleanOptionalAction, default=None,
+                   help="per-channel key scaling before rotation (default off)")
+    p.add_argument("--kv-k8-layers", default="",
+                   help="comma-separated layer indices that store 8-bit keys")
+    p.add_argument("--max-kv-size", type=int, default=None,
+                   help="sliding window: keep at most this many tokens per request")
+    p.add_argument("--max-prompt-tokens", type=int, default=None,
+                   help="reject prompts longer than this (mlx-lm's error response)")
+    return p
+
+
+def _cache_config(ns, group_size: int) -> CacheConfig:
+    for name in ("kv_window", "kv_sinks"):
+        if getattr(ns, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0")
+    if ns.max_kv_size is not None and ns.max_kv_size <= ns.kv_sinks:
+        raise ValueError("--max-kv-size must be larger than --kv-sinks")
+    if ns.kv != "fp16" and group_size not in (16, 32, 64, 128):
+        raise ValueError(f"--kv-group-size must be 16, 32, 64 or 128 for --kv {ns.kv}, "
+                         f"got {group_size}")
+    try:
+        k8 = tuple(int(i) for i in ns.kv_k8_layers.split(",") if i.strip())
+    except ValueError:
+        raise ValueError(f"--kv-k8-layers: expected comma-separated integers, got "
+                         f"{ns.kv_k8_layers!r}") from None
+    return CacheConfig(
+        kv=ns.kv, group_size=group_size, window=ns.kv_window, sinks=ns.kv_sinks,
+        rotate_keys=ns.rotate_keys, center_keys=ns.center_keys,
+        channel_scale=ns.kv_channel_scale, k8_layers=k8, max_kv_size=ns.max_kv_size,
+    )
+
+
+def _load(model_path, adapter_path=None, tokenizer_config=None, return_config=False,
+          **kwargs):
+    """``mlx_lm.load`` that also takes a .gguf file (tqmetal.gguf)."""
+    if str(model_path).lower().endswith(".gguf"):
+        if adapter_path is not None:
+            raise ValueError("adapters are not supported for .gguf models")
+        from .gguf import load_gguf
+
+        model, tokenizer = load_gguf(model_path)
+        chat_template = (tokenizer_config or {}).get("chat_template")
+        if chat_template:
+            tokenizer._tokenizer.chat_template = chat_template
+        return (model, tokenizer, {}) if return_config else (model, tokenizer)
+    from mlx_lm import load
+
+    return load(model_path, adapter_path=adapter_path, tokenizer_config=tokenizer_config,
+                return_config=return_config, **kwargs)
+
+
+def install(config: CacheConfig, max_prompt_tokens: Optional[int] = None):
+    """Swap tqmetal's caches, attention and GGUF loading into mlx_lm.server / generate.
+
+    For servers started in-process (e.g. ``mlx_lm.server.run``); ``tqmetal serve``
+    calls it before handing over to ``mlx_lm.server.main``.
+    """
+    mlg = importlib.import_module("mlx_lm.generate")  # mlx_lm.generate is also a function
+    mls = importlib.import_module("mlx_lm.server")
+
+    from .patch import patch_mlx_lm
+
+    if config.kv != "fp16":  # fp16: mlx-lm's caches and attention, untouched
+        patch_mlx_lm()
+    mls.make_prompt_cache = config.make_prompt_cache
+    mlg.make_prompt_cache = config.make_prompt_cache
+    mls.load = _load
+    if max_prompt_tokens is not None:
+        tokenize = mls.ResponseGenerator._tokenize
+        if getattr(tokenize, "__wrapped_by_tqmetal__", False):
+            tokenize = tokenize.__wrapped__
+
+        def _tokenize(self, tokenizer, request, args):
+            out = tokenize(self, tokenizer, request, args)
+            if len(out[0]) > max_prompt_tokens:
+                raise ValueError(f"the prompt has {len(out[0])} tokens, more than "
+                                 f"--max-prompt-tokens={max_prompt_tokens}")
+            return out
+
+        _tokenize.__wrapped__ = tokenize
+        _tokenize.__wrapped_by_tqmetal__ = True
+        mls.ResponseGenerator._tokenize = _tokenize
+
+
+def _has_flag(argv: List[str], flag: str) -> bool:
+    return any(a == flag or a.startswith(flag + "=") for a in argv)
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ours = build_parser()
+    import mlx_lm.server as mls
+
+    if "-h" in argv or "--help" in argv:
+        ours.print_help()
+        print("\nmlx_lm.server's flags:\n")
+        sys.argv = ["tqmetal serve", "--help"]
+        try:
+            mls.main()
+        except SystemExit:
+            pass
+        return 0
+    ns, rest = ours.parse_known_args(argv)
+    if not _has_flag(rest, "--model"):
+        from .gguf import default_model_path
+
+        try:
+            rest = ["--model", str(default_model_path())] + rest
+        except (FileNotFoundError, ImportError) as e:
+            print(f"tqmetal serve: no --model and no default model: {e}", file=sys.stderr)
+            return 2
+    original_run = mls.run
+
+    def run(host, port, model_provider, *a, **kw):
+        args = model_provider.cli_args
+        if args.kv_bits is not None and ns.kv != "fp16":
+            raise SystemExit("tqmetal serve: --kv-bits is mlx-lm's own (unbatched) cache "
+                             "quantization; use --kv int4|int8|k8v4 (or --kv fp16 with it)")
+        try:
+            config = _cache_config(ns, args.kv_group_size)
+        except ValueError as e:
+            raise SystemExit(f"tqmetal serve: {e}") from None
+        install(config, ns.max_prompt_tokens)
+        return original_run(host, port, model_provider, *a, **kw)
+
+    mls.run = run
+    sys.argv = ["tqmetal serve"] + rest
+    try:
+        mls.main()
+    finally:
+        mls.run = original_run
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
