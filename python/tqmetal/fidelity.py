@@ -72,7 +72,7 @@ from typing import List, Optional, Sequence
 import mlx.core as mx
 import numpy as np
 
-from .corpus import load_text, tokenize_text
+from .corpus import TEXT_KINDS, load_text, load_text_kind, tokenize_text
 from .provenance import package_versions
 
 # The cache's defaults (int4-g64-rot-center-abq), what each part buys, and the baselines.
@@ -111,33 +111,48 @@ class CacheConfig:
     k8_layers: tuple = ()
 
     def make_cache(self, model):
+        """One cache per layer, following the model's layout (sliding-window
+        layers get sliding-window caches)."""
         from mlx_lm.models import cache as mlc
 
-        from .cache import Int4KVCache
+        from .cache import Int4KVCache, RotatingInt4KVCache
 
-        n = len(model.layers)
+        layout = model_cache_layout(model)
+        n = len(layout)
         if self.kind == "fp":
-            return [ReferenceKVCache() for _ in range(n)]
+            return reference_cache(model)
         if self.kind == "mlx":
+            # mlx-lm quantizes only full-attention layers: its
+            # RotatingKVCache.to_quantized raises NotImplementedError, so a
+            # sliding-window layer keeps an unquantized (float16) cache.
             return [mlc.QuantizedKVCache(group_size=self.group_size, bits=self.k_bits)
-                    for _ in range(n)]
+                    if w is None else ReferenceRotatingKVCache(w[0], w[1], mx.float16)
+                    for w in layout]
         for i in self.fp_layers + self.k8_layers:
             if i >= n:
                 raise ValueError(f"config {self.name!r}: layer {i} out of range ({n} layers)")
         given = (calibrated_key_scales(model, self.channel_scale) if self.calibrated_scale
                  else [None] * n)
-        return [
-            ReferenceKVCache(mx.float16) if i in self.fp_layers else
-            Int4KVCache(self.group_size, k_bits=8 if i in self.k8_layers else self.k_bits,
-                        v_bits=self.v_bits, window=self.window, sinks=self.sinks,
+        out = []
+        for i, w in enumerate(layout):
+            if i in self.fp_layers:
+                out.append(ReferenceKVCache(mx.float16) if w is None else
+                           ReferenceRotatingKVCache(w[0], w[1], mx.float16))
+                continue
+            opts = dict(group_size=self.group_size,
+                        k_bits=8 if i in self.k8_layers else self.k_bits,
+                        v_bits=self.v_bits, window=self.window,
                         rotate_keys=self.rotate_keys, rotate_values=self.rotate_values,
                         center_keys=self.center_keys,
                         attend_before_quantizing=self.attend_before_quantizing,
                         channel_scale=self.channel_scale > 0,
                         channel_scale_alpha=self.channel_scale or 0.5,
                         key_scales=given[i])
-            for i in range(n)
-        ]
+            if w is None:
+                out.append(Int4KVCache(sinks=self.sinks, **opts))
+            else:
+                out.append(RotatingInt4KVCache(w[0], w[1], **opts))
+        return out
 
 
 def parse_config(name: str) -> CacheConfig:
@@ -394,8 +409,12 @@ def _FastEmbedding(weight, original):
 # the reference cache: mlx-lm's KVCache, attention through numpy
 
 
-def numpy_attention(queries, keys, values, scale: float, causal: bool):
-    """Softmax attention in float32 through numpy's BLAS (GQA; bottom-right causal)."""
+def numpy_attention(queries, keys, values, scale: float, causal: bool, mask=None):
+    """Softmax attention in float32 through numpy's BLAS (GQA; bottom-right causal).
+
+    ``mask``: instead of ``causal``, a boolean (True = attend) or additive array
+    broadcastable to ``[B, H_q, L, N]`` (mlx-lm's sliding-window masks).
+    """
     q = np.asarray(queries.astype(mx.float32))
     k = np.asarray(keys.astype(mx.float32))
     v = np.asarray(values.astype(mx.float32))
@@ -404,7 +423,14 @@ def numpy_attention(queries, keys, values, scale: float, causal: bool):
     rep = Hq // Hkv
     q = q.reshape(B, Hkv, rep * L, D)  # query head h reads KV head h // rep
     s = (q @ k.transpose(0, 1, 3, 2)) * np.float32(scale)
-    if causal and L > 1:
+    if mask is not None:
+        m = np.asarray(mask)
+        m = np.broadcast_to(m, (B, Hq, L, N)).reshape(B, Hkv, rep * L, N)
+        if m.dtype == np.bool_:
+            s = np.where(m, s, np.float32(-np.inf))
+        else:
+            s = s + m.astype(np.float32)
+    elif causal and L > 1:
         allowed = np.arange(N)[None, :] <= np.arange(N - L, N)[:, None]  # [L, N]
         s = np.where(np.tile(allowed, (rep, 1)), s, np.float32(-np.inf))
     s -= s.max(axis=-1, keepdims=True)
@@ -413,10 +439,30 @@ def numpy_attention(queries, keys, values, scale: float, causal: bool):
     return mx.array(out.reshape(B, Hq, L, v.shape[-1])).astype(queries.dtype)
 
 
-def _reference_cache_class():
+def _reference_cache_classes():
     from mlx_lm.models import cache as mlc
 
-    class ReferenceKVCache(mlc.KVCache):
+    class _NumpyAttention:
+        """Attention through :func:`numpy_attention` (under :func:`tqmetal.patch.patched`);
+        ``store_dtype`` float16 stores K/V rounded to float16."""
+
+        def update_and_fetch(self, keys, values):
+            if self.store_dtype is None:
+                return super().update_and_fetch(keys, values)
+            k, v = super().update_and_fetch(keys.astype(self.store_dtype),
+                                            values.astype(self.store_dtype))
+            return k.astype(keys.dtype), v.astype(values.dtype)
+
+        def fused_attention(self, queries, keys, values, *, scale, mask=None, sinks=None):
+            if sinks is not None:
+                return None  # mlx-lm's own attention handles these
+            if isinstance(mask, str) and mask != "causal":
+                return None
+            if isinstance(mask, mx.array):
+                return numpy_attention(queries, keys, values, scale, False, mask=mask)
+            return numpy_attention(queries, keys, values, scale, causal=mask == "causal")
+
+    class ReferenceKVCache(_NumpyAttention, mlc.KVCache):
         """mlx-lm's ``KVCache`` whose attention (under :func:`tqmetal.patch.patched`)
         runs in float32 through numpy: the same function as MLX's CPU attention,
         ~50x faster on this kind of machine for 128-row chunks at long context.
@@ -430,33 +476,61 @@ def _reference_cache_class():
             super().__init__()
             self.store_dtype = store_dtype
 
-        def update_and_fetch(self, keys, values):
-            if self.store_dtype is None:
-                return super().update_and_fetch(keys, values)
-            k, v = super().update_and_fetch(keys.astype(self.store_dtype),
-                                            values.astype(self.store_dtype))
-            return k.astype(keys.dtype), v.astype(values.dtype)
+    class ReferenceRotatingKVCache(_NumpyAttention, mlc.RotatingKVCache):
+        """mlx-lm's ``RotatingKVCache`` (a sliding-window layer) with the attention
+        of :class:`ReferenceKVCache`; mlx-lm's window masks come as arrays."""
 
-        def fused_attention(self, queries, keys, values, *, scale, mask=None, sinks=None):
-            if sinks is not None or not (mask is None or isinstance(mask, str)):
-                return None  # mlx-lm's own attention handles these
-            if mask is not None and mask != "causal":
-                return None
-            return numpy_attention(queries, keys, values, scale, causal=mask == "causal")
+        def __init__(self, max_size, keep=0, store_dtype=None):
+            super().__init__(max_size, keep=keep)
+            self.store_dtype = store_dtype
 
-    return ReferenceKVCache
+    return ReferenceKVCache, ReferenceRotatingKVCache
 
 
 def _reference_cache_class_cached():
     global _REFERENCE_CLASS
     if _REFERENCE_CLASS is None:
-        _REFERENCE_CLASS = _reference_cache_class()
-    return _REFERENCE_CLASS
+        _REFERENCE_CLASS = _reference_cache_classes()
+    return _REFERENCE_CLASS[0]
 
 
 def ReferenceKVCache(store_dtype=None):
-    """See ``_reference_cache_class``; built on first use so importing this module stays cheap."""
+    """See ``_reference_cache_classes``; built on first use so importing this module stays cheap."""
     return _reference_cache_class_cached()(store_dtype)
+
+
+def ReferenceRotatingKVCache(max_size, keep=0, store_dtype=None):
+    """See ``_reference_cache_classes``."""
+    _reference_cache_class_cached()
+    return _REFERENCE_CLASS[1](max_size, keep, store_dtype)
+
+
+def model_cache_layout(model) -> list:
+    """Per layer, None (full attention) or (max_size, keep) of a sliding window,
+    from the model's own ``make_cache()`` (mlx-lm's layout: Gemma 3 slides five
+    layers of six)."""
+    from mlx_lm.models import cache as mlc
+
+    base = model.make_cache() if hasattr(model, "make_cache") else None
+    if base is None:
+        return [None] * len(model.layers)
+    out = []
+    for c in base:
+        if type(c) is mlc.RotatingKVCache:
+            out.append((c.max_size, c.keep))
+        elif type(c) is mlc.KVCache:
+            out.append(None)
+        else:
+            raise ValueError(f"tqmetal eval: unsupported layer cache {type(c).__name__}")
+    return out
+
+
+def reference_cache(model, store_dtype=None) -> list:
+    """The reference cache for ``model``: :class:`ReferenceKVCache` per full-attention
+    layer, :class:`ReferenceRotatingKVCache` per sliding-window layer."""
+    return [ReferenceKVCache(store_dtype) if w is None else
+            ReferenceRotatingKVCache(w[0], w[1], store_dtype)
+            for w in model_cache_layout(model)]
 
 
 _REFERENCE_CLASS = None
@@ -494,7 +568,7 @@ def teacher_forced(model, tokens: Sequence[int], configs: Sequence[CacheConfig],
     """
     toks = mx.array(list(tokens), dtype=mx.int32)
     T = toks.shape[0]
-    ref_cache = [ReferenceKVCache() for _ in model.layers]
+    ref_cache = reference_cache(model)
     caches = {c.name: c.make_cache(model) for c in configs}
     out = {"ref": {"top1": [], "margin": [], "nll": []}}
     for c in configs:
@@ -560,7 +634,9 @@ def key_sensitivity(model, tokens: Sequence[int], group_size: int = 64, bits: in
             q = Int4KVCache(group_size, k_bits=bits, v_bits=8, window=0, sinks=0,
                             rotate_keys=True, center_keys=True)
             kq, _ = q.update_and_fetch(keys, values)  # dequantized, un-rotated, re-centered
-            approx = numpy_attention(queries, kq, values, scale, causal=mask == "causal")
+            arr = mask if isinstance(mask, mx.array) else None  # sliding-window layers
+            approx = numpy_attention(queries, kq, values, scale,
+                                     causal=isinstance(mask, str), mask=arr)
             d = np.asarray((approx - out).astype(mx.float32))
             i = self.layer
             err[i] += float((d * d).sum())
@@ -608,7 +684,7 @@ def greedy_divergence(model, prompts: Sequence[Sequence[int]], configs: Sequence
             margins[c.name] = []
     for i, p in enumerate(prompts):
         ref_m = []
-        ref = greedy_tokens(model, p, [ReferenceKVCache() for _ in model.layers], n, prefill_step,
+        ref = greedy_tokens(model, p, reference_cache(model), n, prefill_step,
                             margins=ref_m)
         for c in configs:
             toks = greedy_tokens(model, p, c.make_cache(model), n, prefill_step)
@@ -758,6 +834,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokens per greedy prompt, slices of the text (default 512)")
     p.add_argument("--text", default=None,
                    help="evaluation text file (default: the text shipped in tqmetal/data)")
+    p.add_argument("--text-kind", choices=tuple(TEXT_KINDS), default=None,
+                   help="evaluate on another kind of text instead, none written for this "
+                        "project: " + "; ".join(f"{k}: {v}" for k, v in TEXT_KINDS.items()))
     p.add_argument("--json", default=None, metavar="PATH", help="write the results as JSON")
     p.add_argument("--plot", default=None, metavar="PATH",
                    help="PNG of KL divergence against position, one line per config")
@@ -794,7 +873,9 @@ def main(argv=None) -> int:
             print(msg, file=sys.stderr, flush=True)
 
     try:
-        text = load_text(args.text)
+        if args.text is not None and args.text_kind is not None:
+            parser.error("give --text or --text-kind, not both")
+        text = load_text_kind(args.text_kind) if args.text_kind else load_text(args.text)
     except OSError as e:
         parser.error(str(e))
     t0 = time.perf_counter()
@@ -866,6 +947,8 @@ def main(argv=None) -> int:
         ref = tf["ref"]
         return {
             "model": args.model or "default (SmolLM2-135M-Instruct GGUF)",
+            "text": (f"{args.text_kind}: {TEXT_KINDS[args.text_kind]}" if args.text_kind
+                     else args.text or "bundled"),
             "tokens": len(ref["top1"]), "text_repeats": repeats, "chunk": args.chunk,
             "margin": args.margin, "reference_dtype": tf["_ref_dtype"], "numpy_matmul": use_np,
             "gen_tokens": args.gen_tokens, "gen_prompts": len(prompts),
