@@ -9,6 +9,7 @@ import sys
 COMMANDS = {
     "generate": ("tqmetal.generate", "generate text with an int4 KV cache (mlx-lm model or GGUF)"),
     "eval": ("tqmetal.fidelity", "fidelity report: int4/int8 cache against fp16 on a real model"),
+    "passkey": ("tqmetal.passkey", "long-context retrieval grid: a number hidden in filler, per cache"),
     "plan": ("tqmetal.plan", "memory planner: which context fits in how much memory"),
     "bench": ("tqmetal.bench", "benchmarks: the op grid with plots, and `bench e2e` (mlx-lm tokens/s)"),
 }
