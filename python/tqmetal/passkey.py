@@ -117,7 +117,7 @@ def format_grid(rows: list) -> str:
     depths = sorted({r["depth"] for r in rows})
     cell = {(r["config"], r["length"], r["depth"]): r["retrieved"] for r in rows}
     head = "config".ljust(max(len(c) for c in configs)) + "  depth  " + "  ".join(
-        f"{L // 1024}K".rjust(4) for L in lengths)
+        (f"{L // 1024}K" if L % 1024 == 0 else str(L)).rjust(4) for L in lengths)
     lines = [head, "-" * len(head)]
     for c in configs:
         for d in depths:
