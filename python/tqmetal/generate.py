@@ -294,7 +294,9 @@ def main(argv=None) -> int:
     if args.seed is not None:
         mx.random.seed(args.seed)
     try:
-        model, tokenizer = load_model(args.model, weight_bits_arg(args.weight_bits))
+        extra = {} if args.weight_bits is None else {
+            "weight_bits": weight_bits_arg(args.weight_bits)}
+        model, tokenizer = load_model(args.model, **extra)
     except (FileNotFoundError, ValueError) as e:
         print(f"tqmetal generate: {e}", file=sys.stderr)
         return 1
