@@ -145,3 +145,28 @@ def test_save_load_after_the_window_slid(model, tokens, tmp_path):
     a = run(model, cache, tokens[:, 42:], [20, 1, 1])
     b = run(model, back, tokens[:, 42:], [20, 1, 1])
     assert mx.array_equal(a, b)
+
+
+def test_eval_follows_the_sliding_layout(model, tokens):
+    # tqmetal eval on a sliding-window model: the reference (numpy attention,
+    # mlx-lm's window masks as arrays) gives mlx-lm's own logits; each config's
+    # caches follow the model's layout; mlx-lm's 4-bit cache quantizes only the
+    # full-attention layers (it cannot quantize the sliding ones).
+    from tqmetal import fidelity as fid
+
+    toks = np.array(tokens[0, :60]).tolist()
+    cfgs = fid.parse_configs("fp16,int4-g64-rot-center-abq,mlx4-g64")
+    caches = {c.name: c.make_cache(model) for c in cfgs}
+    assert [type(c).__name__ for c in caches["int4-g64-rot-center-abq"]] == [
+        "RotatingInt4KVCache", "Int4KVCache"] * 2
+    assert [type(c).__name__ for c in caches["mlx4-g64"]] == [
+        "ReferenceRotatingKVCache", "QuantizedKVCache"] * 2
+    r = fid.teacher_forced(model, toks, cfgs, chunk=24)
+    assert np.all(r["fp16"]["kl"] == 0)
+    plain = model.make_cache()  # mlx-lm's own caches and attention
+    lp = [fid.log_softmax(model(mx.array([toks[i:i + 24]]), cache=plain)[0])
+          for i in range(0, 60, 24)]
+    want = np.concatenate([np.array(mx.argmax(x, -1)) for x in lp])
+    assert np.array_equal(r["ref"]["top1"], want)
+    for name in ("int4-g64-rot-center-abq", "mlx4-g64"):
+        assert np.all(np.isfinite(r[name]["kl"])) and r[name]["kl"].mean() > 0
