@@ -228,6 +228,27 @@ def test_teacher_forced_reference_row_is_exact():
     assert np.allclose(r["int8-w32"]["kl"][:36], 0, atol=1e-5)
 
 
+def test_teacher_forced_stride_samples_the_same_positions():
+    # stride 4 measures positions 3, 7, 11, ... with the same values as stride 1
+    # (the output layer runs on those rows only; the caches still see every token)
+    model = tiny_model(layers=2)
+    mx.random.seed(6)
+    toks = np.array(mx.random.randint(0, 256, (150,))).tolist()
+    cfgs = fid.parse_configs("int4-g64-w0-s0-rot")
+    with tqpatch.patched():
+        full = fid.teacher_forced(model, toks, cfgs, chunk=64)
+        part = fid.teacher_forced(model, toks, cfgs, chunk=64, stride=4)
+    sel = np.arange(3, 150, 4)
+    assert part["ref"]["top1"].shape == (len(sel),) and part["ref"]["nll"].shape == (len(sel),)
+    for name in ("ref", "int4-g64-w0-s0-rot"):
+        assert np.array_equal(part[name]["top1"], full[name]["top1"][sel])
+        assert np.allclose(part[name]["nll"], full[name]["nll"][sel], atol=1e-4)
+    assert np.allclose(part["int4-g64-w0-s0-rot"]["kl"], full["int4-g64-w0-s0-rot"]["kl"][sel],
+                       atol=1e-5)
+    with pytest.raises(ValueError, match="stride"):
+        fid.teacher_forced(model, toks, cfgs, stride=0)
+
+
 # ---- end to end ---------------------------------------------------------------
 
 

@@ -95,6 +95,23 @@ def test_generate_smoke(use_tiny, capsys, kv):
     assert f"Attention: GPU path {tqmetal.gpu_path()['path']} (" in out
 
 
+def test_generate_weight_bits_and_model_names(tiny, monkeypatch, capsys):
+    seen = []
+
+    def load(spec=None, **kw):
+        seen.append((spec, kw))
+        return tiny
+
+    monkeypatch.setattr(tqgen, "load_model", load)
+    for flag, want in (("4", 4), ("float", None)):
+        assert tqgen.main(["--model", "gemma3-270m", "--weight-bits", flag, "-p", "hi",
+                           "-m", "2", "--verbose", "False"]) == 0
+        assert seen[-1] == ("gemma3-270m", {"weight_bits": want})
+    assert tqgen.weight_bits_arg(None) == "default"
+    with pytest.raises(SystemExit):
+        tqgen.main(["--weight-bits", "3"])
+
+
 def test_generate_not_verbose_prints_only_text(use_tiny, capsys):
     rc = tqgen.main(["-p", "abc", "-m", "4", "--verbose", "False", "--temp", "0.7",
                      "--top-p", "0.9", "--seed", "3"])

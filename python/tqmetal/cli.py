@@ -10,6 +10,7 @@ COMMANDS = {
     "generate": ("tqmetal.generate", "generate text with an int4 KV cache (mlx-lm model or GGUF)"),
     "serve": ("tqmetal.serve", "mlx_lm.server with int4 caches, fused attention, continuous batching"),
     "eval": ("tqmetal.fidelity", "fidelity report: int4/int8 cache against fp16 on a real model"),
+    "passkey": ("tqmetal.passkey", "long-context retrieval grid: a number hidden in filler, per cache"),
     "plan": ("tqmetal.plan", "memory planner: which context fits in how much memory"),
     "bench": ("tqmetal.bench", "benchmarks: the op grid with plots, and `bench e2e` (mlx-lm tokens/s)"),
 }

@@ -72,7 +72,7 @@ from typing import List, Optional, Sequence
 import mlx.core as mx
 import numpy as np
 
-from .corpus import load_text, tokenize_text
+from .corpus import TEXT_KINDS, load_text, load_text_kind, tokenize_text
 from .provenance import package_versions
 
 # The cache's defaults (int4-g64-rot-center-abq), what each part buys, and the baselines.
@@ -111,33 +111,48 @@ class CacheConfig:
     k8_layers: tuple = ()
 
     def make_cache(self, model):
+        """One cache per layer, following the model's layout (sliding-window
+        layers get sliding-window caches)."""
         from mlx_lm.models import cache as mlc
 
-        from .cache import Int4KVCache
+        from .cache import Int4KVCache, RotatingInt4KVCache
 
-        n = len(model.layers)
+        layout = model_cache_layout(model)
+        n = len(layout)
         if self.kind == "fp":
-            return [ReferenceKVCache() for _ in range(n)]
+            return reference_cache(model)
         if self.kind == "mlx":
+            # mlx-lm quantizes only full-attention layers: its
+            # RotatingKVCache.to_quantized raises NotImplementedError, so a
+            # sliding-window layer keeps an unquantized (float16) cache.
             return [mlc.QuantizedKVCache(group_size=self.group_size, bits=self.k_bits)
-                    for _ in range(n)]
+                    if w is None else ReferenceRotatingKVCache(w[0], w[1], mx.float16)
+                    for w in layout]
         for i in self.fp_layers + self.k8_layers:
             if i >= n:
                 raise ValueError(f"config {self.name!r}: layer {i} out of range ({n} layers)")
         given = (calibrated_key_scales(model, self.channel_scale) if self.calibrated_scale
                  else [None] * n)
-        return [
-            ReferenceKVCache(mx.float16) if i in self.fp_layers else
-            Int4KVCache(self.group_size, k_bits=8 if i in self.k8_layers else self.k_bits,
-                        v_bits=self.v_bits, window=self.window, sinks=self.sinks,
+        out = []
+        for i, w in enumerate(layout):
+            if i in self.fp_layers:
+                out.append(ReferenceKVCache(mx.float16) if w is None else
+                           ReferenceRotatingKVCache(w[0], w[1], mx.float16))
+                continue
+            opts = dict(group_size=self.group_size,
+                        k_bits=8 if i in self.k8_layers else self.k_bits,
+                        v_bits=self.v_bits, window=self.window,
                         rotate_keys=self.rotate_keys, rotate_values=self.rotate_values,
                         center_keys=self.center_keys,
                         attend_before_quantizing=self.attend_before_quantizing,
                         channel_scale=self.channel_scale > 0,
                         channel_scale_alpha=self.channel_scale or 0.5,
                         key_scales=given[i])
-            for i in range(n)
-        ]
+            if w is None:
+                out.append(Int4KVCache(sinks=self.sinks, **opts))
+            else:
+                out.append(RotatingInt4KVCache(w[0], w[1], **opts))
+        return out
 
 
 def parse_config(name: str) -> CacheConfig:
@@ -394,8 +409,12 @@ def _FastEmbedding(weight, original):
 # the reference cache: mlx-lm's KVCache, attention through numpy
 
 
-def numpy_attention(queries, keys, values, scale: float, causal: bool):
-    """Softmax attention in float32 through numpy's BLAS (GQA; bottom-right causal)."""
+def numpy_attention(queries, keys, values, scale: float, causal: bool, mask=None):
+    """Softmax attention in float32 through numpy's BLAS (GQA; bottom-right causal).
+
+    ``mask``: instead of ``causal``, a boolean (True = attend) or additive array
+    broadcastable to ``[B, H_q, L, N]`` (mlx-lm's sliding-window masks).
+    """
     q = np.asarray(queries.astype(mx.float32))
     k = np.asarray(keys.astype(mx.float32))
     v = np.asarray(values.astype(mx.float32))
@@ -404,7 +423,14 @@ def numpy_attention(queries, keys, values, scale: float, causal: bool):
     rep = Hq // Hkv
     q = q.reshape(B, Hkv, rep * L, D)  # query head h reads KV head h // rep
     s = (q @ k.transpose(0, 1, 3, 2)) * np.float32(scale)
-    if causal and L > 1:
+    if mask is not None:
+        m = np.asarray(mask)
+        m = np.broadcast_to(m, (B, Hq, L, N)).reshape(B, Hkv, rep * L, N)
+        if m.dtype == np.bool_:
+            s = np.where(m, s, np.float32(-np.inf))
+        else:
+            s = s + m.astype(np.float32)
+    elif causal and L > 1:
         allowed = np.arange(N)[None, :] <= np.arange(N - L, N)[:, None]  # [L, N]
         s = np.where(np.tile(allowed, (rep, 1)), s, np.float32(-np.inf))
     s -= s.max(axis=-1, keepdims=True)
@@ -413,10 +439,30 @@ def numpy_attention(queries, keys, values, scale: float, causal: bool):
     return mx.array(out.reshape(B, Hq, L, v.shape[-1])).astype(queries.dtype)
 
 
-def _reference_cache_class():
+def _reference_cache_classes():
     from mlx_lm.models import cache as mlc
 
-    class ReferenceKVCache(mlc.KVCache):
+    class _NumpyAttention:
+        """Attention through :func:`numpy_attention` (under :func:`tqmetal.patch.patched`);
+        ``store_dtype`` float16 stores K/V rounded to float16."""
+
+        def update_and_fetch(self, keys, values):
+            if self.store_dtype is None:
+                return super().update_and_fetch(keys, values)
+            k, v = super().update_and_fetch(keys.astype(self.store_dtype),
+                                            values.astype(self.store_dtype))
+            return k.astype(keys.dtype), v.astype(values.dtype)
+
+        def fused_attention(self, queries, keys, values, *, scale, mask=None, sinks=None):
+            if sinks is not None:
+                return None  # mlx-lm's own attention handles these
+            if isinstance(mask, str) and mask != "causal":
+                return None
+            if isinstance(mask, mx.array):
+                return numpy_attention(queries, keys, values, scale, False, mask=mask)
+            return numpy_attention(queries, keys, values, scale, causal=mask == "causal")
+
+    class ReferenceKVCache(_NumpyAttention, mlc.KVCache):
         """mlx-lm's ``KVCache`` whose attention (under :func:`tqmetal.patch.patched`)
         runs in float32 through numpy: the same function as MLX's CPU attention,
         ~50x faster on this kind of machine for 128-row chunks at long context.
@@ -430,33 +476,61 @@ def _reference_cache_class():
             super().__init__()
             self.store_dtype = store_dtype
 
-        def update_and_fetch(self, keys, values):
-            if self.store_dtype is None:
-                return super().update_and_fetch(keys, values)
-            k, v = super().update_and_fetch(keys.astype(self.store_dtype),
-                                            values.astype(self.store_dtype))
-            return k.astype(keys.dtype), v.astype(values.dtype)
+    class ReferenceRotatingKVCache(_NumpyAttention, mlc.RotatingKVCache):
+        """mlx-lm's ``RotatingKVCache`` (a sliding-window layer) with the attention
+        of :class:`ReferenceKVCache`; mlx-lm's window masks come as arrays."""
 
-        def fused_attention(self, queries, keys, values, *, scale, mask=None, sinks=None):
-            if sinks is not None or not (mask is None or isinstance(mask, str)):
-                return None  # mlx-lm's own attention handles these
-            if mask is not None and mask != "causal":
-                return None
-            return numpy_attention(queries, keys, values, scale, causal=mask == "causal")
+        def __init__(self, max_size, keep=0, store_dtype=None):
+            super().__init__(max_size, keep=keep)
+            self.store_dtype = store_dtype
 
-    return ReferenceKVCache
+    return ReferenceKVCache, ReferenceRotatingKVCache
 
 
 def _reference_cache_class_cached():
     global _REFERENCE_CLASS
     if _REFERENCE_CLASS is None:
-        _REFERENCE_CLASS = _reference_cache_class()
-    return _REFERENCE_CLASS
+        _REFERENCE_CLASS = _reference_cache_classes()
+    return _REFERENCE_CLASS[0]
 
 
 def ReferenceKVCache(store_dtype=None):
-    """See ``_reference_cache_class``; built on first use so importing this module stays cheap."""
+    """See ``_reference_cache_classes``; built on first use so importing this module stays cheap."""
     return _reference_cache_class_cached()(store_dtype)
+
+
+def ReferenceRotatingKVCache(max_size, keep=0, store_dtype=None):
+    """See ``_reference_cache_classes``."""
+    _reference_cache_class_cached()
+    return _REFERENCE_CLASS[1](max_size, keep, store_dtype)
+
+
+def model_cache_layout(model) -> list:
+    """Per layer, None (full attention) or (max_size, keep) of a sliding window,
+    from the model's own ``make_cache()`` (mlx-lm's layout: Gemma 3 slides five
+    layers of six)."""
+    from mlx_lm.models import cache as mlc
+
+    base = model.make_cache() if hasattr(model, "make_cache") else None
+    if base is None:
+        return [None] * len(model.layers)
+    out = []
+    for c in base:
+        if type(c) is mlc.RotatingKVCache:
+            out.append((c.max_size, c.keep))
+        elif type(c) is mlc.KVCache:
+            out.append(None)
+        else:
+            raise ValueError(f"tqmetal eval: unsupported layer cache {type(c).__name__}")
+    return out
+
+
+def reference_cache(model, store_dtype=None) -> list:
+    """The reference cache for ``model``: :class:`ReferenceKVCache` per full-attention
+    layer, :class:`ReferenceRotatingKVCache` per sliding-window layer."""
+    return [ReferenceKVCache(store_dtype) if w is None else
+            ReferenceRotatingKVCache(w[0], w[1], store_dtype)
+            for w in model_cache_layout(model)]
 
 
 _REFERENCE_CLASS = None
@@ -482,38 +556,79 @@ def _leaves(tree):
             yield from _leaves(t)
 
 
+_STRIDE_MODELS = ("llama", "gemma3_text")
+
+
+def _logits(model, x, cache, rows=None):
+    """Logits [L, V] of a chunk; with ``rows`` only those positions go through the
+    output layer (the body still runs on every position, filling the cache)."""
+    if rows is None:
+        return model(x, cache=cache)[0]
+    h = model.model(x, cache=cache)[0][rows]
+    if "lm_head" in model:
+        return model.lm_head(h)
+    return model.model.embed_tokens.as_linear(h)
+
+
 def teacher_forced(model, tokens: Sequence[int], configs: Sequence[CacheConfig],
                    chunk: int = DEFAULT_CHUNK, progress=None, checkpoint=None,
-                   checkpoint_every: int = 8) -> dict:
+                   checkpoint_every: int = 8, stride: int = 1) -> dict:
     """Per-position metrics of every config against the reference cache.
 
     Returns ``{"ref": {"top1", "margin", "nll"}, name: {"kl", "top1", "nll"}, ...}``
     as numpy arrays; ``nll[t]`` is for token ``t + 1`` (so one fewer).
     ``checkpoint(partial)`` is called every ``checkpoint_every`` chunks with the
     result so far (long runs keep what they measured if stopped).
+
+    ``stride`` > 1 measures every stride-th position only (positions p with
+    p % stride == stride - 1; the arrays then hold those positions): the whole
+    text still goes through every cache, but only the measured positions go
+    through the output layer, which on a large vocabulary (Gemma 3: 262144) is
+    most of a CPU run's time. An unbiased sample of the per-position metrics
+    (the 99.9th percentile rests on fewer positions).
     """
     toks = mx.array(list(tokens), dtype=mx.int32)
     T = toks.shape[0]
-    ref_cache = [ReferenceKVCache() for _ in model.layers]
+    if stride < 1:
+        raise ValueError(f"stride must be >= 1, got {stride}")
+    if stride > 1 and getattr(model, "model_type", None) not in _STRIDE_MODELS:
+        raise ValueError(f"stride > 1 supports model types {_STRIDE_MODELS} (their output "
+                         "layer is the last step)")
+    ref_cache = reference_cache(model)
     caches = {c.name: c.make_cache(model) for c in configs}
     out = {"ref": {"top1": [], "margin": [], "nll": []}}
     for c in configs:
         out[c.name] = {"kl": [], "top1": [], "nll": []}
     for start in range(0, T, chunk):
         x = toks[start:start + chunk][None]
-        nxt = toks[start + 1:start + chunk + 1]
-        m = nxt.shape[0]
-        ref_lp = log_softmax(model(x, cache=ref_cache)[0])
-        r = {"top1": mx.argmax(ref_lp, axis=-1), "margin": top2_margin(ref_lp),
-             "nll": target_nll(ref_lp[:m], nxt)}
+        L = x.shape[1]
+        if stride == 1:
+            rows, pos = None, np.arange(start, start + L)
+        else:
+            pos = np.arange(start, start + L)
+            pos = pos[pos % stride == stride - 1]
+            rows = mx.array(pos - start, dtype=mx.int32)
+        has_next = pos[pos + 1 < T]
+        nxt = toks[mx.array(has_next + 1, dtype=mx.int32)] if has_next.size else None
+        m = has_next.size
+        if pos.size == 0:  # nothing measured in this chunk: just advance the caches
+            for cache in [ref_cache] + [caches[c.name] for c in configs]:
+                mx.eval(model.model(x, cache=cache))
+                _eval_cache(cache)
+            continue
+        ref_lp = log_softmax(_logits(model, x, ref_cache, rows))
+        r = {"top1": mx.argmax(ref_lp, axis=-1), "margin": top2_margin(ref_lp)}
+        if m:
+            r["nll"] = target_nll(ref_lp[:m], nxt)
         mx.eval(r, ref_lp)
         _eval_cache(ref_cache)
         for k, v in r.items():
             out["ref"][k].append(np.array(v))
         for c in configs:
-            lp = log_softmax(model(x, cache=caches[c.name])[0])
-            q = {"kl": kl_divergence(ref_lp, lp), "top1": mx.argmax(lp, axis=-1),
-                 "nll": target_nll(lp[:m], nxt)}
+            lp = log_softmax(_logits(model, x, caches[c.name], rows))
+            q = {"kl": kl_divergence(ref_lp, lp), "top1": mx.argmax(lp, axis=-1)}
+            if m:
+                q["nll"] = target_nll(lp[:m], nxt)
             mx.eval(q)
             _eval_cache(caches[c.name])
             for k, v in q.items():
@@ -560,7 +675,9 @@ def key_sensitivity(model, tokens: Sequence[int], group_size: int = 64, bits: in
             q = Int4KVCache(group_size, k_bits=bits, v_bits=8, window=0, sinks=0,
                             rotate_keys=True, center_keys=True)
             kq, _ = q.update_and_fetch(keys, values)  # dequantized, un-rotated, re-centered
-            approx = numpy_attention(queries, kq, values, scale, causal=mask == "causal")
+            arr = mask if isinstance(mask, mx.array) else None  # sliding-window layers
+            approx = numpy_attention(queries, kq, values, scale,
+                                     causal=isinstance(mask, str), mask=arr)
             d = np.asarray((approx - out).astype(mx.float32))
             i = self.layer
             err[i] += float((d * d).sum())
@@ -608,7 +725,7 @@ def greedy_divergence(model, prompts: Sequence[Sequence[int]], configs: Sequence
             margins[c.name] = []
     for i, p in enumerate(prompts):
         ref_m = []
-        ref = greedy_tokens(model, p, [ReferenceKVCache() for _ in model.layers], n, prefill_step,
+        ref = greedy_tokens(model, p, reference_cache(model), n, prefill_step,
                             margins=ref_m)
         for c in configs:
             toks = greedy_tokens(model, p, c.make_cache(model), n, prefill_step)
@@ -745,6 +862,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=int, default=DEFAULT_TOKENS,
                    help=f"context length of the teacher-forced run (default {DEFAULT_TOKENS}; "
                         "the issue's targets are at 8192)")
+    p.add_argument("--stride", type=int, default=1,
+                   help="measure every N-th position only (all tokens still go through "
+                        "every cache; only measured positions go through the output layer: "
+                        "for large vocabularies such as Gemma 3's on a CPU; default 1 = all)")
     p.add_argument("--chunk", type=int, default=DEFAULT_CHUNK,
                    help=f"tokens fed per step, as a prefill (default {DEFAULT_CHUNK})")
     p.add_argument("--margin", type=float, default=DEFAULT_MARGIN,
@@ -758,6 +879,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokens per greedy prompt, slices of the text (default 512)")
     p.add_argument("--text", default=None,
                    help="evaluation text file (default: the text shipped in tqmetal/data)")
+    p.add_argument("--text-kind", choices=tuple(TEXT_KINDS), default=None,
+                   help="evaluate on another kind of text instead, none written for this "
+                        "project: " + "; ".join(f"{k}: {v}" for k, v in TEXT_KINDS.items()))
     p.add_argument("--json", default=None, metavar="PATH", help="write the results as JSON")
     p.add_argument("--plot", default=None, metavar="PATH",
                    help="PNG of KL divergence against position, one line per config")
@@ -780,7 +904,7 @@ def main(argv=None) -> int:
         configs = parse_configs(args.configs)
     except ValueError as e:
         parser.error(str(e))
-    for name in ("tokens", "chunk"):
+    for name in ("tokens", "chunk", "stride"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be positive")
     if args.gen_prompts < 0 or args.gen_tokens < 1 or args.gen_prompt_tokens < 1:
@@ -794,7 +918,9 @@ def main(argv=None) -> int:
             print(msg, file=sys.stderr, flush=True)
 
     try:
-        text = load_text(args.text)
+        if args.text is not None and args.text_kind is not None:
+            parser.error("give --text or --text-kind, not both")
+        text = load_text_kind(args.text_kind) if args.text_kind else load_text(args.text)
     except OSError as e:
         parser.error(str(e))
     t0 = time.perf_counter()
@@ -866,7 +992,11 @@ def main(argv=None) -> int:
         ref = tf["ref"]
         return {
             "model": args.model or "default (SmolLM2-135M-Instruct GGUF)",
-            "tokens": len(ref["top1"]), "text_repeats": repeats, "chunk": args.chunk,
+            "text": (f"{args.text_kind}: {TEXT_KINDS[args.text_kind]}" if args.text_kind
+                     else args.text or "bundled"),
+            "tokens": len(tokens) if args.stride > 1 else len(ref["top1"]),
+            "measured_positions": len(ref["top1"]), "stride": args.stride,
+            "text_repeats": repeats, "chunk": args.chunk,
             "margin": args.margin, "reference_dtype": tf["_ref_dtype"], "numpy_matmul": use_np,
             "gen_tokens": args.gen_tokens, "gen_prompts": len(prompts),
             "gen_prompt_tokens": len(prompts[0]) if prompts else 0,
@@ -882,12 +1012,13 @@ def main(argv=None) -> int:
     def checkpoint(tf):
         if args.json:
             out = to_json(tf, rows_of(tf, {c.name: [] for c in configs}), {}, [])
-            out["partial"] = f"{out['tokens']} of {len(tokens)} tokens (run still going)"
+            done = out["measured_positions"] * args.stride
+            out["partial"] = f"{done} of {len(tokens)} tokens (run still going)"
             Path(args.json).write_text(json.dumps(out, indent=1))
 
     with patched():
         t1 = time.perf_counter()
-        tf = teacher_forced(model, tokens, configs, chunk=args.chunk,
+        tf = teacher_forced(model, tokens, configs, chunk=args.chunk, stride=args.stride,
                             progress=bar("teacher-forced"), checkpoint=checkpoint)
         tf_time = time.perf_counter() - t1
         div = {c.name: [] for c in configs}

