@@ -76,7 +76,7 @@ def test_protocol_basics():
     assert kk.shape == vv.shape == (1, 2, 10, 64)
     # Nothing quantized yet: what comes back is what went in (rotation undone),
     # to float16's precision (the window is stored in float16), in k's dtype.
-    assert kk.dtype == vv.dtype == mx.float32 and c._fk.dtype == mx.float16
+    assert kk.dtype == vv.dtype == mx.float32 and c.fp.keys.dtype == mx.float16
     assert mx.allclose(kk, k, rtol=1e-3, atol=1e-3) and mx.allclose(vv, v, rtol=1e-3, atol=1e-3)
     assert not mx.array_equal(kk, k)  # really rounded: the test above is not vacuous
     ref = mlc.KVCache()
@@ -126,11 +126,13 @@ def test_stored_values_and_layout(rotate, chunks):
         mx.eval(kk, vv)
         assert c.offset == i
         if i > S:
-            assert c._ns == S and c._nq + c._nw == i - S
+            assert c.fp.ns == S and c.quantized.n + c.fp.nw == i - S
             # the window never holds more than window + chunk - 1 tokens,
             # however many tokens arrive at once
-            assert c._nw <= W + C - 1 and (c._nw >= W or c._nq == 0)
-        assert c._fk.shape[2] == S + W + C  # the fp buffer never grows
+            assert c.fp.nw <= W + C - 1 and (c.fp.nw >= W or c.quantized.n == 0)
+        # sinks + window, plus the chunk once single tokens push the window past W
+        assert c.fp.keys.shape[2] in (S + W, S + W + C)
+        assert c.fp.ns + c.fp.nw <= c.fp.keys.shape[2]
 
     def stored(x, quantized):
         # float16 storage: the (rotated) input rounded to float16, then for the
@@ -147,8 +149,8 @@ def test_stored_values_and_layout(rotate, chunks):
 
     exact = mx.zeros((i,), mx.bool_)
     exact[:S] = True
-    exact[i - c._nw :] = True
-    assert all(a.dtype == mx.float16 for a in c._qk[1:] + c._qv[1:])  # scales, biases
+    exact[i - c.fp.nw :] = True
+    assert all(a.dtype == mx.float16 for a in c.quantized.keys[1:] + c.quantized.values[1:])  # scales, biases
     for got, x in ((kk, ks), (vv, vs)):
         want = mx.where(exact[:, None], stored(x, False), stored(x, True))
         assert mx.allclose(got, want, atol=1e-4), float(mx.abs(got - want).max())
@@ -159,14 +161,15 @@ def test_prefill_quantizes_at_once_and_preallocates():
     k = mx.random.normal((1, 2, 1000, 64)).astype(mx.float16)
     c.update_and_fetch(k, k)
     mx.eval(c.state)
-    assert (c._ns, c._nw, c._nq) == (4, 128, 1000 - 4 - 128)
-    assert c._fk.shape[2] == 4 + 128 + 64
-    assert c._qcap == 1024  # steps of 256
+    assert (c.fp.ns, c.fp.nw, c.quantized.n) == (4, 128, 1000 - 4 - 128)
+    assert c.fp.keys.shape[2] == 4 + 128  # no room for a chunk until decode needs it
+    assert c.quantized.capacity == 1024  # steps of 256
     caps, nqs = set(), set()
     for _ in range(300):
         c.update_and_fetch(k[..., :1, :], k[..., :1, :])
-        caps.add(c._qcap)
-        nqs.add(c._nq)
+        caps.add(c.quantized.capacity)
+        nqs.add(c.quantized.n)
+        assert c.fp.keys.shape[2] == 4 + 128 + 64  # grown once, by the chunk
     assert caps == {1024, 1280}  # grown once, in a step of 256
     assert nqs == {868, 868 + 64, 868 + 128, 868 + 192, 868 + 256}  # chunks of 64
 
@@ -225,7 +228,7 @@ def test_explicit_masks_and_sinks():
     v = mx.random.normal((1, 2, N, 64))
     c.update_and_fetch(k[..., : N - L, :], v[..., : N - L, :])
     kk, vv = c.update_and_fetch(k[..., N - L :, :], v[..., N - L :, :])
-    assert c._nq > 0 and c._nw < N  # really reordered
+    assert c.quantized.n > 0 and c.fp.nw < N  # really reordered
     q = mx.random.normal((1, 4, L, 64))
     sinks = mx.random.normal((4,))
     bool_mask = mx.random.uniform(shape=(1, 1, L, N)) > 0.3
@@ -257,7 +260,7 @@ def test_attend_before_quantizing(model, tokens):
                        for _ in model.layers], tokens, [300, 1, 1])
     cache = [Int4KVCache(window=16, attend_before_quantizing=True) for _ in model.layers]
     early = run(model, cache, tokens, [300, 1, 1])
-    assert cache[0]._nq > 250  # really quantized
+    assert cache[0].quantized.n > 250  # really quantized
     assert rel_err(early[:, :300], ref[:, :300]) < 5e-4  # the prefill: float16 storage only
     assert rel_err(late[:, :300], ref[:, :300]) > 20 * rel_err(early[:, :300], ref[:, :300])
     # the decode steps after it read the quantized tokens
@@ -350,7 +353,7 @@ def test_channel_scale_is_exact(rotate):
     c = Int4KVCache(window=0, sinks=0, rotate_keys=rotate, center_keys=True, channel_scale=True)
     kk, vv = c.update_and_fetch(k[..., :300, :], v[..., :300, :])
     kk, vv = c.update_and_fetch(k[..., 300:, :], v[..., 300:, :])
-    assert c._nq == 400 and c._kscale.shape == (1, 2, 1, 64) and c._kscale.dtype == mx.float16
+    assert c.quantized.n == 400 and c._kscale.shape == (1, 2, 1, 64) and c._kscale.dtype == mx.float16
     # fixed from the first update: 4 outlier channels get the largest factors
     s = np.array(c._kscale.astype(mx.float32))[0, 0, 0]
     assert s[:4].min() > 3 * s[4:].max()
@@ -470,13 +473,13 @@ def test_trim():
         got = c.keys_and_values()[0] if c.offset else None
         if got is not None:
             assert mx.allclose(got, before[..., : c.offset, :], atol=1e-5)
-    assert c.offset == 2 and c._ns == 2
+    assert c.offset == 2 and c.fp.ns == 2
     assert c.trim(10) == 2 and c.offset == 0
     # refill after trimming everything: same layout as a fresh cache
     c.update_and_fetch(k[..., :30, :], k[..., :30, :])
     fresh = Int4KVCache(window=8, sinks=4, chunk_size=4, attend_before_quantizing=False)
     fresh.update_and_fetch(k[..., :30, :], k[..., :30, :])
-    assert (c._ns, c._nq, c._nw, c._qstart) == (fresh._ns, fresh._nq, fresh._nw, fresh._qstart)
+    assert (c.fp.ns, c.quantized.n, c.fp.nw, c.quantized.start) == (fresh.fp.ns, fresh.quantized.n, fresh.fp.nw, fresh.quantized.start)
     assert mx.allclose(c.keys_and_values()[0], fresh.keys_and_values()[0])
     assert mlc.can_trim_prompt_cache([c]) and mlc.trim_prompt_cache([c], 5) == 5
 
@@ -501,7 +504,7 @@ def test_speculative_decoding(model):
     spec = list(speculative_generate_step(
         prompt, model, model, num_draft_tokens=3, max_tokens=12, prompt_cache=cache
     ))
-    assert len(spec) == 12 and cache[0]._nq > 0
+    assert len(spec) == 12 and cache[0].quantized.n > 0
 
 
 def test_save_load_prompt_cache(model, tokens, tmp_path):
@@ -553,8 +556,8 @@ def test_rotating_matches_mlx(model, tokens, chunks, keep):
     q8 = run(model, cache, tokens, chunks)
     assert rel_err(q8, ref) < 0.02
     c = cache[0]
-    assert c._nq > 0 and c._ns + c._nq + c._nw <= M  # dropped what no query can see
-    assert c._qcap <= 2 * (M - keep - 8)  # gave back the room a prefill took
+    assert c.quantized.n > 0 and c.fp.ns + c.quantized.n + c.fp.nw <= M  # dropped what no query can see
+    assert c.quantized.capacity <= 2 * (M - keep - 8)  # gave back the room a prefill took
 
 
 def test_rotating_protocol():
@@ -621,13 +624,35 @@ def test_nbytes_at_2k_tokens():
     int8.update_and_fetch(k, k)
     mx.eval(fp16.state, int4.state, int8.state)
     assert fp16.nbytes == 2 * B * H * N * D * 2
-    fp_buf = 2 * B * H * (4 + 128 + 64) * D * 2  # sinks + window + chunk, K and V
+    fp_buf = 2 * B * H * (4 + 128) * D * 2  # sinks + window (no decode yet), K and V
     # 4 bits + a float16 scale and bias per 64 values, capacity 2048 tokens, + the key mean
     mean = B * H * D * 2
     assert int4.nbytes == fp_buf + 2 * B * H * N * (D // 2 + 2 * 2 * D // 64) + mean
     assert int8.nbytes == fp_buf + 2 * B * H * N * (D + 2 * 2 * D // 64) + mean
     assert int4.nbytes < 0.4 * fp16.nbytes and int8.nbytes < 0.65 * fp16.nbytes
     assert int4.nbytes_used < int4.nbytes
+
+
+@pytest.mark.parametrize("prefill_step", [2048, 128])
+def test_allocated_bytes_at_8k_within_0_30x_fp16(prefill_step):
+    """Default options, head dim 128, 8K tokens prefilled in steps (generate's 2048,
+    the fidelity report's 128): what is allocated, not only what is used, stays
+    within 0.30x of the fp16 cache's bytes for the same tokens."""
+    B, H, N, D = 1, 2, 8192, 128
+    k = mx.random.normal((B, H, N, D)).astype(mx.float16)
+    c = Int4KVCache()
+    for i in range(0, N, prefill_step):
+        c.update_and_fetch(k[..., i : i + prefill_step, :], k[..., i : i + prefill_step, :])
+        mx.eval(c.state)
+    fp16 = 2 * B * H * N * D * 2
+    assert c.nbytes_used / fp16 == pytest.approx(0.293, abs=0.001)
+    assert c.nbytes / fp16 <= 0.30, c.nbytes / fp16
+    # The quantized part grows in steps of 256 tokens; the fp buffer holds the sinks
+    # and the window only: decode adds chunk_size slots the first time it needs them.
+    assert c.quantized.capacity == N and c.fp.keys.shape[2] == 4 + 128
+    c.update_and_fetch(k[..., :1, :], k[..., :1, :])
+    mx.eval(c.state)
+    assert c.fp.keys.shape[2] == 4 + 128 + 64 and c.quantized.capacity == N
 
 
 @pytest.mark.parametrize("model_dtype", [mx.float32, mx.bfloat16])
@@ -637,7 +662,7 @@ def test_storage_is_float16_whatever_the_model_dtype(model_dtype):
     c = Int4KVCache(center_keys=True)
     kk, vv = c.update_and_fetch(k, k)
     mx.eval(c.state)
-    stored = [c._fk, c._fv, c._kmean] + c._qk[1:] + c._qv[1:]
+    stored = [c.fp.keys, c.fp.values, c._kmean] + c.quantized.keys[1:] + c.quantized.values[1:]
     assert all(a.dtype == mx.float16 for a in stored)
     assert kk.dtype == vv.dtype == model_dtype  # what attention sees keeps the model's dtype
     q = mx.random.normal((B, 2 * H, 3, D)).astype(model_dtype)
@@ -645,7 +670,7 @@ def test_storage_is_float16_whatever_the_model_dtype(model_dtype):
     # bytes as for a float16 model: fp buffer + 4 bits and a float16 scale and bias per
     # 64 values (capacity 512: the 468 quantized tokens rounded up to steps of 256) + the
     # key mean
-    fp_buf = 2 * B * H * (4 + 128 + 64) * D * 2
+    fp_buf = 2 * B * H * (4 + 128) * D * 2  # sinks + window
     assert c.nbytes == fp_buf + 2 * B * H * 512 * (D // 2 + 2 * 2 * D // 64) + B * H * D * 2
     per_q = 2 * H * (D // 2 + 2 * 2 * D // 64)
     assert c.nbytes_used == 2 * H * D * 2 * (4 + 128) + per_q * (N - 132) + H * D * 2
@@ -673,7 +698,7 @@ def test_prefill_peak_memory_below_fp16_cache(abq):
         del y
     peak = mx.get_peak_memory() - base
     fp16_cache = layers * 2 * H * N * D * 2
-    assert cache[0].offset == N and cache[0]._nq == N - 4 - 128
+    assert cache[0].offset == N and cache[0].quantized.n == N - 4 - 128
     assert sum(c.nbytes for c in cache) < 0.5 * fp16_cache
     assert peak < 0.8 * fp16_cache, (peak, fp16_cache)
 
@@ -703,4 +728,4 @@ def test_gguf_greedy_matches_fp16_cache():
     # window 0, no sinks: every token attended from its int4 copy
     cache = [Int4KVCache(window=0, sinks=0, chunk_size=1) for _ in model.layers]
     assert greedy(cache) == ref  # "The capital of France is"
-    assert cache[0]._nq == len(prompt) + 5 and cache[0]._nw == 0
+    assert cache[0].quantized.n == len(prompt) + 5 and cache[0].fp.nw == 0

