@@ -7,6 +7,7 @@
 #include <nanobind/stl/vector.h>
 
 #include "cpu/thread_pool.h"
+#include "cuda/dispatch_plan.h"
 #include "metal/dispatch_plan.h"
 #include "metal/gpu_path.h"
 #include "tqmetal.h"
@@ -136,6 +137,68 @@ nb::dict plan_to_dict(const tqm::Plan& plan) {
   return r;
 }
 
+// The CUDA plans (csrc/cuda/dispatch_plan.h) as dicts: the same problem dicts as the
+// Metal ones ("offset" = the first element's byte address, only its alignment
+// matters; "gpu_cores" = streaming multiprocessors).
+nb::dict cuda_plan_to_dict(const tqmetal::cuda::Plan& plan) {
+  namespace tc = tqmetal::cuda;
+  nb::dict r;
+  r["supported"] = plan.supported;
+  r["reason"] = plan.reason;
+  r["path"] = plan.path == tqm::Path::decode ? "decode" : plan.path == tqm::Path::prefill ? "prefill" : "none";
+  r["two_pass"] = plan.two_pass;
+  r["blocks"] = plan.blocks;
+  r["block_len"] = plan.block_len;
+  r["rows"] = plan.rows;
+  r["rows_per_cta"] = plan.rows_per_cta;
+  r["row_tiles"] = plan.row_tiles;
+  r["warps"] = plan.warps;
+  r["key_tile"] = plan.key_tile;
+  r["lanes_per_token"] = plan.lanes_per_token;
+  r["elems_per_lane"] = plan.elems_per_lane;
+  r["vector_bytes"] = plan.vector_bytes;
+  r["mma_type"] = plan.mma_type;
+  r["program"] = plan.program;
+  r["entry_source"] = plan.entry_source;
+  nb::dict scratch;
+  for (const auto& s : plan.scratch) scratch[s.name.c_str()] = s.bytes;
+  r["scratch"] = scratch;
+  const tc::Args& a = plan.args;
+  nb::dict args;
+  args["strides"] = nb::cast(std::vector<int64_t>(a.strides.begin(), a.strides.end()));
+  args["B"] = a.B;
+  args["Hq"] = a.Hq;
+  args["Hkv"] = a.Hkv;
+  args["L"] = a.L;
+  args["G"] = a.G;
+  args["R"] = a.R;
+  args["N"] = a.N;
+  args["T"] = a.T;
+  args["blocks"] = a.blocks;
+  args["block_len"] = a.block_len;
+  args["q_dtype"] = a.q_dtype;
+  args["scale_dtype"] = a.scale_dtype;
+  args["tail_dtype"] = a.tail_dtype;
+  args["mask_dtype"] = a.mask_dtype;
+  args["sinks_dtype"] = a.sinks_dtype;
+  args["mask_kind"] = a.mask_kind;
+  args["qscale"] = a.qscale;
+  r["args"] = args;
+  nb::list launches;
+  for (const auto& l : plan.launches) {
+    nb::dict ld;
+    ld["kernel"] = l.kernel;
+    ld["grid"] = nb::make_tuple(l.grid[0], l.grid[1], l.grid[2]);
+    ld["block"] = nb::make_tuple(l.block[0], l.block[1], l.block[2]);
+    ld["smem_bytes"] = l.smem_bytes;
+    ld["reads"] = nb::cast(l.reads);
+    ld["writes"] = nb::cast(l.writes);
+    launches.append(ld);
+  }
+  r["launches"] = launches;
+  return r;
+}
+
 } // namespace
 
 NB_MODULE(_ext, m) {
@@ -232,6 +295,36 @@ NB_MODULE(_ext, m) {
       [](const nb::dict& d) { return tqm::metal_unsupported_reason(problem_from_dict(d)); },
       "problem"_a,
       "Why no Metal kernel covers these shapes (the op then runs on the CPU), or '' (strides ignored).");
+  m.def(
+      "cuda_plan_sdpa_int4",
+      [](const nb::dict& d) { return cuda_plan_to_dict(tqmetal::cuda::plan_sdpa_int4(problem_from_dict(d))); },
+      "problem"_a,
+      "The CUDA launch plan eval_gpu runs (decode or prefill; csrc/cuda/dispatch_plan.h) as a dict.");
+  m.def(
+      "cuda_plan_sdpa_int4_decode",
+      [](const nb::dict& d) { return cuda_plan_to_dict(tqmetal::cuda::plan_sdpa_int4_decode(problem_from_dict(d))); },
+      "problem"_a, "The CUDA decode kernels' launch plan as a dict.");
+  m.def(
+      "cuda_plan_sdpa_int4_prefill",
+      [](const nb::dict& d) { return cuda_plan_to_dict(tqmetal::cuda::plan_sdpa_int4_prefill(problem_from_dict(d))); },
+      "problem"_a, "The CUDA prefill kernel's launch plan as a dict.");
+  m.def(
+      "cuda_unsupported_reason",
+      [](const nb::dict& d) { return tqmetal::cuda::cuda_unsupported_reason(problem_from_dict(d)); },
+      "problem"_a,
+      "Why no CUDA kernel covers these shapes (the op then runs on the CPU), or '' (strides ignored).");
+  m.def(
+      "gpu_info",
+      [] {
+        const tqmetal::GpuInfo g = tqmetal::gpu_info();
+        nb::dict r;
+        r["backend"] = g.backend;
+        r["available"] = g.available;
+        r["reason"] = g.reason;
+        for (const auto& [k, v] : g.details) r[k.c_str()] = v;
+        return r;
+      },
+      "Which GPU path this build has and why: {'backend', 'available', 'reason', ...details}.");
   m.def(
       "plan_sdpa_int4_decode",
       [](const nb::dict& d) { return plan_to_dict(tqm::plan_sdpa_int4_decode(problem_from_dict(d))); },

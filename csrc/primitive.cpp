@@ -15,10 +15,11 @@ void ScaledDotProductAttentionInt4::eval_cpu(const std::vector<array>& inputs, a
   cpu::eval_sdpa_int4_cpu(*this, inputs, out, stream());
 }
 
-#ifndef _METAL_
-// With Metal, eval_gpu is csrc/metal/sdpa_int4_metal.cpp.
+#if !defined(_METAL_) && !defined(TQMETAL_CUDA)
+// With Metal, eval_gpu is csrc/metal/sdpa_int4_metal.cpp; with MLX's CUDA backend,
+// csrc/cuda/sdpa_int4_cuda.cpp.
 void ScaledDotProductAttentionInt4::eval_gpu(const std::vector<array>& inputs, array& out) {
-  // No GPU kernels in this build (Linux, or an MLX without Metal): say so instead
+  // No GPU kernels in this build (a CPU-only MLX): say so instead
   // of failing somewhere inside MLX.
   throw std::invalid_argument(
       "[tqmetal.sdpa_int4] stream: this build of tqmetal has no GPU kernels; "

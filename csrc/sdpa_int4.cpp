@@ -7,6 +7,7 @@
 #include <variant>
 
 #include "cpu/sdpa_int4_cpu.h"
+#include "cuda/dispatch_plan.h"
 #include "metal/dispatch_plan.h"
 #include "mlx/ops.h"
 #include "primitive.h"
@@ -208,10 +209,11 @@ array sdpa_int4(
     }
   }();
   if (stream.device == Device::gpu) {
-#ifdef _METAL_
-    // Metal kernels are built in (csrc/metal/sdpa_int4_metal.cpp). Shapes neither the
-    // decode nor the prefill kernel covers (e.g. head dims other than 64/80/96/128/256)
-    // run on the CPU op instead: an explicit, documented fallback (README, "what runs where").
+#if defined(_METAL_) || defined(TQMETAL_CUDA)
+    // GPU kernels are built in (Metal: csrc/metal/sdpa_int4_metal.cpp; MLX's CUDA
+    // backend: csrc/cuda/sdpa_int4_cuda.cpp). Shapes neither the decode nor the prefill
+    // kernel covers (e.g. head dims other than 64/80/96/128/256) run on the CPU op
+    // instead: an explicit, documented fallback (README, "what runs where").
     tqmetal::metal::Problem shapes;
     shapes.B = B;
     shapes.Hq = Hq;
@@ -237,13 +239,18 @@ array sdpa_int4(
       shapes.k_tail.dtype = dt(*k_tail);
       shapes.v_tail.dtype = dt(*v_tail);
     }
-    if (!tqmetal::metal::metal_unsupported_reason(shapes).empty()) {
+#ifdef _METAL_
+    const std::string unsupported = tqmetal::metal::metal_unsupported_reason(shapes);
+#else
+    const std::string unsupported = tqmetal::cuda::cuda_unsupported_reason(shapes);
+#endif
+    if (!unsupported.empty()) {
       stream = default_stream(Device::cpu);
     }
 #else
-    // This build has no GPU kernels (Linux, or an MLX without Metal): an unspecified
-    // stream on a GPU-default machine runs on the CPU, an explicit GPU stream is refused
-    // here rather than failing at eval time.
+    // This build has no GPU kernels (a CPU-only MLX): an unspecified stream on a
+    // GPU-default machine runs on the CPU, an explicit GPU stream is refused here
+    // rather than failing at eval time.
     if (!std::holds_alternative<std::monostate>(s_)) {
       fail("stream", "this build of tqmetal has no GPU kernels; use stream=mx.cpu");
     }

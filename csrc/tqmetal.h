@@ -6,6 +6,8 @@
 #include <optional>
 #include <string>
 #include <tuple>
+#include <utility>
+#include <vector>
 
 #include "mlx/array.h"
 #include "mlx/utils.h"
@@ -57,5 +59,20 @@ quantize(const array& x, int group_size = 64, int bits = 4, StreamOrDevice s = {
 // Which CPU kernel variant the running machine uses ("avx512amx", "avx512vnni",
 // "avx512", "avx2", "generic").
 const char* cpu_isa();
+
+// Which GPU path this build of tqmetal has, and why.
+//   backend:   "cuda" (built against MLX's CUDA backend), "metal" (macOS, MLX with
+//              Metal) or "none" (a CPU-only MLX).
+//   available: whether sdpa_int4 on a GPU stream runs GPU kernels here and now.
+//   reason:    why (or why not), in words.
+//   details:   backend facts as (key, value) pairs, e.g. the CUDA device, its compute
+//              capability and the NVRTC version that compiles the kernels.
+struct GpuInfo {
+  std::string backend;
+  bool available = false;
+  std::string reason;
+  std::vector<std::pair<std::string, std::string>> details;
+};
+GpuInfo gpu_info();
 
 } // namespace tqmetal

@@ -58,9 +58,10 @@ def sdpa_int4(
         sinks: optional ``[H_q]`` logits that join the softmax with no value.
         k_tail, v_tail: optional unquantized ``[B, H_kv, T, D]`` tokens attended
             after the quantized ones (the cache's recent-token window).
-        stream: MLX stream or device. A GPU stream runs the Metal kernels where this
-            build has them (macOS; shapes they do not cover run on the CPU); without
-            them (Linux) an explicit GPU stream is a ValueError.
+        stream: MLX stream or device. A GPU stream runs the GPU kernels where this
+            build has them (Metal on macOS; CUDA with ``mlx[cuda13]`` on Linux; shapes
+            they do not cover run on the CPU); without them (a CPU-only MLX) an
+            explicit GPU stream is a ValueError. :func:`gpu_info` says which.
 
     Returns:
         ``[B, H_q, L, D]`` in q's dtype.
@@ -128,11 +129,27 @@ def num_threads() -> int:
     return _ext.num_threads()
 
 
+def gpu_info() -> dict:
+    """Which GPU path this build of tqmetal has, and why.
+
+    Returns a dict with at least:
+
+    * ``backend``: ``"cuda"`` (built against MLX's CUDA backend, ``mlx[cuda13]``),
+      ``"metal"`` (macOS, MLX with Metal) or ``"none"`` (a CPU-only MLX);
+    * ``available``: whether :func:`sdpa_int4` on a GPU stream runs GPU kernels here;
+    * ``reason``: why (or why not), in words;
+
+    plus backend details as strings (CUDA: ``device``, ``compute_capability``,
+    ``arch``, ``sms``, ``nvrtc``, ``compiler``).
+    """
+    return dict(_ext.gpu_info())
+
+
 _GPU_OK = None
 
 
 def fused_op_available() -> bool:
-    """Whether sdpa_int4 runs on the default device (CPU always; GPU with a Metal build)."""
+    """Whether sdpa_int4 runs on the default device (CPU always; GPU with a Metal or CUDA build)."""
     global _GPU_OK
     if mx.default_device() == mx.cpu:
         return True

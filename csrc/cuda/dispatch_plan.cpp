@@ -1,0 +1,296 @@
+// Plans of the CUDA kernels; see dispatch_plan.h.
+#include "cuda/dispatch_plan.h"
+
+#include <algorithm>
+#include <utility>
+
+namespace tqmetal::cuda {
+
+namespace {
+
+// Codes of cuda/sdpa_int4_params.h (tqc::DT_*, tqc::MK_*, tqc::ST_*).
+enum { DT_F32 = 0, DT_F16 = 1, DT_BF16 = 2, DT_BOOL = 3 };
+enum { MK_NONE = 0, MK_CAUSAL = 1, MK_BOOL = 2, MK_ADDITIVE = 3 };
+enum {
+  ST_Q = 0, ST_K_PACKED = 3, ST_K_SCALES = 6, ST_K_BIASES = 9, ST_V_PACKED = 12,
+  ST_V_SCALES = 15, ST_V_BIASES = 18, ST_K_TAIL = 21, ST_V_TAIL = 24, ST_MASK = 27,
+  ST_SINKS = 31
+};
+
+int dtype_code(DType d) {
+  return d == DType::f16 ? DT_F16 : d == DType::bf16 ? DT_BF16 : d == DType::boolean ? DT_BOOL : DT_F32;
+}
+
+int64_t stride_or0(const TensorRef& t, size_t i) {
+  return i < t.strides.size() ? t.strides[i] : 0;
+}
+
+Plan unsupported(std::string why) {
+  Plan p;
+  p.reason = std::move(why);
+  return p;
+}
+
+bool array_mask(const Problem& p) {
+  return p.mask_kind == MaskKind::boolean || p.mask_kind == MaskKind::additive;
+}
+
+// Checks both paths share; empty when the layout is one the kernels read.
+std::string layout_problem(const Problem& p) {
+  if ((p.k_bits != 4 && p.k_bits != 8) || (p.v_bits != 4 && p.v_bits != 8)) {
+    return "bits k" + std::to_string(p.k_bits) + "v" + std::to_string(p.v_bits) +
+        " (CUDA kernels: 4 or 8 bits for K and V)";
+  }
+  if (p.group_size <= 0 || p.D % p.group_size != 0) return "group size does not divide the head dim";
+  if (p.Hkv <= 0 || p.Hq % p.Hkv != 0) return "H_q must be a multiple of H_kv";
+  const std::pair<const char*, const TensorRef*> quant[] = {
+      {"q", &p.q}, {"k_packed", &p.k_packed}, {"k_scales", &p.k_scales}, {"k_biases", &p.k_biases},
+      {"v_packed", &p.v_packed}, {"v_scales", &p.v_scales}, {"v_biases", &p.v_biases}};
+  for (const auto& [name, t] : quant) {
+    if (p.N == 0 && t != &p.q) continue; // an empty cache (only a tail) is never read
+    if (t->strides.size() != 4 || t->strides[3] != 1) {
+      return std::string(name) + ": last axis must be contiguous (eval_gpu copies it first)";
+    }
+  }
+  if (p.has_tail) {
+    for (const TensorRef* t : {&p.k_tail, &p.v_tail}) {
+      if (t->strides.size() != 4 || t->strides[3] != 1) {
+        return "tails: last axis must be contiguous (eval_gpu copies it first)";
+      }
+    }
+    if (p.k_tail.dtype != p.v_tail.dtype) return "k_tail and v_tail dtypes differ";
+  }
+  if (p.k_scales.dtype != p.k_biases.dtype || p.k_scales.dtype != p.v_scales.dtype ||
+      p.k_scales.dtype != p.v_biases.dtype) {
+    return "scales and biases of k and v must share one dtype";
+  }
+  if (array_mask(p) && p.mask.strides.size() != 4) {
+    return "mask strides must be right-aligned on [B, Hq, L, N + T]";
+  }
+  if (p.N + p.T >= (int64_t(1) << 31)) return "context too long for 32-bit token indices";
+  if (int64_t(p.Hq / p.Hkv) * p.L >= (int64_t(1) << 31)) return "too many query rows for 32-bit row indices";
+  return {};
+}
+
+Args make_args(const Problem& p, int64_t blocks, int64_t block_len) {
+  Args a;
+  a.B = p.B;
+  a.Hq = p.Hq;
+  a.Hkv = p.Hkv;
+  a.L = p.L;
+  a.G = p.Hq / p.Hkv;
+  a.R = a.G * p.L;
+  a.N = int(p.N);
+  a.T = int(p.T);
+  a.blocks = int(blocks);
+  a.block_len = int(block_len);
+  auto put3 = [&](int at, const TensorRef& t) {
+    for (int i = 0; i < 3; ++i) a.strides[at + i] = stride_or0(t, i);
+  };
+  put3(ST_Q, p.q);
+  put3(ST_K_PACKED, p.k_packed);
+  put3(ST_K_SCALES, p.k_scales);
+  put3(ST_K_BIASES, p.k_biases);
+  put3(ST_V_PACKED, p.v_packed);
+  put3(ST_V_SCALES, p.v_scales);
+  put3(ST_V_BIASES, p.v_biases);
+  if (p.has_tail) {
+    put3(ST_K_TAIL, p.k_tail);
+    put3(ST_V_TAIL, p.v_tail);
+  }
+  if (array_mask(p)) {
+    for (int i = 0; i < 4; ++i) a.strides[ST_MASK + i] = p.mask.strides[i];
+  }
+  if (p.has_sinks) a.strides[ST_SINKS] = stride_or0(p.sinks, 0);
+  a.q_dtype = dtype_code(p.q.dtype);
+  a.scale_dtype = dtype_code(p.k_scales.dtype);
+  a.tail_dtype = p.has_tail ? dtype_code(p.k_tail.dtype) : DT_F32;
+  a.mask_dtype = array_mask(p) ? dtype_code(p.mask.dtype) : DT_F32;
+  a.sinks_dtype = p.has_sinks ? dtype_code(p.sinks.dtype) : DT_F32;
+  a.mask_kind = p.mask_kind == MaskKind::causal ? MK_CAUSAL
+      : p.mask_kind == MaskKind::boolean        ? MK_BOOL
+      : p.mask_kind == MaskKind::additive       ? MK_ADDITIVE
+                                                : MK_NONE;
+  a.qscale = p.scale * 1.4426950408889634f;
+  return a;
+}
+
+// The inputs a kernel reads, by name (eval_gpu declares them to MLX's encoder).
+std::vector<std::string> input_names(const Problem& p) {
+  std::vector<std::string> r = {"q", "k_packed", "k_scales", "k_biases", "v_packed", "v_scales", "v_biases"};
+  if (p.has_tail) {
+    r.push_back("k_tail");
+    r.push_back("v_tail");
+  }
+  if (array_mask(p)) r.push_back("mask");
+  if (p.has_sinks) r.push_back("sinks");
+  return r;
+}
+
+// Widest load (16, 8 or 4 bytes, at most `lane_bytes`) every lane's code slice allows
+// for a packed cache tensor: its address and its strides (of axes longer than 1).
+int vector_width(const TensorRef& t, const std::array<int64_t, 3>& sizes, int lane_bytes) {
+  for (int vw : {16, 8, 4}) {
+    if (vw > lane_bytes) continue;
+    bool ok = t.offset % vw == 0;
+    for (int i = 0; i < 3 && ok; ++i) {
+      if (sizes[i] > 1) ok = (4 * stride_or0(t, i)) % vw == 0;
+    }
+    if (ok) return vw;
+  }
+  return 4;
+}
+
+} // namespace
+
+Plan plan_sdpa_int4_decode(const Problem& p) {
+  if (p.D != 64 && p.D != 128 && p.D != 256) {
+    return unsupported("head dim " + std::to_string(p.D) + " has no decode instance (64, 128, 256)");
+  }
+  if (p.group_size != 32 && p.group_size != 64 && p.group_size != 128) {
+    return unsupported("group size " + std::to_string(p.group_size) + " (decode kernels: 32, 64, 128)");
+  }
+  if (std::string why = layout_problem(p); !why.empty()) return unsupported(why);
+  const int G = p.Hq / p.Hkv;
+  const int R = G * p.L;
+  const int ROWS = R <= 1 ? 1 : R <= 2 ? 2 : R <= 4 ? 4 : 8;
+  const int row_tiles = (R + ROWS - 1) / ROWS;
+  if (row_tiles > kMaxDecodeRowTiles) {
+    return unsupported("too many query rows per KV head for the decode kernel (" + std::to_string(R) +
+                       " > " + std::to_string(ROWS * kMaxDecodeRowTiles) + "): prefill");
+  }
+  const int EPL = ROWS == 1 ? 32 : ROWS <= 4 ? 16 : 8;
+  const int LPR = p.D / EPL;
+  const int TPS = 32 / LPR;
+  const int64_t NT = p.N + p.T;
+
+  Plan plan;
+  plan.supported = true;
+  plan.path = Path::decode;
+  plan.rows = R;
+  plan.rows_per_cta = ROWS;
+  plan.row_tiles = row_tiles;
+  plan.warps = kDecodeWarps;
+  plan.lanes_per_token = LPR;
+  plan.elems_per_lane = EPL;
+  const std::array<int64_t, 3> sizes = {p.B, p.Hkv, p.N};
+  plan.vector_bytes = p.N == 0 ? 16
+                               : std::min(vector_width(p.k_packed, sizes, EPL * p.k_bits / 8),
+                                          vector_width(p.v_packed, sizes, EPL * p.v_bits / 8));
+
+  // ---- one pass or split-K ----
+  const int64_t base_ctas = int64_t(p.B) * p.Hkv * row_tiles;
+  int64_t blocks = 1;
+  if (p.blocks > 0) {
+    blocks = p.blocks;
+  } else {
+    const int64_t want = int64_t(kCtasPerSm) * std::max(1, p.gpu_cores);
+    if (base_ctas < want) {
+      blocks = std::min<int64_t>((want + base_ctas - 1) / base_ctas, std::max<int64_t>(1, NT / kMinBlockLen));
+    }
+  }
+  blocks = std::max<int64_t>(1, std::min<int64_t>({blocks, std::max<int64_t>(1, NT), 65535}));
+  const int64_t step = int64_t(kDecodeWarps) * TPS * kDecodeUnroll; // tokens per CTA iteration
+  int64_t block_len = (NT + blocks - 1) / blocks;
+  block_len = std::max<int64_t>(step, (block_len + step - 1) / step * step);
+  blocks = std::max<int64_t>(1, (NT + block_len - 1) / block_len); // no empty block
+  if (blocks == 1) block_len = std::max<int64_t>(NT, 1);
+  plan.blocks = int(blocks);
+  plan.block_len = block_len;
+  plan.two_pass = blocks > 1;
+  plan.args = make_args(p, blocks, block_len);
+
+  const std::string tmpl = std::to_string(p.D) + ", " + std::to_string(p.k_bits) + ", " +
+      std::to_string(p.v_bits) + ", " + std::to_string(p.group_size) + ", " + std::to_string(ROWS) + ", " +
+      std::to_string(plan.vector_bytes);
+  plan.program = "decode_D" + std::to_string(p.D) + "_k" + std::to_string(p.k_bits) + "v" +
+      std::to_string(p.v_bits) + "_g" + std::to_string(p.group_size) + "_r" + std::to_string(ROWS) + "_w" +
+      std::to_string(plan.vector_bytes) + (plan.two_pass ? "_split" : "_1pass");
+  const std::array<int, 3> grid = {p.B * p.Hkv, row_tiles, int(blocks)};
+  const std::array<int, 3> block = {32 * kDecodeWarps, 1, 1};
+  std::vector<std::string> reads = input_names(p);
+  if (!plan.two_pass) {
+    plan.entry_source = "extern \"C\" __global__ void __launch_bounds__(" + std::to_string(32 * kDecodeWarps) +
+        ") tq_decode(TqParams p) { tqc::decode_impl<" + tmpl + ", false>(p); }\n";
+    plan.launches.push_back(Launch{"tq_decode", grid, block, 0, reads, {"out"}});
+  } else {
+    const int64_t prow = int64_t(p.B) * p.Hkv * R;
+    plan.scratch = {{"part_out", prow * blocks * p.D * 4}, {"part_max", prow * blocks * 4},
+                    {"part_sum", prow * blocks * 4}};
+    plan.entry_source = "extern \"C\" __global__ void __launch_bounds__(" + std::to_string(32 * kDecodeWarps) +
+        ") tq_decode_partial(TqParams p) { tqc::decode_impl<" + tmpl + ", true>(p); }\n" +
+        "extern \"C\" __global__ void tq_decode_merge(TqParams p) { tqc::decode_merge_impl<" +
+        std::to_string(p.D) + ">(p); }\n";
+    reads.erase(std::remove(reads.begin(), reads.end(), "sinks"), reads.end()); // pass 2 applies them
+    plan.launches.push_back(Launch{"tq_decode_partial", grid, block, 0, reads, {"part_out", "part_max", "part_sum"}});
+    std::vector<std::string> merge_reads = {"part_out", "part_max", "part_sum"};
+    if (p.has_sinks) merge_reads.push_back("sinks");
+    plan.launches.push_back(Launch{"tq_decode_merge", {p.B * p.Hkv, R, 1}, {p.D, 1, 1}, 0, merge_reads, {"out"}});
+  }
+  return plan;
+}
+
+Plan plan_sdpa_int4_prefill(const Problem& p) {
+  if (p.D != 64 && p.D != 80 && p.D != 96 && p.D != 128 && p.D != 256) {
+    return unsupported("head dim " + std::to_string(p.D) + " has no prefill instance (64, 80, 96, 128, 256)");
+  }
+  if (p.group_size != 16 && p.group_size != 32 && p.group_size != 64 && p.group_size != 128) {
+    return unsupported("group size " + std::to_string(p.group_size) + " (prefill kernel: 16, 32, 64, 128)");
+  }
+  if (std::string why = layout_problem(p); !why.empty()) return unsupported(why);
+  const int R = (p.Hq / p.Hkv) * p.L;
+  const int row_tiles = (R + kPrefillRows - 1) / kPrefillRows;
+  if (int64_t(p.B) * p.Hkv >= (int64_t(1) << 31) || row_tiles > 65535) {
+    return unsupported("grid too large for the prefill kernel");
+  }
+  Plan plan;
+  plan.supported = true;
+  plan.path = Path::prefill;
+  plan.blocks = 1;
+  plan.block_len = std::max<int64_t>(1, p.N + p.T);
+  plan.rows = R;
+  plan.rows_per_cta = kPrefillRows;
+  plan.row_tiles = row_tiles;
+  plan.warps = kPrefillWarps;
+  plan.key_tile = p.D > 128 ? 32 : 64;
+  plan.mma_type = p.q.dtype == DType::f16 ? 0 : p.q.dtype == DType::bf16 ? 1 : 2;
+  plan.args = make_args(p, 1, plan.block_len);
+  const int nsplit = plan.mma_type == 2 ? 2 : 1;
+  const int QS = p.D + 8, VS = plan.key_tile + 8;
+  const int smem = nsplit * (kPrefillRows * QS + plan.key_tile * QS + p.D * VS) * 2;
+  plan.program = "prefill_mt" + std::to_string(plan.mma_type) + "_D" + std::to_string(p.D) + "_k" +
+      std::to_string(p.k_bits) + "v" + std::to_string(p.v_bits) + "_g" + std::to_string(p.group_size);
+  plan.entry_source = "extern \"C\" __global__ void __launch_bounds__(" + std::to_string(32 * kPrefillWarps) +
+      ") tq_prefill(TqParams p) { tqc::prefill_impl<" + std::to_string(plan.mma_type) + ", " +
+      std::to_string(p.D) + ", " + std::to_string(p.k_bits) + ", " + std::to_string(p.v_bits) + ", " +
+      std::to_string(p.group_size) + ">(p); }\n" +
+      "static_assert(tqc::prefill_smem_bytes<" + std::to_string(plan.mma_type) + ", " + std::to_string(p.D) +
+      ">() == " + std::to_string(smem) + ", \"host and kernel disagree on shared memory\");\n";
+  plan.launches.push_back(Launch{"tq_prefill", {p.B * p.Hkv, row_tiles, 1}, {32 * kPrefillWarps, 1, 1}, smem,
+                                 input_names(p), {"out"}});
+  return plan;
+}
+
+Plan plan_sdpa_int4(const Problem& p) {
+  Plan decode = cuda::plan_sdpa_int4_decode(p);
+  if (decode.supported) return decode;
+  Plan prefill = cuda::plan_sdpa_int4_prefill(p);
+  if (prefill.supported) return prefill;
+  prefill.reason = "no CUDA kernel: decode: " + decode.reason + "; prefill: " + prefill.reason;
+  return prefill;
+}
+
+std::string cuda_unsupported_reason(const Problem& p) {
+  Problem c = p;
+  for (TensorRef* t : {&c.q, &c.k_packed, &c.k_scales, &c.k_biases, &c.v_packed, &c.v_scales, &c.v_biases,
+                       &c.k_tail, &c.v_tail}) {
+    t->offset = 0;
+    t->strides = {0, 0, 0, 1};
+  }
+  c.mask.strides = {0, 0, 0, 0};
+  c.sinks.strides = {1};
+  const Plan plan = cuda::plan_sdpa_int4(c);
+  return plan.supported ? std::string() : plan.reason;
+}
+
+} // namespace tqmetal::cuda

@@ -1,0 +1,332 @@
+// Prefill attention (many query rows per KV head) on an int4/int8 affine-quantized KV
+// cache, CUDA, on tensor cores (mma.sync.m16n8k16, float32 accumulators): the
+// FlashAttention-2 loop with the cache dequantized tile by tile into shared memory.
+//
+//   grid     (B * H_kv, row_tiles) CTAs of 4 warps; a CTA holds BQ = 64 of the G * L
+//            query rows of one KV head (row r = position r / G of head hkv * G + r % G),
+//            16 per warp, so each K/V tile it dequantizes serves 64 rows (all query
+//            heads of the group at 64 / G positions). Heaviest (last) row tiles first.
+//   keys     tiles of BK keys: the CTA dequantizes K into Ks[key][d] and V into
+//            Vt[d][key] (float16/bfloat16) once, then every warp computes its 16 x BK
+//            scores, the online softmax, and 16 x D outputs from them.
+//   causal   bottom-right aligned: key tiles past the last row's diagonal are never
+//            loaded, tiles wholly below the first row's diagonal skip the mask.
+//            (When some row of the tile sees no key at all, MLX's semantics give it the
+//            average of every V, so such tiles run over all keys, masked.)
+//   MT       operand type of the mma: 0 float16, 1 bfloat16 (q's dtype), 2 float32 q:
+//            every operand split into float16 hi + lo and three products summed
+//            (hi*hi + hi*lo + lo*hi), about 21 bits of each operand.
+#pragma once
+
+namespace tqc {
+
+constexpr int kPrefillRows = 64;  // BQ
+constexpr int kPrefillWarps = 4;
+
+template <int D>
+struct PrefillShape {
+  static constexpr int BQ = kPrefillRows;
+  static constexpr int BK = D > 128 ? 32 : 64;
+  static constexpr int QS = D + 8;  // Qs / Ks row stride (halves): conflict-free fragment loads
+  static constexpr int VS = BK + 8;  // Vt row stride (halves)
+};
+
+template <int MT>
+__device__ __forceinline__ u16 to_op(float x) {
+  if constexpr (MT == 1) return f32_to_bf16(x);
+  return f32_to_f16(x);
+}
+template <int MT>
+__device__ __forceinline__ float from_op(u16 h) {
+  if constexpr (MT == 1) return bf16_to_f32(h);
+  return f16_to_f32(h);
+}
+
+// Two floats as one mma operand register: `lo` (the lower column/row index) in bits 0-15.
+template <int MT>
+__device__ __forceinline__ u32 pack2(float lo, float hi) {
+  u32 r;
+  if constexpr (MT == 1) {
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+  } else {
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+  }
+  return r;
+}
+// float16 remainders of two floats after their float16 rounding (the split's lo part).
+__device__ __forceinline__ u32 pack2_rest(float lo, float hi) {
+  const float lo_r = lo - f16_to_f32(f32_to_f16(lo));
+  const float hi_r = hi - f16_to_f32(f32_to_f16(hi));
+  return pack2<0>(lo_r, hi_r);
+}
+
+template <int MT>
+__device__ __forceinline__ void mma16816(float (&c)[4], const u32 (&a)[4], const u32 (&b)[2]) {
+  if constexpr (MT == 1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  }
+}
+
+__device__ __forceinline__ u32 lds32(const u16* p) {
+  return *reinterpret_cast<const u32*>(p);
+}
+
+// Dequantizes keys [kt, kt + BK) of one cache (K or V) into shared memory: K as
+// dst[key * QS + d], V transposed as dst[d * VS + key]; `lo` receives the float16
+// remainders when split. Keys past N come from the tail, keys past N + T are zero.
+template <int MT, int D, int BITS, int GS, bool TRANSPOSED>
+__device__ __forceinline__ void dequant_tile(
+    u16* hi, u16* lo, const TqParams& p, const u32* packed, const void* scales, const void* biases,
+    const void* tail, int st_packed, int st_scales, int st_biases, int st_tail, int b, int hkv, int kt) {
+  using S = PrefillShape<D>;
+  constexpr int PER = 32 / BITS;  // elements per word
+  constexpr int WPR = D / PER;  // words per key
+  const int N = p.N, NT = p.N + p.T;
+  for (int i = threadIdx.x; i < S::BK * WPR; i += kPrefillWarps * 32) {
+    const int key = i / WPR, wi = i % WPR;
+    const int t = kt + key;
+    const int e0 = wi * PER;
+    float v[PER];
+    if (t < N) {
+      const u32 w = packed[b * p.st[st_packed] + hkv * p.st[st_packed + 1] + i64(t) * p.st[st_packed + 2] + wi];
+      const int g = e0 / GS;
+      const float sc = load_f(scales, b * p.st[st_scales] + hkv * p.st[st_scales + 1] + i64(t) * p.st[st_scales + 2] + g, p.scale_dtype);
+      const float bi = load_f(biases, b * p.st[st_biases] + hkv * p.st[st_biases + 1] + i64(t) * p.st[st_biases + 2] + g, p.scale_dtype);
+#pragma unroll
+      for (int j = 0; j < PER; ++j) v[j] = fmaf(sc, float((w >> (BITS * j)) & ((1u << BITS) - 1u)), bi);
+    } else if (t < NT) {
+      const i64 o = b * p.st[st_tail] + hkv * p.st[st_tail + 1] + i64(t - N) * p.st[st_tail + 2] + e0;
+#pragma unroll
+      for (int j = 0; j < PER; ++j) v[j] = load_f(tail, o + j, p.tail_dtype);
+    } else {
+#pragma unroll
+      for (int j = 0; j < PER; ++j) v[j] = 0.f;
+    }
+#pragma unroll
+    for (int j = 0; j < PER; ++j) {
+      const int at = TRANSPOSED ? (e0 + j) * S::VS + key : key * S::QS + e0 + j;
+      const u16 h = to_op<MT>(v[j]);
+      hi[at] = h;
+      if constexpr (MT == 2) lo[at] = f32_to_f16(v[j] - f16_to_f32(h));
+    }
+  }
+}
+
+template <int MT, int D, int KB, int VB, int GS>
+__device__ __forceinline__ void prefill_impl(const TqParams& p) {
+  using S = PrefillShape<D>;
+  constexpr int BQ = S::BQ, BK = S::BK, QS = S::QS, VS = S::VS;
+  constexpr int NSPLIT = MT == 2 ? 2 : 1;
+  constexpr int NT8 = BK / 8;  // score n-tiles
+  constexpr int DT8 = D / 8;  // output n-tiles
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  u16* Qs = reinterpret_cast<u16*>(smem_raw);  // [NSPLIT][BQ][QS]
+  u16* Ks = Qs + NSPLIT * BQ * QS;  // [NSPLIT][BK][QS]
+  u16* Vt = Ks + NSPLIT * BK * QS;  // [NSPLIT][D][VS]
+
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, tq = lane & 3;
+  const int Hkv = p.Hkv, G = p.G, R = p.R, L = p.L, NT = p.N + p.T;
+  const int b = blockIdx.x / Hkv, hkv = blockIdx.x % Hkv;
+  const int tile = gridDim.y - 1 - blockIdx.y;  // heaviest first under a causal mask
+  const int r0 = tile * BQ;
+  const int r_last = min(r0 + BQ, R) - 1;
+
+  // Q tile, pre-scaled by scale * log2(e).
+  for (int i = threadIdx.x; i < BQ * D; i += kPrefillWarps * 32) {
+    const int r = i / D, d = i % D;
+    const int row = r0 + r;
+    float x = 0.f;
+    if (row < R) {
+      const int hq = hkv * G + row % G, qpos = row / G;
+      x = load_f(p.q, b * p.st[ST_Q] + hq * p.st[ST_Q + 1] + i64(qpos) * p.st[ST_Q + 2] + d, p.q_dtype) * p.qscale;
+    }
+    const u16 h = to_op<MT>(x);
+    Qs[r * QS + d] = h;
+    if constexpr (MT == 2) Qs[BQ * QS + r * QS + d] = f32_to_f16(x - f16_to_f32(h));
+  }
+
+  // Key range: causal skips tiles past the last row's diagonal, unless some row of
+  // this tile sees no key (then every key counts, masked).
+  const bool causal = p.mask_kind == MK_CAUSAL;
+  const bool array_mask = p.mask_kind == MK_BOOL || p.mask_kind == MK_ADDITIVE;
+  const int diag_first = r0 / G + NT - L;  // last key the first row sees
+  const int diag_last = r_last / G + NT - L;
+  int kend = NT;
+  if (causal && diag_first >= 0) kend = min(NT, diag_last + 1);
+
+  // This lane's two rows (g and g + 8 of its warp's 16).
+  int hq2[2], qpos2[2];
+  bool live2[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int row = r0 + warp * 16 + g + 8 * h;
+    live2[h] = row < R;
+    const int rr = min(row, R - 1);
+    hq2[h] = hkv * G + rr % G;
+    qpos2[h] = rr / G;
+  }
+
+  float o[DT8][4];
+#pragma unroll
+  for (int j = 0; j < DT8; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
+  float m2[2] = {-kInf, -kInf}, l2[2] = {0.f, 0.f};
+
+  const u16* Qw = Qs + warp * 16 * QS;
+  for (int kt = 0; kt < kend; kt += BK) {
+    __syncthreads();  // the previous tile's Ks/Vt are consumed
+    dequant_tile<MT, D, KB, GS, false>(Ks, Ks + BK * QS, p, p.k_packed, p.k_scales, p.k_biases, p.k_tail,
+                                       ST_K_PACKED, ST_K_SCALES, ST_K_BIASES, ST_K_TAIL, b, hkv, kt);
+    dequant_tile<MT, D, VB, GS, true>(Vt, Vt + D * VS, p, p.v_packed, p.v_scales, p.v_biases, p.v_tail,
+                                      ST_V_PACKED, ST_V_SCALES, ST_V_BIASES, ST_V_TAIL, b, hkv, kt);
+    __syncthreads();
+
+    // S = Q K^T (16 x BK per warp), log2 domain.
+    float s[NT8][4];
+#pragma unroll
+    for (int j = 0; j < NT8; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      u32 a[NSPLIT][4];
+#pragma unroll
+      for (int sp = 0; sp < NSPLIT; ++sp) {
+        const u16* q = Qw + sp * BQ * QS + kk * 16 + 2 * tq;
+        a[sp][0] = lds32(q + g * QS);
+        a[sp][1] = lds32(q + (g + 8) * QS);
+        a[sp][2] = lds32(q + g * QS + 8);
+        a[sp][3] = lds32(q + (g + 8) * QS + 8);
+      }
+#pragma unroll
+      for (int j = 0; j < NT8; ++j) {
+        u32 bf[NSPLIT][2];
+#pragma unroll
+        for (int sp = 0; sp < NSPLIT; ++sp) {
+          const u16* k = Ks + sp * BK * QS + (j * 8 + g) * QS + kk * 16 + 2 * tq;
+          bf[sp][0] = lds32(k);
+          bf[sp][1] = lds32(k + 8);
+        }
+        mma16816<MT>(s[j], a[0], bf[0]);
+        if constexpr (MT == 2) {
+          mma16816<MT>(s[j], a[0], bf[1]);
+          mma16816<MT>(s[j], a[1], bf[0]);
+        }
+      }
+    }
+
+    // Masks and padding.
+    const bool need_mask = array_mask || (causal && (kt + BK - 1 > diag_first)) || kt + BK > NT;
+    if (need_mask) {
+#pragma unroll
+      for (int j = 0; j < NT8; ++j) {
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+          const int h = c >> 1;
+          const int t = kt + j * 8 + 2 * tq + (c & 1);
+          s[j][c] = t >= NT ? -kInf : apply_mask(s[j][c], p, b, hq2[h], qpos2[h], t);
+        }
+      }
+    }
+
+    // Online softmax; the probabilities become the A operand of P V.
+    u32 pa[NSPLIT][NT8 / 2][4];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      float mx = -kInf;
+#pragma unroll
+      for (int j = 0; j < NT8; ++j) mx = fmaxf(mx, fmaxf(s[j][2 * h], s[j][2 * h + 1]));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float mn = fmaxf(m2[h], mx);
+      const float f = m2[h] == mn ? 1.f : exp2a(m2[h] - mn);
+      m2[h] = mn;
+      float rs = 0.f;
+#pragma unroll
+      for (int j = 0; j < NT8; ++j) {
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          const float x = s[j][2 * h + c];
+          const float pr = x == -kInf ? 0.f : exp2a(x - mn);
+          s[j][2 * h + c] = pr;
+          rs += pr;
+        }
+      }
+      l2[h] = l2[h] * f + rs;
+#pragma unroll
+      for (int j = 0; j < DT8; ++j) {
+        o[j][2 * h] *= f;
+        o[j][2 * h + 1] *= f;
+      }
+    }
+#pragma unroll
+    for (int kk = 0; kk < NT8 / 2; ++kk) {
+      // A fragment of keys [16 kk, 16 kk + 16): score tiles 2 kk (cols 0-7) and 2 kk + 1.
+      pa[0][kk][0] = pack2<MT>(s[2 * kk][0], s[2 * kk][1]);
+      pa[0][kk][1] = pack2<MT>(s[2 * kk][2], s[2 * kk][3]);
+      pa[0][kk][2] = pack2<MT>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+      pa[0][kk][3] = pack2<MT>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+      if constexpr (MT == 2) {
+        pa[NSPLIT - 1][kk][0] = pack2_rest(s[2 * kk][0], s[2 * kk][1]);
+        pa[NSPLIT - 1][kk][1] = pack2_rest(s[2 * kk][2], s[2 * kk][3]);
+        pa[NSPLIT - 1][kk][2] = pack2_rest(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+        pa[NSPLIT - 1][kk][3] = pack2_rest(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+      }
+    }
+
+    // O += P V.
+#pragma unroll
+    for (int kk = 0; kk < NT8 / 2; ++kk) {
+#pragma unroll
+      for (int j = 0; j < DT8; ++j) {
+        u32 bf[NSPLIT][2];
+#pragma unroll
+        for (int sp = 0; sp < NSPLIT; ++sp) {
+          const u16* v = Vt + sp * D * VS + (j * 8 + g) * VS + kk * 16 + 2 * tq;
+          bf[sp][0] = lds32(v);
+          bf[sp][1] = lds32(v + 8);
+        }
+        mma16816<MT>(o[j], pa[0][kk], bf[0]);
+        if constexpr (MT == 2) {
+          mma16816<MT>(o[j], pa[0][kk], bf[1]);
+          mma16816<MT>(o[j], pa[1][kk], bf[0]);
+        }
+      }
+    }
+  }
+
+  // Normalize (sinks join here) and write this lane's elements.
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    float lsum = l2[h];
+    lsum += __shfl_xor_sync(0xffffffffu, lsum, 1);
+    lsum += __shfl_xor_sync(0xffffffffu, lsum, 2);
+    if (!live2[h]) continue;
+    const i64 ob = ((i64(b) * p.Hq + hq2[h]) * L + qpos2[h]) * D;
+#pragma unroll
+    for (int j = 0; j < DT8; ++j) {
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        const int d = j * 8 + 2 * tq + c;
+        store_f(p.out, ob + d, p.q_dtype, finish_row(o[j][2 * h + c], m2[h], lsum, p, hq2[h]));
+      }
+    }
+  }
+}
+
+// Dynamic shared memory of one prefill CTA (bytes); the host plan computes the same.
+template <int MT, int D>
+constexpr int prefill_smem_bytes() {
+  using S = PrefillShape<D>;
+  return (MT == 2 ? 2 : 1) * (S::BQ * S::QS + S::BK * S::QS + D * S::VS) * 2;
+}
+
+}  // namespace tqc

@@ -1,0 +1,201 @@
+"""The CUDA launch plan (csrc/cuda/dispatch_plan.h), executed on the CPU.
+
+eval_gpu on MLX's CUDA backend runs exactly what this pure function returns, so its
+decisions (path, specialization, split-K, grid, load width, scratch, dependencies)
+are checked here on machines without a GPU; tests/test_cuda.py runs the kernels on one.
+"""
+
+import pytest
+
+import tqmetal
+from tqmetal import _ext
+
+SMS_H100 = 132
+
+
+def tensor(dtype, strides, offset=0):
+    return {"dtype": dtype, "offset": offset, "strides": list(strides)}
+
+
+def problem(*, B=1, Hq=32, Hkv=8, L=1, D=128, N=131072, T=0, gs=64, kb=4, vb=4, dtype="float16",
+            sdt="float16", mask=None, sinks=False, offset=0, token_stride=None, sms=SMS_H100, blocks=0):
+    """A problem dict as eval_gpu builds it: contiguous [B, H, N, ...] arrays unless said."""
+    p = dict(B=B, Hq=Hq, Hkv=Hkv, L=L, D=D, N=N, T=T, group_size=gs, k_bits=kb, v_bits=vb,
+             scale=D ** -0.5, gpu_cores=sms, blocks=blocks)
+    p["q"] = tensor(dtype, (Hq * L * D, L * D, D, 1))
+    cap = N if token_stride is None else token_stride
+    for name, bits in (("k", kb), ("v", vb)):
+        w = D * bits // 32
+        p[f"{name}_packed"] = tensor("uint32", (Hkv * cap * w, cap * w, w, 1), offset)
+        for part in ("scales", "biases"):
+            p[f"{name}_{part}"] = tensor(sdt, (Hkv * cap * (D // gs), cap * (D // gs), D // gs, 1))
+    if T:
+        for name in ("k_tail", "v_tail"):
+            p[name] = tensor(dtype, (Hkv * T * D, T * D, D, 1))
+    if mask is not None:
+        p["mask_kind"] = mask
+        if mask in ("bool", "additive"):
+            p["mask"] = tensor("bool" if mask == "bool" else dtype, (0, 0, N + T, 1))
+    if sinks:
+        p["sinks"] = tensor(dtype, (1,))
+    return p
+
+
+def tokens_covered(plan, NT):
+    """Replays the decode kernel's token loop (cuda/sdpa_int4_decode.cuh) from the plan."""
+    lpr = plan["lanes_per_token"]
+    tps = 32 // lpr
+    warps, unroll = plan["warps"], 4
+    seen = []
+    for z in range(plan["blocks"]):
+        t0 = z * plan["block_len"]
+        t1 = min(NT, t0 + plan["block_len"])
+        assert t0 < t1, f"block {z} is empty"
+        for base in range(t0, t1, warps * tps * unroll):
+            for u in range(unroll):
+                for w in range(warps):
+                    for tok in range(tps):
+                        t = base + (u * warps + w) * tps + tok
+                        if t < t1:
+                            seen.append(t)
+    return seen
+
+
+def test_benchmark_decode_shape():
+    """B=1, 32 query / 8 KV heads, D=128, 128K: one CTA row tile per KV head (each byte read once)."""
+    plan = _ext.cuda_plan_sdpa_int4(problem())
+    assert plan["supported"] and plan["path"] == "decode"
+    assert plan["rows"] == 4 and plan["rows_per_cta"] == 4 and plan["row_tiles"] == 1
+    assert plan["elems_per_lane"] == 16 and plan["lanes_per_token"] == 8 and plan["vector_bytes"] == 8
+    assert plan["two_pass"] and plan["blocks"] > 1
+    # the split fills the GPU: at least kCtasPerSm CTAs per SM, each block >= 256 tokens
+    ctas = 8 * plan["blocks"]
+    assert ctas >= 8 * SMS_H100 * 0.9 and plan["block_len"] >= 256
+    names = [l["kernel"] for l in plan["launches"]]
+    assert names == ["tq_decode_partial", "tq_decode_merge"]
+    part, merge = plan["launches"]
+    assert part["grid"] == (8, 1, plan["blocks"]) and part["block"] == (128, 1, 1)
+    assert set(part["writes"]) == {"part_out", "part_max", "part_sum"}
+    assert set(merge["reads"]) == {"part_out", "part_max", "part_sum"} and merge["writes"] == ["out"]
+    assert merge["grid"] == (8, 4, 1) and merge["block"] == (128, 1, 1)
+    rows = 8 * 4
+    assert plan["scratch"] == {"part_out": rows * plan["blocks"] * 128 * 4,
+                               "part_max": rows * plan["blocks"] * 4, "part_sum": rows * plan["blocks"] * 4}
+    assert "decode_impl<128, 4, 4, 64, 4, 8, true>" in plan["entry_source"]
+
+
+@pytest.mark.parametrize("N,T", [(1, 0), (31, 0), (255, 1), (4097, 0), (12345, 7), (131072, 0), (0, 17)])
+@pytest.mark.parametrize("G", [1, 2, 4, 8])
+def test_decode_covers_every_token_once(N, T, G):
+    plan = _ext.cuda_plan_sdpa_int4_decode(problem(Hq=2 * G, Hkv=2, N=N, T=T))
+    assert plan["supported"]
+    NT = N + T
+    seen = tokens_covered(plan, NT)
+    assert sorted(seen) == list(range(NT))
+    assert plan["two_pass"] == (plan["blocks"] > 1)
+    assert plan["args"]["blocks"] == plan["blocks"] and plan["args"]["block_len"] == plan["block_len"]
+
+
+@pytest.mark.parametrize("G,L,rows,tiles,epl", [(1, 1, 1, 1, 32), (2, 1, 2, 1, 16), (4, 1, 4, 1, 16),
+                                                 (8, 1, 8, 1, 8), (4, 2, 8, 1, 8), (8, 3, 8, 3, 8),
+                                                 (4, 8, 8, 4, 8)])
+def test_decode_rows_share_each_byte(G, L, rows, tiles, epl):
+    """All G * L rows of a KV head sit in one CTA up to 8 rows; the lane split follows."""
+    plan = _ext.cuda_plan_sdpa_int4(problem(Hq=2 * G, Hkv=2, L=L, N=5000, mask="causal"))
+    assert plan["path"] == "decode"
+    assert (plan["rows_per_cta"], plan["row_tiles"], plan["elems_per_lane"]) == (rows, tiles, epl)
+    assert plan["lanes_per_token"] == 128 // epl
+
+
+def test_many_rows_go_to_prefill():
+    plan = _ext.cuda_plan_sdpa_int4(problem(Hq=32, Hkv=8, L=9, N=5000, mask="causal"))
+    assert plan["path"] == "prefill" and plan["rows_per_cta"] == 64
+    assert plan["row_tiles"] == (4 * 9 + 63) // 64
+
+
+@pytest.mark.parametrize("offset,want", [(0, 8), (4, 4), (8, 8), (24, 8)])
+def test_decode_load_width_follows_alignment(offset, want):
+    """8-byte loads (4 rows: 16 int4 codes per lane) only where every lane's address allows."""
+    assert _ext.cuda_plan_sdpa_int4(problem(offset=offset))["vector_bytes"] == want
+
+
+def test_decode_16_byte_loads():
+    """One row per KV head: 32 int4 codes per lane, one 16-byte load (unless misaligned)."""
+    assert _ext.cuda_plan_sdpa_int4(problem(Hq=8))["vector_bytes"] == 16
+    assert _ext.cuda_plan_sdpa_int4(problem(Hq=8, offset=8))["vector_bytes"] == 8
+    # int8 K with 4 rows: 16 bytes per lane for K, 8 for V: the narrower one wins
+    assert _ext.cuda_plan_sdpa_int4(problem(kb=8))["vector_bytes"] == 8
+
+
+def test_decode_tuning_override():
+    plan = _ext.cuda_plan_sdpa_int4(problem(N=10000, blocks=1))
+    assert not plan["two_pass"] and plan["blocks"] == 1 and plan["block_len"] == 10000
+    assert [l["kernel"] for l in plan["launches"]] == ["tq_decode"]
+    assert plan["launches"][0]["writes"] == ["out"]
+
+
+def test_sinks_applied_by_the_merge():
+    plan = _ext.cuda_plan_sdpa_int4(problem(sinks=True))
+    part, merge = plan["launches"]
+    assert "sinks" not in part["reads"] and "sinks" in merge["reads"]
+    plan = _ext.cuda_plan_sdpa_int4(problem(sinks=True, N=100))
+    assert not plan["two_pass"] and "sinks" in plan["launches"][0]["reads"]
+
+
+@pytest.mark.parametrize("dtype,mt", [("float16", 0), ("bfloat16", 1), ("float32", 2)])
+@pytest.mark.parametrize("D,bk", [(64, 64), (80, 64), (96, 64), (128, 64), (256, 32)])
+def test_prefill_plan(dtype, mt, D, bk):
+    gs = 16 if D in (80, 96) else 32
+    plan = _ext.cuda_plan_sdpa_int4(problem(L=300, D=D, gs=gs, kb=8, vb=4, dtype=dtype, N=700, T=9,
+                                            mask="causal"))
+    assert plan["path"] == "prefill" and plan["mma_type"] == mt and plan["key_tile"] == bk
+    (l,) = plan["launches"]
+    R = 4 * 300
+    assert l["grid"] == (8, (R + 63) // 64, 1) and l["block"] == (128, 1, 1)
+    nsplit = 2 if mt == 2 else 1
+    assert l["smem_bytes"] == nsplit * (64 * (D + 8) + bk * (D + 8) + D * (bk + 8)) * 2
+    assert l["smem_bytes"] <= 227 * 1024  # an H100 CTA's shared memory
+    assert f"prefill_impl<{mt}, {D}, 8, 4, {gs}>" in plan["entry_source"]
+    assert set(l["reads"]) >= {"q", "k_packed", "v_packed", "k_tail", "v_tail"}
+
+
+def test_args_block():
+    p = problem(L=3, Hq=8, Hkv=2, N=1000, T=5, dtype="bfloat16", sdt="float32", mask="additive",
+                sinks=True)
+    plan = _ext.cuda_plan_sdpa_int4(p)
+    a = plan["args"]
+    assert (a["B"], a["Hq"], a["Hkv"], a["L"], a["G"], a["R"], a["N"], a["T"]) == (1, 8, 2, 3, 4, 12, 1000, 5)
+    assert (a["q_dtype"], a["scale_dtype"], a["tail_dtype"], a["mask_dtype"]) == (2, 0, 2, 2)
+    assert a["mask_kind"] == 3 and a["sinks_dtype"] == 2
+    assert a["qscale"] == pytest.approx(128 ** -0.5 * 1.4426950408889634, rel=1e-6)
+    st = a["strides"]
+    assert st[0:3] == p["q"]["strides"][:3] and st[3:6] == p["k_packed"]["strides"][:3]
+    assert st[27:31] == [0, 0, 1005, 1] and st[31] == 1
+
+
+@pytest.mark.parametrize("D,gs,kb,why", [(48, 16, 4, "head dim 48"), (128, 64, 2, "bits"),
+                                         (32, 32, 4, "head dim 32")])
+def test_unsupported_with_a_reason(D, gs, kb, why):
+    p = problem(D=D, gs=gs, kb=kb, L=1)
+    r = _ext.cuda_unsupported_reason(p)
+    assert why in r
+    assert not _ext.cuda_plan_sdpa_int4(p)["supported"]
+
+
+@pytest.mark.parametrize("D,gs", [(64, 32), (80, 16), (96, 32), (128, 16), (128, 64), (256, 128)])
+@pytest.mark.parametrize("L", [1, 100])
+def test_supported_shapes(D, gs, L):
+    assert _ext.cuda_unsupported_reason(problem(D=D, gs=gs, L=L, N=100)) == ""
+
+
+def test_group16_decode_goes_to_prefill():
+    plan = _ext.cuda_plan_sdpa_int4(problem(D=80, gs=16, L=1, N=100, Hq=4, Hkv=2))
+    assert plan["path"] == "prefill"
+
+
+def test_gpu_info_shape():
+    g = tqmetal.gpu_info()
+    assert g["backend"] in ("cuda", "metal", "none")
+    assert isinstance(g["available"], bool) and isinstance(g["reason"], str) and g["reason"]
+    if g["backend"] == "none":
+        assert not g["available"] and "mlx[cuda13]" in g["reason"]
