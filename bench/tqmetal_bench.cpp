@@ -28,6 +28,7 @@
 
 #include "bench_util.h"
 #include "llama_cpp_fa.h"
+#include "metal/gpu_path.h"
 #include "mlx/mlx.h"
 #include "tqmetal.h"
 
@@ -970,6 +971,7 @@ void Bench::write_json(int argc, char** argv) const {
   j.key("versions").begin_object();
   j.key("mlx").value(mx::version());
   j.key("tqmetal_cpu_isa").value(tqmetal::cpu_isa());
+  j.key("tqmetal_gpu_path").value(tqmetal::metal::gpu_path().path);
   j.key("compiler").value(__VERSION__);
   j.key("llama_cpp");
   if (llama_) {
@@ -1122,8 +1124,12 @@ int Bench::run(int argc, char** argv) {
   const auto dev = mx::default_device();
   device_name_ = dev == mx::Device::gpu ? "gpu (MLX default device)" : "cpu";
   if (dev == mx::Device::gpu) {
-    // tqmetal's op runs on the CPU until its Metal eval_gpu lands: say so in the report.
-    device_name_ += "; tqmetal's op itself on the cpu until its GPU path lands";
+    // Where the op runs on a GPU stream (csrc/metal/gpu_path.h): the metallib (found beside
+    // the extension, one level above this binary in tqmetal/bin/), the run-time compiled
+    // sources, or nowhere (a build without Metal: the op runs on the CPU).
+    const auto& g = tqmetal::metal::gpu_path();
+    device_name_ += g.path == "none" ? "; tqmetal's op on the cpu (" + g.reason + ")"
+                                     : "; tqmetal's Metal kernels: " + g.path + " (" + g.reason + ")";
   }
   machine_ = describe_machine();
   cold_bytes_ = o_.cold_bytes > 0 ? o_.cold_bytes

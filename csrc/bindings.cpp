@@ -8,6 +8,7 @@
 
 #include "cpu/thread_pool.h"
 #include "metal/dispatch_plan.h"
+#include "metal/gpu_path.h"
 #include "tqmetal.h"
 
 namespace nb = nanobind;
@@ -16,24 +17,26 @@ using mlx::core::array;
 
 namespace {
 
-namespace tm = tqmetal::metal;
+// Not `tm`: Python.h brings in <time.h>'s global `struct tm`, and clang (AppleClang) rejects
+// the unqualified name as ambiguous where g++ accepts it.
+namespace tqm = tqmetal::metal;
 
 // The Metal plans (csrc/metal/dispatch_plan.h) for tests and tools: a problem dict
 // in, the plan as a dict out. Tensors are given as
 // {"dtype": "float16", "offset": bytes, "strides": [...]}.
-tm::Problem problem_from_dict(const nb::dict& d) {
+tqm::Problem problem_from_dict(const nb::dict& d) {
   auto get_int = [&](const char* k, int64_t dflt) {
     return d.contains(k) ? nb::cast<int64_t>(d[k]) : dflt;
   };
   auto dtype = [](const std::string& s) {
-    if (s == "float16") return tm::DType::f16;
-    if (s == "bfloat16") return tm::DType::bf16;
-    if (s == "bool") return tm::DType::boolean;
-    if (s == "float32" || s == "uint32") return tm::DType::f32;
+    if (s == "float16") return tqm::DType::f16;
+    if (s == "bfloat16") return tqm::DType::bf16;
+    if (s == "bool") return tqm::DType::boolean;
+    if (s == "float32" || s == "uint32") return tqm::DType::f32;
     throw nb::value_error(("unknown dtype " + s).c_str());
   };
   auto tensor = [&](const char* k) {
-    tm::TensorRef t;
+    tqm::TensorRef t;
     if (!d.contains(k)) return t;
     nb::dict td = nb::cast<nb::dict>(d[k]);
     t.dtype = dtype(nb::cast<std::string>(td["dtype"]));
@@ -41,7 +44,7 @@ tm::Problem problem_from_dict(const nb::dict& d) {
     for (auto h : nb::cast<nb::list>(td["strides"])) t.strides.push_back(nb::cast<int64_t>(h));
     return t;
   };
-  tm::Problem p;
+  tqm::Problem p;
   p.B = int(get_int("B", 1));
   p.Hq = int(get_int("Hq", 1));
   p.Hkv = int(get_int("Hkv", 1));
@@ -64,23 +67,28 @@ tm::Problem problem_from_dict(const nb::dict& d) {
   p.k_tail = tensor("k_tail");
   p.v_tail = tensor("v_tail");
   const std::string mk = d.contains("mask_kind") ? nb::cast<std::string>(d["mask_kind"]) : "none";
-  p.mask_kind = mk == "causal" ? tm::MaskKind::causal
-      : mk == "bool"           ? tm::MaskKind::boolean
-      : mk == "additive"       ? tm::MaskKind::additive
-                               : tm::MaskKind::none;
+  p.mask_kind = mk == "causal" ? tqm::MaskKind::causal
+      : mk == "bool"           ? tqm::MaskKind::boolean
+      : mk == "additive"       ? tqm::MaskKind::additive
+                               : tqm::MaskKind::none;
   p.mask = tensor("mask");
   p.has_sinks = d.contains("sinks");
   p.sinks = tensor("sinks");
   p.blocks = int(get_int("blocks", 0));
   p.gpu_cores = int(get_int("gpu_cores", 32));
+  if (d.contains("max_threads")) {
+    for (auto [k, v] : nb::cast<nb::dict>(d["max_threads"])) {
+      p.max_threads[nb::cast<std::string>(k)] = nb::cast<int>(v);
+    }
+  }
   return p;
 }
 
-nb::dict plan_to_dict(const tm::Plan& plan) {
+nb::dict plan_to_dict(const tqm::Plan& plan) {
   nb::dict r;
   r["supported"] = plan.supported;
   r["reason"] = plan.reason;
-  r["path"] = plan.path == tm::Path::decode ? "decode" : plan.path == tm::Path::prefill ? "prefill" : "none";
+  r["path"] = plan.path == tqm::Path::decode ? "decode" : plan.path == tqm::Path::prefill ? "prefill" : "none";
   r["key_tile"] = plan.key_tile;
   r["two_pass"] = plan.two_pass;
   r["blocks"] = plan.blocks;
@@ -96,6 +104,7 @@ nb::dict plan_to_dict(const tm::Plan& plan) {
   static const char* kinds[] = {"input", "output", "scratch", "int32", "int64", "float32"};
   for (const auto& l : plan.launches) {
     nb::dict ld;
+    ld["library"] = l.library;
     ld["kernel"] = l.kernel;
     nb::dict fcs;
     for (const auto& f : l.constants) {
@@ -113,9 +122,9 @@ nb::dict plan_to_dict(const tm::Plan& plan) {
       bd["kind"] = kinds[int(b.kind)];
       bd["name"] = b.name;
       bd["offset"] = b.offset;
-      if (b.kind == tm::Binding::Kind::int32s) bd["value"] = nb::cast(b.i32);
-      if (b.kind == tm::Binding::Kind::int64s) bd["value"] = nb::cast(b.i64);
-      if (b.kind == tm::Binding::Kind::float32) bd["value"] = b.f32;
+      if (b.kind == tqm::Binding::Kind::int32s) bd["value"] = nb::cast(b.i32);
+      if (b.kind == tqm::Binding::Kind::int64s) bd["value"] = nb::cast(b.i64);
+      if (b.kind == tqm::Binding::Kind::float32) bd["value"] = b.f32;
       bufs.append(bd);
     }
     ld["buffers"] = bufs;
@@ -182,7 +191,7 @@ NB_MODULE(_ext, m) {
   m.def("num_threads", &tqmetal::cpu::num_threads, "Threads the CPU kernels use.");
   m.def(
       "plan_sdpa_int4",
-      [](const nb::dict& d) { return plan_to_dict(tm::plan_sdpa_int4(problem_from_dict(d))); },
+      [](const nb::dict& d) { return plan_to_dict(tqm::plan_sdpa_int4(problem_from_dict(d))); },
       "problem"_a,
       "The Metal launch plan eval_gpu runs (decode or prefill; csrc/metal/dispatch_plan.h) as a dict.");
   m.def(
@@ -196,16 +205,39 @@ NB_MODULE(_ext, m) {
       },
       "Whether this build has the Metal kernels (eval_gpu): macOS with an MLX built with Metal.");
   m.def(
+      "gpu_path",
+      [] {
+        const tqm::GpuPath g = tqm::gpu_path();
+        nb::dict r;
+        r["path"] = g.path;
+        r["reason"] = g.reason;
+        r["metallib_dir"] = g.metallib_dir;
+        return r;
+      },
+      "Which GPU path the op has: 'metallib' (prebuilt tqmetal_kernels.metallib), 'runtime' (the "
+      "embedded kernel sources, compiled by Metal at first use) or 'none', and why.");
+  m.def(
+      "metallib_dirs",
+      [](const std::string& module_dir, const std::optional<std::string>& env_dir) {
+        std::vector<std::string> r;
+        for (const auto& d : tqm::metallib_dirs(module_dir, env_dir ? env_dir->c_str() : nullptr)) {
+          r.push_back(d.string());
+        }
+        return r;
+      },
+      "module_dir"_a, "env_dir"_a.none() = nb::none(),
+      "Where eval_gpu looks for tqmetal_kernels.metallib, given the binary's directory and TQMETAL_METALLIB_DIR.");
+  m.def(
       "metal_unsupported_reason",
-      [](const nb::dict& d) { return tm::metal_unsupported_reason(problem_from_dict(d)); },
+      [](const nb::dict& d) { return tqm::metal_unsupported_reason(problem_from_dict(d)); },
       "problem"_a,
       "Why no Metal kernel covers these shapes (the op then runs on the CPU), or '' (strides ignored).");
   m.def(
       "plan_sdpa_int4_decode",
-      [](const nb::dict& d) { return plan_to_dict(tm::plan_sdpa_int4_decode(problem_from_dict(d))); },
+      [](const nb::dict& d) { return plan_to_dict(tqm::plan_sdpa_int4_decode(problem_from_dict(d))); },
       "problem"_a, "The Metal decode kernels' launch plan as a dict.");
   m.def(
       "plan_sdpa_int4_prefill",
-      [](const nb::dict& d) { return plan_to_dict(tm::plan_sdpa_int4_prefill(problem_from_dict(d))); },
+      [](const nb::dict& d) { return plan_to_dict(tqm::plan_sdpa_int4_prefill(problem_from_dict(d))); },
       "problem"_a, "The Metal prefill kernel's launch plan as a dict.");
 }

@@ -103,16 +103,16 @@ compile() { # name src flags...
 # lines call vmovl_u8/vmovl_u16) and that the object does its byte widening with
 # uxtl/ushll. (uxtl alone proves nothing:
 # GCC also auto-vectorizes the scalar fallback loop into uxtl.)
-if compile sdpa_int4_kernel csrc/cpu/sdpa_int4_kernel.cpp "${KERNEL_FLAGS[@]}"; then
-  obj="$OUT/sdpa_int4_kernel.o"
+if compile kernel_float csrc/cpu/kernel_float.cpp "${KERNEL_FLAGS[@]}"; then
+  obj="$OUT/kernel_float.o"
   syms="$("$NM" -C "$obj")"
   if ! grep -q 'tqmetal::cpu::unit_fn_generic' <<<"$syms"; then
     echo "FAIL kernel: no tqmetal::cpu::unit_fn_generic in the object"
     failures=$((failures + 1))
   fi
-  # Preprocessed lines that come from the kernel file itself (not from arm_neon.h).
-  pre="$("${CXXV[@]}" "${BASE[@]}" "${KERNEL_FLAGS[@]}" -E "$ROOT/csrc/cpu/sdpa_int4_kernel.cpp" |
-    awk '/^# [0-9]+ "/ { f = $3; next } f ~ /sdpa_int4_kernel\.cpp"$/')"
+  # Preprocessed lines that come from the kernels' shared header (not from arm_neon.h).
+  pre="$("${CXXV[@]}" "${BASE[@]}" "${KERNEL_FLAGS[@]}" -E "$ROOT/csrc/cpu/kernel_float.cpp" |
+    awk '/^# [0-9]+ "/ { f = $3; next } f ~ /kernel_common\.h"$/')"
   calls=$(grep -cE '\bvmovl(_high)?_u(8|16) *\(' <<<"$pre")
   dis="$("$OBJDUMP" -d --no-show-raw-insn "$obj")"
   widen=$(grep -cE $'\t(uxtl2?|ushll2?)\t' <<<"$dis")

@@ -11,12 +11,22 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import mlx.core as mx  # noqa: E402
 
 import reference as R  # noqa: E402
+from metal_sources import expanded  # noqa: E402
 from mslemu import testing as T  # noqa: E402
 
 from tqmetal import _ext  # noqa: E402
 
-METAL = pathlib.Path(__file__).resolve().parent.parent / "metal" / "sdpa_int4.metal"  # decode instances
-METAL_PREFILL = METAL.with_name("sdpa_int4_prefill.metal")
+# The kernels as a Mac without Xcode compiles them (metal/*.metal with every #include expanded: the
+# source eval_gpu embeds); where no mlx headers are installed the tests skip and these stay the files.
+_SRC = pathlib.Path(__file__).resolve().parent.parent / "metal"
+METAL = expanded("sdpa_int4") if T.mlx_include() else _SRC / "sdpa_int4.metal"  # decode instances
+METAL_PREFILL = expanded("sdpa_int4_prefill") if T.mlx_include() else _SRC / "sdpa_int4_prefill.metal"
+METAL_COPY = expanded("sdpa_int4_copy") if T.mlx_include() else _SRC / "sdpa_int4_copy.metal"
+
+
+def copy_library():
+    """The strided-copy kernels the plans launch first for an input whose last axis is strided."""
+    return T.mslemu.compile(METAL_COPY, racecheck=T.INSTRUMENTED)
 
 
 def np_dtype_name(a: mx.array) -> str:
@@ -110,7 +120,9 @@ def out_values(case, out):
 
 
 def execute(lib, plan, arrays, out, order="forward"):
-    """Run the plan's launches in order, binding exactly what it says. Returns the DispatchStats."""
+    """Run the plan's launches in order, binding exactly what it says. Returns the DispatchStats.
+    `lib`: the emulator library of the plan's attention kernels, or {library stem: Library}; copy
+    launches (metal/sdpa_int4_copy.metal) run in copy_library() unless the dict names one."""
     assert plan["supported"], plan["reason"]
     scratch = {name: np.full(nbytes // 4, np.nan, np.float32) for name, nbytes in plan["scratch"].items()}
     stats = []
@@ -133,7 +145,12 @@ def execute(lib, plan, arrays, out, order="forward"):
                 bufs[idx] = np.float32(b["value"])
             else:
                 raise AssertionError(kind)
-        st = lib.dispatch(launch["kernel"], buffers=bufs, threadgroups=launch["grid"],
+        if isinstance(lib, dict):
+            run_lib = lib[launch["library"]] if launch["library"] in lib or launch["library"] != "sdpa_int4_copy" \
+                else copy_library()
+        else:
+            run_lib = copy_library() if launch["library"] == "sdpa_int4_copy" else lib
+        st = run_lib.dispatch(launch["kernel"], buffers=bufs, threadgroups=launch["grid"],
                           threads_per_threadgroup=launch["threadgroup"],
                           function_constants=launch["function_constants"], order=order)
         assert st.partial_collectives == 0 and st.races == 0

@@ -12,6 +12,7 @@ import mlx.core as mx
 import pytest
 from mlx_lm.models import llama
 
+import tqmetal
 from tqmetal import cache as tqcache
 from tqmetal import cli as tqcli
 from tqmetal import generate as tqgen
@@ -91,6 +92,7 @@ def test_generate_smoke(use_tiny, capsys, kv):
     for key in ("Prompt:", "Generation:", "KV cache:", "Peak memory:", "tokens-per-sec"):
         assert key in out
     assert "fp16 would take" in out
+    assert f"Attention: GPU path {tqmetal.gpu_path()['path']} (" in out
 
 
 def test_generate_not_verbose_prints_only_text(use_tiny, capsys):

@@ -159,7 +159,10 @@ def test_plan_auto_blocks_and_fallbacks():
     many_heads = _ext.plan_sdpa_int4_decode({**base, **tensors, "B": 16})  # 128 threadgroups: enough
     assert not many_heads["two_pass"]
     for change, why in [(dict(D=96), "head dim"), (dict(group_size=16), "group size"),
-                        (dict(k_bits=4, v_bits=2), "bits"), (dict(L=9), "prefill"),
-                        (dict(q=ref("float16", [32 * 128, 128, 1, 32])), "contiguous")]:
+                        (dict(k_bits=4, v_bits=2), "bits"), (dict(L=9), "prefill")]:
         r = _ext.plan_sdpa_int4_decode({**base, **tensors, **change})
         assert not r["supported"] and why in r["reason"], (change, r["reason"])
+    # a strided last axis is copied by the plan's first launch, then read as a scratch buffer
+    strided = _ext.plan_sdpa_int4_decode({**base, **tensors, "q": ref("float16", [32 * 128, 128, 1, 32])})
+    assert strided["supported"] and strided["launches"][0]["kernel"] == "sdpa_int4_copy_4d_b2"
+    assert strided["scratch"]["q_contiguous"] == 32 * 128 * 2

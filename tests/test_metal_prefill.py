@@ -171,7 +171,7 @@ def test_plan_unsupported_is_explicit():
     plan that would compute something else."""
     base = _problem(L=40)
     for change, why in [(dict(D=48), "head dim"), (dict(k_bits=2), "bits"),
-                        (dict(q=dict(base["q"], strides=base["q"]["strides"][:3] + [2])), "contiguous")]:
+                        (dict(q=dict(base["q"], strides=base["q"]["strides"][:3])), "4 strides")]:
         p = _ext.plan_sdpa_int4({**base, **change})
         assert not p["supported"] and p["path"] == "none" and why in p["reason"], (change, p["reason"])
         assert "decode:" in p["reason"] and "prefill:" in p["reason"]
@@ -179,7 +179,7 @@ def test_plan_unsupported_is_explicit():
 
 def test_op_fallback_rule():
     """The rule the op applies on a Mac when the graph is built (csrc/sdpa_int4.cpp): shapes no Metal kernel
-    covers go to the CPU op; strides do not matter (eval_gpu copies a non-contiguous last axis)."""
+    covers go to the CPU op; strides do not matter (the plan copies a non-contiguous last axis first)."""
     shapes = dict(B=1, Hq=8, Hkv=2, L=1, D=128, N=100, group_size=64, k_bits=4, v_bits=4)
     assert _ext.metal_unsupported_reason(shapes) == ""
     assert _ext.metal_unsupported_reason({**shapes, "L": 500, "D": 80, "group_size": 16}) == ""

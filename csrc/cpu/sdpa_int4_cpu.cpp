@@ -100,8 +100,10 @@ void store_out(void* out, int64_t idx, DType dt, float x) {
   }
 }
 
+} // namespace
+
 // Dequantized element d of token n of a quantized tensor (slow path only).
-float dequant_at(const Problem& p, const QuantView& q, int b, int h, int64_t n, int d) {
+static float dequant_at(const Problem& p, const QuantView& q, int b, int h, int64_t n, int d) {
   const uint32_t* row = q.packed + b * q.p_st[0] + h * q.p_st[1] + n * q.p_st[2];
   const int per_word = 32 / q.bits;
   const uint32_t word = row[d / per_word];
@@ -116,7 +118,9 @@ float dequant_at(const Problem& p, const QuantView& q, int b, int h, int64_t n, 
   return s * float(val) + bi;
 }
 
-} // namespace
+void dequant_row(const Problem& p, const QuantView& q, int b, int h, int64_t n, float* out) {
+  for (int d = 0; d < p.D; ++d) out[d] = dequant_at(p, q, b, h, n, d);
+}
 
 // MLX's mask semantics at the end of a row. A boolean or causal mask that hides
 // every key leaves MLX softmaxing equal finfo.min scores: the uniform mean of V.
@@ -257,6 +261,7 @@ const char* isa_name() {
 }
 
 void run_problem(const Problem& p) {
+  if (p.B == 0 || p.Hkv == 0 || p.L == 0) return; // an empty output: nothing to compute
   const Plan plan = make_plan(p);
   const UnitFn fn = pick_kernel(p, plan);
   const int R = p.rows();
@@ -288,13 +293,20 @@ void run_problem(const Problem& p) {
     std::vector<float> o(p.D);
     const Unit u0 = unit_at(tile * plan.splits);
     for (int r = 0; r < u0.nrows; ++r) {
+      // A NaN in any split's state (a NaN score somewhere in the row) makes the
+      // row NaN, as in MLX; std::max would drop it from M.
       float M = -std::numeric_limits<float>::infinity();
+      bool nan = false;
       for (int s = 0; s < plan.splits; ++s) {
-        M = std::max(M, partials[(tile * plan.splits + s) * per_unit + r * stride]);
+        const float* src = partials.data() + (tile * plan.splits + s) * per_unit + r * stride;
+        nan |= std::isnan(src[0]) || std::isnan(src[1]);
+        M = std::max(M, src[0]);
       }
       float l = 0.f;
       std::fill(o.begin(), o.end(), 0.f);
-      if (M != -std::numeric_limits<float>::infinity()) {
+      if (nan) {
+        l = std::numeric_limits<float>::quiet_NaN();
+      } else if (M != -std::numeric_limits<float>::infinity()) {
         for (int s = 0; s < plan.splits; ++s) {
           const float* src = partials.data() + (tile * plan.splits + s) * per_unit + r * stride;
           if (src[0] == -std::numeric_limits<float>::infinity()) continue;

@@ -107,6 +107,13 @@ UnitFn unit_fn_avx512int(const Problem&, const Plan&);
 
 float to_float(const void* base, int64_t idx, DType dt);
 
+// Token n of a quantized tensor dequantized element by element (scale * code +
+// bias, in float), in natural order: the kernels' exact path for blocks whose
+// scales, biases or queries are not all finite, where the factored forms
+// (scale * sum(q * code) + bias * sum(q)) would give a different NaN/inf pattern
+// than MLX on the dequantized cache.
+void dequant_row(const Problem& p, const QuantView& q, int b, int h, int64_t n, float* out);
+
 // Whether decode may use the AVX512-VNNI integer path (the CPU has it and
 // TQMETAL_CPU_ISA does not ask for plain avx512 or lower).
 bool cpu_use_vnni();

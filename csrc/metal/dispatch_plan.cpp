@@ -63,14 +63,14 @@ std::string layout_problem(const Problem& p) {
   for (const auto& [name, t] : quant) {
     if (p.N == 0 && t != &p.q) continue;
     if (t->strides.size() != 4 || t->strides[3] != 1) {
-      return std::string(name) + ": last axis must be contiguous (copy first)";
+      return std::string(name) + ": expected 4 strides with a contiguous last axis";
     }
   }
   if (p.has_tail) {
     const std::pair<const char*, const TensorRef*> tails[] = {{"k_tail", &p.k_tail}, {"v_tail", &p.v_tail}};
     for (const auto& [name, t] : tails) {
       if (t->strides.size() != 4 || t->strides[3] != 1) {
-        return std::string(name) + ": last axis must be contiguous (copy first)";
+        return std::string(name) + ": expected 4 strides with a contiguous last axis";
       }
     }
     if (p.k_tail.dtype != p.v_tail.dtype) {
@@ -180,9 +180,7 @@ void sort_bindings(Plan& plan) {
   }
 }
 
-} // namespace
-
-Plan plan_sdpa_int4_decode(const Problem& p) {
+Plan decode_core(const Problem& p) {
   // ---- explicit fallbacks (the caller uses another path) ----
   if (p.D != 64 && p.D != 128 && p.D != 256) {
     return unsupported("head dim " + std::to_string(p.D) + " has no decode instance (64, 128, 256)");
@@ -243,7 +241,7 @@ Plan plan_sdpa_int4_decode(const Problem& p) {
   const std::array<int, 3> grid = {p.B * p.Hkv, row_tiles, int(blocks)};
 
   if (!plan.two_pass) {
-    Launch l{"sdpa_int4_decode_1pass_" + suffix, a.fcs, a.inputs, grid, tg};
+    Launch l{"sdpa_int4", "sdpa_int4_decode_1pass_" + suffix, a.fcs, a.inputs, grid, tg};
     l.buffers.push_back(Binding{BUF_OUT, K::output, "out", 0, {}, {}, 0.f});
     if (p.has_sinks) l.buffers.push_back(input(BUF_SINKS, "sinks", p.sinks));
     plan.launches.push_back(std::move(l));
@@ -251,12 +249,12 @@ Plan plan_sdpa_int4_decode(const Problem& p) {
     const int64_t prow = int64_t(p.B) * p.Hkv * R; // (b, hkv, row)
     plan.scratch = {{"partial_out", prow * blocks * p.D * 4}, {"partial_max", prow * blocks * 4},
                     {"partial_sum", prow * blocks * 4}};
-    Launch l1{"sdpa_int4_decode_2pass_1_" + suffix, a.fcs, a.inputs, grid, tg};
+    Launch l1{"sdpa_int4", "sdpa_int4_decode_2pass_1_" + suffix, a.fcs, a.inputs, grid, tg};
     l1.buffers.push_back(Binding{BUF_OUT, K::scratch, "partial_out", 0, {}, {}, 0.f});
     l1.buffers.push_back(Binding{BUF_PART_MAX, K::scratch, "partial_max", 0, {}, {}, 0.f});
     l1.buffers.push_back(Binding{BUF_PART_SUM, K::scratch, "partial_sum", 0, {}, {}, 0.f});
     plan.launches.push_back(std::move(l1));
-    Launch l2{"sdpa_int4_decode_2pass_2_" + std::string(type_name(p.q.dtype)) + "_" + std::to_string(p.D),
+    Launch l2{"sdpa_int4", "sdpa_int4_decode_2pass_2_" + std::string(type_name(p.q.dtype)) + "_" + std::to_string(p.D),
               a.fcs, {}, {p.B * p.Hkv, R, 1}, {p.D, 1, 1}};
     l2.buffers = {
         Binding{MBUF_PART_OUT, K::scratch, "partial_out", 0, {}, {}, 0.f},
@@ -273,7 +271,7 @@ Plan plan_sdpa_int4_decode(const Problem& p) {
   return plan;
 }
 
-Plan plan_sdpa_int4_prefill(const Problem& p) {
+Plan prefill_core(const Problem& p) {
   if (p.D != 64 && p.D != 80 && p.D != 96 && p.D != 128 && p.D != 256) {
     return unsupported("head dim " + std::to_string(p.D) + " has no prefill instance (64, 80, 96, 128, 256)");
   }
@@ -302,13 +300,120 @@ Plan plan_sdpa_int4_prefill(const Problem& p) {
   // The decode kernels take the bits as template parameters, the prefill kernel as constants.
   a.fcs.push_back({FC_K_BITS, "k_bits", false, p.k_bits});
   a.fcs.push_back({FC_V_BITS, "v_bits", false, p.v_bits});
-  Launch l{"sdpa_int4_prefill_" + std::string(type_name(p.q.dtype)) + "_" + std::to_string(p.D), a.fcs,
+  Launch l{"sdpa_int4_prefill", "sdpa_int4_prefill_" + std::string(type_name(p.q.dtype)) + "_" + std::to_string(p.D), a.fcs,
            a.inputs, {p.B * p.Hkv, row_tiles, 1}, {32 * plan.simdgroups, 1, 1}};
   l.buffers.push_back(Binding{BUF_OUT, Binding::Kind::output, "out", 0, {}, {}, 0.f});
   if (p.has_sinks) l.buffers.push_back(input(BUF_SINKS, "sinks", p.sinks));
   plan.launches.push_back(std::move(l));
   sort_bindings(plan);
   return plan;
+}
+
+// ---- inputs with a strided last axis: copied first (metal/sdpa_int4_copy.metal) ----
+
+struct DenseInput {
+  const char* name;
+  TensorRef Problem::*ref;
+  std::array<int64_t, 4> shape;
+};
+
+// The inputs the kernels read with a contiguous last axis, and their shapes.
+std::vector<DenseInput> dense_inputs(const Problem& p) {
+  const int64_t kw = int64_t(p.D) * p.k_bits / 32, vw = int64_t(p.D) * p.v_bits / 32;
+  const int64_t ng = p.group_size > 0 ? p.D / p.group_size : 0;
+  std::vector<DenseInput> r = {
+      {"q", &Problem::q, {p.B, p.Hq, p.L, p.D}},
+      {"k_packed", &Problem::k_packed, {p.B, p.Hkv, p.N, kw}},
+      {"k_scales", &Problem::k_scales, {p.B, p.Hkv, p.N, ng}},
+      {"k_biases", &Problem::k_biases, {p.B, p.Hkv, p.N, ng}},
+      {"v_packed", &Problem::v_packed, {p.B, p.Hkv, p.N, vw}},
+      {"v_scales", &Problem::v_scales, {p.B, p.Hkv, p.N, ng}},
+      {"v_biases", &Problem::v_biases, {p.B, p.Hkv, p.N, ng}},
+  };
+  if (p.has_tail) {
+    r.push_back({"k_tail", &Problem::k_tail, {p.B, p.Hkv, p.T, p.D}});
+    r.push_back({"v_tail", &Problem::v_tail, {p.B, p.Hkv, p.T, p.D}});
+  }
+  return r;
+}
+
+// `core` on the problem with every strided input replaced by a contiguous scratch copy,
+// the copy launches first.
+Plan with_copies(const Problem& p, Plan (*core)(const Problem&)) {
+  using K = Binding::Kind;
+  Problem c = p;
+  std::vector<Launch> copies;
+  std::vector<Scratch> scratch;
+  std::vector<std::string> copied;
+  for (const DenseInput& d : dense_inputs(p)) {
+    TensorRef& t = c.*d.ref;
+    if (t.strides.size() != 4 || t.strides[3] == 1) continue; // in place (or layout_problem says why not)
+    const auto [d0, d1, d2, d3] = d.shape;
+    const std::vector<int64_t> dense = {d1 * d2 * d3, d2 * d3, d3, 1};
+    if (d0 * d1 * d2 * d3 == 0) { // never read
+      t.strides = dense;
+      continue;
+    }
+    if (d0 * d1 >= (int64_t(1) << 31) || d2 >= (int64_t(1) << 31) || d3 >= (int64_t(1) << 31)) {
+      return unsupported(std::string(d.name) + ": too large to copy");
+    }
+    const int esize = t.dtype == DType::f16 || t.dtype == DType::bf16 ? 2 : 4;
+    const std::string name = std::string(d.name) + "_contiguous";
+    scratch.push_back({name, (d0 * d1 * d2 * d3 * esize + 3) / 4 * 4});
+    Launch l{"sdpa_int4_copy", esize == 2 ? "sdpa_int4_copy_4d_b2" : "sdpa_int4_copy_4d_b4", {}, {},
+             {int((d3 + kCopyThreadgroup[0] - 1) / kCopyThreadgroup[0]),
+              int((d2 + kCopyThreadgroup[1] - 1) / kCopyThreadgroup[1]), int(d0 * d1)},
+             {kCopyThreadgroup[0], kCopyThreadgroup[1], 1}};
+    l.buffers = {
+        Binding{0, K::input, d.name, t.offset, {}, {}, 0.f},
+        Binding{1, K::scratch, name, 0, {}, {}, 0.f},
+        Binding{2, K::int32s, "shape", 0, {int32_t(d0), int32_t(d1), int32_t(d2), int32_t(d3)}, {}, 0.f},
+        Binding{3, K::int64s, "strides", 0, {}, t.strides, 0.f},
+    };
+    copies.push_back(std::move(l));
+    copied.push_back(d.name);
+    t.offset = 0;
+    t.strides = dense;
+  }
+  Plan plan = core(c);
+  if (!plan.supported || copies.empty()) return plan;
+  for (auto& l : plan.launches) {
+    for (auto& b : l.buffers) {
+      if (b.kind == K::input && std::find(copied.begin(), copied.end(), b.name) != copied.end()) {
+        b.kind = K::scratch;
+        b.name += "_contiguous";
+        b.offset = 0;
+      }
+    }
+  }
+  plan.scratch.insert(plan.scratch.begin(), scratch.begin(), scratch.end());
+  plan.launches.insert(plan.launches.begin(), copies.begin(), copies.end());
+  return plan;
+}
+
+// Unsupported when a launch's threadgroup exceeds its pipeline's known limit.
+Plan within_limits(Plan plan, const Problem& p) {
+  if (!plan.supported) return plan;
+  for (const Launch& l : plan.launches) {
+    const auto it = p.max_threads.find(l.kernel);
+    const int threads = l.threadgroup[0] * l.threadgroup[1] * l.threadgroup[2];
+    if (it != p.max_threads.end() && threads > it->second) {
+      return unsupported(l.kernel + " allows " + std::to_string(it->second) +
+                         " threads per threadgroup (maxTotalThreadsPerThreadgroup), the plan needs " +
+                         std::to_string(threads));
+    }
+  }
+  return plan;
+}
+
+} // namespace
+
+Plan plan_sdpa_int4_decode(const Problem& p) {
+  return within_limits(with_copies(p, decode_core), p);
+}
+
+Plan plan_sdpa_int4_prefill(const Problem& p) {
+  return within_limits(with_copies(p, prefill_core), p);
 }
 
 Plan plan_sdpa_int4(const Problem& p) {

@@ -7,6 +7,7 @@
 
 #include <array>
 #include <cstdint>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -43,6 +44,11 @@ struct Problem {
   // blocks) and the GPU's core count the automatic choice aims to fill.
   int blocks = 0;
   int gpu_cores = 32;
+  // Pipeline limits eval_gpu has read (maxTotalThreadsPerThreadgroup of the compiled
+  // kernel, which Apple's compiler may lower below the device's 1024 for register-heavy
+  // kernels), by kernel name: no launch is planned with a larger threadgroup. The
+  // decode kernels' 512 threads then give way to the prefill kernel's 128.
+  std::map<std::string, int> max_threads;
 };
 
 struct FunctionConstant {
@@ -65,7 +71,8 @@ struct Binding {
 };
 
 struct Launch {
-  std::string kernel; // host name in metal/sdpa_int4.metal
+  std::string library; // the source that instantiates the kernel: metal/<library>.metal
+  std::string kernel; // host name
   std::vector<FunctionConstant> constants;
   std::vector<Binding> buffers;
   std::array<int, 3> grid; // threadgroups (dispatchThreadgroups)
@@ -73,7 +80,7 @@ struct Launch {
 };
 
 struct Scratch {
-  std::string name;
+  std::string name; // "partial_*" (split-K), or "<input>_contiguous" (a copied input)
   int64_t bytes;
 };
 
@@ -91,8 +98,8 @@ struct Plan {
   int row_tiles = 0; // threadgroups per (b, KV head) along the rows
   int simdgroups = 0; // decode: the kernel's BN; prefill: BQ / 8
   int key_tile = 0; // prefill: BK, keys per step
-  std::vector<Scratch> scratch; // float32 buffers the 2-pass launch needs
-  std::vector<Launch> launches; // in order
+  std::vector<Scratch> scratch; // buffers (float32-sized) the launches write and read
+  std::vector<Launch> launches; // in order; the first to bind a scratch buffer writes it
 };
 
 inline constexpr int kDecodeSimdgroups = 16; // BN of the instances in sdpa_int4.metal
@@ -100,7 +107,16 @@ inline constexpr int kMaxDecodeRowTiles = 4; // beyond (> 32 rows, > 16 at D = 2
 inline constexpr int64_t kMinBlockLen = 256; // tokens per block of the automatic split
 inline constexpr int kPrefillRowTile = 32; // BQ of the prefill instances (4 simdgroups of 8 rows)
 inline constexpr int kPrefillKeyTile = 16; // BK of the prefill instances
+inline constexpr int kCopyThreadgroup[2] = {32, 8}; // metal/sdpa_int4_copy.metal
 
+// The .metal files (stems) whose kernels the plans launch, in one metallib or compiled
+// from their embedded sources at run time (csrc/metal/sdpa_int4_metal.cpp).
+inline constexpr const char* kLibraries[] = {"sdpa_int4", "sdpa_int4_prefill", "sdpa_int4_copy"};
+
+// Every plan reads an input whose last axis is strided (a transposed view) through a
+// copy into a contiguous scratch buffer (sdpa_int4_copy_4d, planned first); inputs with
+// a contiguous last axis (mx.quantize output, caches sliced along N) are read in place.
+//
 // The decode kernels alone (unsupported beyond kMaxDecodeRowTiles row tiles, head
 // dims other than 64/128/256, group 16).
 Plan plan_sdpa_int4_decode(const Problem& p);
@@ -112,7 +128,7 @@ Plan plan_sdpa_int4_prefill(const Problem& p);
 Plan plan_sdpa_int4(const Problem& p);
 
 // The op's explicit fallback, decided when the graph is built (strides are not known
-// yet; eval_gpu copies an input whose last axis is not contiguous): why no Metal
+// yet; the plan copies an input whose last axis is not contiguous): why no Metal
 // kernel covers the problem's shapes, dtypes, bits and group size, or "" when one
 // does. Tensor strides and offsets in `p` are ignored.
 std::string metal_unsupported_reason(const Problem& p);

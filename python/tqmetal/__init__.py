@@ -8,14 +8,14 @@
 use, so ``import tqmetal`` (the op and the quantizer) does not.
 """
 
-from .ops import cpu_isa, num_threads, quantize, sdpa_int4
+from .ops import cpu_isa, gpu_path, num_threads, quantize, sdpa_int4
 
 __version__ = "0.1.0"
 
 # Top-level names that live in modules importing mlx-lm: name -> module.
 _LAZY = {"patch_mlx_lm": "patch", "make_prompt_cache": "cache"}
 
-__all__ = ["sdpa_int4", "quantize", "cpu_isa", "num_threads", "__version__", *_LAZY]
+__all__ = ["sdpa_int4", "quantize", "cpu_isa", "gpu_path", "num_threads", "__version__", *_LAZY]
 
 
 def __getattr__(name):

@@ -10,7 +10,8 @@ The flags follow ``mlx_lm.generate`` where they apply. The cache comes from
 fused op (:func:`tqmetal.patch.patched`) for the run, and text is streamed by
 ``mlx_lm.stream_generate``. Afterwards (``--verbose``, the default) it prints
 prompt and generation speed, the KV cache's bytes against what an fp16 cache
-would take for the same tokens, and peak memory.
+would take for the same tokens, peak memory, and where the attention ran
+(:func:`tqmetal.gpu_path`: the Metal kernels' path and why, and the CPU kernel).
 """
 
 from __future__ import annotations
@@ -333,7 +334,16 @@ def main(argv=None) -> int:
           f"({cache_description(args)}); fp16 would take {fmt_bytes(kv['fp16'])} "
           f"({ratio:.2f}x); allocated {fmt_bytes(kv['allocated'])}")
     print(f"Peak memory: {mx.get_peak_memory() / 1e9:.3f} GB")
+    print(attention_report())
     return 0
+
+
+def attention_report() -> str:
+    """Where tqmetal's attention runs here: the GPU path (tqmetal.gpu_path) and the CPU kernel."""
+    from .ops import cpu_isa, gpu_path
+
+    g = gpu_path()
+    return f"Attention: GPU path {g['path']} ({g['reason']}); CPU kernel {cpu_isa()}"
 
 
 if __name__ == "__main__":

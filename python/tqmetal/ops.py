@@ -110,6 +110,19 @@ def cpu_isa() -> str:
     return _ext.cpu_isa()
 
 
+def gpu_path() -> dict:
+    """Which GPU path ``sdpa_int4`` has in this process, and why.
+
+    ``{"path": ..., "reason": ..., "metallib_dir": ...}`` with path ``"metallib"`` (the kernels
+    Xcode's Metal compiler built into tqmetal_kernels.metallib), ``"runtime"`` (no metallib: the
+    kernel sources embedded at build time, compiled by Metal's run-time compiler at first use; no
+    Xcode needed) or ``"none"`` (a build without Metal, e.g. Linux, or no Metal device: the op runs
+    on the CPU). ``TQMETAL_METAL_PATH=runtime`` forces the run-time path; ``TQMETAL_METALLIB_DIR``
+    names the metallib's directory.
+    """
+    return dict(_ext.gpu_path())
+
+
 def num_threads() -> int:
     """Threads the CPU kernels use (TQMETAL_NUM_THREADS overrides)."""
     return _ext.num_threads()

@@ -65,10 +65,20 @@ def _module_builds():
         "test_mslemu_guards": [("guards.metal", {})] + ([] if SANITIZE else [("guards.metal", {"instrument": False})]),
         "test_mslemu_orders": [("orders.metal", {})],
         "test_mslemu_build": [("reduce.metal", {})],
-        # the project's own kernels (absolute paths: KERNELS / path is the path)
-        "test_metal_decode": [(str(PROJECT_METAL / "sdpa_int4.metal"), {"include_dirs": [mlx]})] if mlx else [],
-        "test_metal_prefill": [(str(PROJECT_METAL / "sdpa_int4_prefill.metal"), {"include_dirs": [mlx]})] if mlx else [],
+        # the project's own kernels, as embedded (tests/metal_sources.py; absolute paths: KERNELS / path is the path)
+        "test_metal_decode": _project("sdpa_int4", mlx),
+        "test_metal_prefill": _project("sdpa_int4_prefill", mlx),
+        "test_metal_runtime": _project("sdpa_int4", mlx) + _project("sdpa_int4_prefill", mlx)
+                              + _project("sdpa_int4_copy", mlx),
     }
+
+
+def _project(stem, mlx):
+    """A build of the project's metal/<stem>.metal exactly as metal_plan_testing compiles it."""
+    if not mlx:
+        return []
+    from metal_sources import expanded
+    return [(str(expanded(stem)), {"include_dirs": [mlx]})]
 
 
 _prebuild_started = False

@@ -1,0 +1,167 @@
+#!/usr/bin/env python3
+"""Expand the Metal kernel sources into self-contained translation units and embed them in C++.
+
+A Mac without Xcode's Metal compiler (Command Line Tools only, or Xcode 26 without its Metal
+toolchain component) cannot build tqmetal_kernels.metallib, but Metal itself compiles source
+strings at run time (MTLDevice newLibraryWithSource, which MLX wraps as
+metal::Device::get_library(name, builder)). Such a string cannot #include files, so every quoted
+#include (ours in metal/ and MLX's kernel headers) is expanded here, at build time, once per
+translation unit (#pragma once semantics); <metal_*> system headers stay includes. CMake runs this
+script to write the header eval_gpu embeds (csrc/metal/sdpa_int4_metal.cpp), and the tests run the
+same expansion (expand()) so that the MSL emulator and the macOS static checks compile exactly the
+text a Mac compiles at run time.
+
+    embed_sources.py --header OUT.h -I metal -I <mlx include> metal/a.metal metal/b.metal ...
+    embed_sources.py --expand OUT.metal -I ... metal/a.metal   (one expanded file, for inspection)
+
+The text is ASCII (MLX hands it to Metal with NSASCIIStringEncoding): other characters, which only
+occur in comments (e.g. a copyright sign), become '?'. `#line` directives keep compiler diagnostics
+pointing at the original files (paths relative to the include directory that held them).
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+INCLUDE = re.compile(r'^[ \t]*#[ \t]*include[ \t]*"([^"]+)"[^\n]*$')
+PRAGMA_ONCE = re.compile(r"^[ \t]*#[ \t]*pragma[ \t]+once\b")
+COND_OPEN = re.compile(r"^[ \t]*#[ \t]*if(n?def)?\b")
+COND_CLOSE = re.compile(r"^[ \t]*#[ \t]*endif\b")
+
+
+class ExpandError(RuntimeError):
+    pass
+
+
+def _display(path: Path, root, include_dirs) -> str:
+    """How #line names a file: MLX's headers as they are included (mlx/backend/metal/...), the
+    project's relative to `root` (metal/...): no build machine's absolute paths."""
+    for d in include_dirs:
+        try:
+            rel = path.relative_to(Path(d).resolve()).as_posix()
+        except ValueError:
+            continue
+        if rel.startswith("mlx/"):
+            return rel
+    if root:
+        try:
+            return path.relative_to(root).as_posix()
+        except ValueError:
+            pass
+    return path.name
+
+
+def _resolve(name: str, including: Path, include_dirs) -> Path:
+    """A quoted include: the including file's directory first, then the include directories in
+    order (what the compiler does with -I)."""
+    for base in [including.parent, *include_dirs]:
+        cand = base / name
+        if cand.is_file():
+            return cand.resolve()
+    raise ExpandError(f'{including}: cannot resolve #include "{name}" (searched {including.parent} and '
+                      f'{", ".join(map(str, include_dirs))})')
+
+
+def expand(sources, include_dirs, root=None) -> str:
+    """One translation unit: the given .metal files in order, every quoted #include expanded once.
+    `root`: the project directory, for the names #line gives its files (metal/...)."""
+    include_dirs = [Path(d) for d in include_dirs]
+    root = Path(root).resolve() if root else None
+    seen: set[Path] = set()
+    out: list[str] = []
+
+    def emit(path: Path, display: str):
+        if path in seen:
+            return
+        seen.add(path)
+        out.append(f'#line 1 "{display}"')
+        depth = 0
+        for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if PRAGMA_ONCE.match(line):
+                out.append("")  # keep line numbers: the expansion already includes a file once
+                continue
+            if COND_OPEN.match(line):
+                depth += 1
+            elif COND_CLOSE.match(line):
+                depth -= 1
+            m = INCLUDE.match(line)
+            if not m:
+                out.append(line)
+                continue
+            if depth:
+                # Expanding once would be wrong if the first inclusion sits in a branch the
+                # compiler skips; no header we use does this, so refuse rather than guess.
+                raise ExpandError(f"{path}:{lineno}: conditional #include is not supported: {line.strip()}")
+            inc = _resolve(m.group(1), path, include_dirs)
+            emit(inc, _display(inc, root, include_dirs))
+            out.append(f'#line {lineno + 1} "{display}"')
+
+    for src in sources:
+        src = Path(src).resolve()
+        emit(src, _display(src, root, include_dirs))
+    text = "\n".join(out) + "\n"
+    return text.encode("ascii", "replace").decode("ascii")
+
+
+def _raw_delimiter(text: str) -> str:
+    d = "tqmsl"
+    while f"){d}\"" in text:
+        d += "_"
+    return d
+
+
+def header(units: dict[str, str]) -> str:
+    """C++ header: one constant per translation unit, and a lookup by stem."""
+    lines = ["// Generated by csrc/metal/embed_sources.py at build time: do not edit.",
+             "// The Metal kernel sources with their #includes expanded, compiled at first use",
+             "// where the build had no Metal compiler (csrc/metal/sdpa_int4_metal.cpp).",
+             "#pragma once", "#include <string_view>", "", "namespace tqmetal::metal::embedded {", ""]
+    for stem, text in units.items():
+        d = _raw_delimiter(text)
+        # Several literals concatenated: compilers limit a single string literal's length.
+        chunks = [text[i:i + 60000] for i in range(0, len(text), 60000)] or [""]
+        lines.append(f"inline constexpr std::string_view {stem} =")
+        lines += [f'    R"{d}({c}){d}"' for c in chunks]
+        lines[-1] += ";"
+        lines.append("")
+    lines.append("// The expanded source of metal/<stem>.metal, or an empty view.")
+    lines.append("inline std::string_view source(std::string_view stem) {")
+    for stem in units:
+        lines.append(f'  if (stem == "{stem}") return {stem};')
+    lines += ["  return {};", "}", "", "} // namespace tqmetal::metal::embedded", ""]
+    return "\n".join(lines)
+
+
+def _write_if_changed(path: Path, text: str):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists() or path.read_text() != text:
+        path.write_text(text)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("sources", nargs="+", type=Path, help=".metal files (one translation unit each)")
+    ap.add_argument("-I", dest="include_dirs", action="append", default=[], type=Path)
+    ap.add_argument("--root", type=Path, help="project directory: #line names its files relative to it")
+    g = ap.add_mutually_exclusive_group(required=True)
+    g.add_argument("--header", type=Path, help="write the C++ header embedding every source")
+    g.add_argument("--expand", type=Path, help="write the one source's expansion")
+    a = ap.parse_args(argv)
+    try:
+        if a.expand:
+            if len(a.sources) != 1:
+                ap.error("--expand takes one source")
+            _write_if_changed(a.expand, expand(a.sources, a.include_dirs, a.root))
+        else:
+            units = {s.stem: expand([s], a.include_dirs, a.root) for s in a.sources}
+            _write_if_changed(a.header, header(units))
+    except ExpandError as e:
+        print(f"embed_sources.py: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

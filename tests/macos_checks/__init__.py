@@ -1,0 +1,1 @@
+"""macOS static checks of tqmetal that run on Linux: see checks.py."""
