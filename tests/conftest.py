@@ -11,6 +11,7 @@ Hypothesis profiles (pick with the environment variable TQMETAL_HYPOTHESIS_PROFI
 import os
 import sys
 
+import pytest
 from hypothesis import HealthCheck, settings
 
 # `import reference` from the test modules, whatever pytest's import mode.
@@ -43,3 +44,14 @@ def pytest_configure(config):
         "markers",
         "slow: long-context / large cases (run by default; deselect with -m 'not slow')",
     )
+
+
+@pytest.fixture(scope="session")
+def cpu_workers():
+    """{variant: cpu_variants.Worker} for every CPU kernel variant this machine supports."""
+    import cpu_variants
+
+    ws = {isa: cpu_variants.Worker(isa) for isa in cpu_variants.supported_variants()}
+    yield ws
+    for w in ws.values():
+        w.close()

@@ -5,15 +5,32 @@ with NumPy bit operations (4-bit element j of a row lives in word j // 8 at bit
 4 * (j % 8), low nibble first; 8-bit element j is byte j % 4 of word j // 4) and the
 attention is computed in float64.
 
-Fully masked rows follow what ``mx.fast.scaled_dot_product_attention`` does (checked
-in ``tests/test_sdpa_int4.py::TestReference``):
+The semantics are those of ``mx.fast.scaled_dot_product_attention`` (its CPU
+decomposition, checked element for element in ``tests/test_reference.py``), computed
+exactly instead of in the input dtype:
 
-* boolean / "causal" mask, every key masked, no sinks -> uniform average of V over all
-  N_total keys (MLX fills masked logits with finfo.min, not -inf, so the row is
-  flat);
-* the same with sinks -> 0 (the sink logit dominates finfo.min);
-* additive mask, the whole row -inf, no sinks -> NaN;
-* the same with sinks -> 0.
+* logits = scale * q k^T; a key hidden by a boolean or "causal" mask gets the lowest
+  finite logit (MLX fills with ``finfo.min``; here float64's), not -inf; an additive
+  mask is added (so -inf weighs 0, +inf or NaN make the row NaN);
+* sinks join the softmax as one more logit with no value; softmax subtracts the row
+  max (NaN anywhere in the visible row -> NaN row);
+* out = p @ V in IEEE arithmetic.
+
+What follows from that, all matching MLX:
+
+* every key hidden by a boolean/causal mask, no sinks -> uniform average of V over all
+  N_total keys (a NaN query in such a row does not matter: its logits are replaced);
+* the same with a finite sink -> 0 (the sink dominates the lowest finite logit); with
+  a -inf sink -> the uniform average again; a +inf or NaN sink -> NaN;
+* additive mask, the whole row -inf, no sinks (or a -inf sink) -> NaN;
+* a NaN/inf in q, or a dequantized key that is NaN (``mx.quantize`` of a group with
+  inf gives a NaN scale), makes every row that sees that key NaN; a hidden key's
+  logits do not matter;
+* no key at all (N + T = 0) -> 0; empty batch / heads / rows -> an empty result.
+
+One thing MLX's own paths do not agree on, so tests avoid it: a non-finite *value*
+(V) at a key whose weight is exactly 0 (hidden, or exp underflow): MLX's CPU
+decomposition computes 0 * inf = NaN, its Metal kernels skip hidden keys.
 """
 
 from __future__ import annotations
@@ -28,16 +45,52 @@ import numpy as np
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
-# NMSE thresholds from the spec.
+# Per-row NMSE bounds for tqmetal's result against the float64 reference, by the
+# dtype of q (= the output's dtype). The op's error is the rounding of its output to
+# that dtype plus float32 accumulation; measured largest row NMSE over the test grid
+# (tests/test_sdpa_int4.py, all CPU variants, emulated Metal): see TOL_MEASURED.
+# Bounds are ~3-10x the measured worst row and far below what a planted bug gives
+# (tests/test_planted_bugs.py).
+TOL_OP = {"float16": 1e-6, "bfloat16": 2e-5, "float32": 1e-9}
+# The integer decode paths (avx512vnni, avx512amx) round each query row to int16 and the
+# softmax weights of a block to int16 (README, "Decode on AVX512-VNNI CPUs"): about 1e-5
+# relative on the logits, so the error grows with the logits' size: float32 outputs show
+# it (measured worst row 1.5e-7 at sharpness 8, 2.5e-7 with scale 1, 3e-9 on ordinary
+# data); float16/bfloat16 rounding hides it.
+TOL_OP_INT16_QUERY = {**TOL_OP, "float32": 1e-6}
+_INT16_QUERY = None
+
+
+def op_rounds_query_to_int16() -> bool:
+    """Whether this process's tqmetal runs an integer decode path (cpu_isa avx512vnni/amx)."""
+    global _INT16_QUERY
+    if _INT16_QUERY is None:
+        try:
+            import tqmetal  # lazily: the reference itself does not need it
+
+            _INT16_QUERY = tqmetal.cpu_isa() in ("avx512vnni", "avx512amx")
+        except ImportError:
+            _INT16_QUERY = False
+    return _INT16_QUERY
+# mx.fast itself computes in the input dtype (scores rounded to float16/bfloat16):
+# comparisons of mx.fast against the reference need this looser per-row bound.
+TOL_MX_FAST = {"float16": 5e-5, "bfloat16": 2e-3, "float32": 1e-7}
+# Old whole-output NMSE bounds (kept for callers outside the kernel grid).
 TOL_F32 = 1e-6
 TOL_HALF = 5e-4
 
 
-def tolerance(q_dtype, scale_dtype) -> float:
-    """NMSE bound: 1e-6 for float32 q with float32 scales, otherwise 5e-4."""
-    if q_dtype == mx.float32 and scale_dtype == mx.float32:
-        return TOL_F32
-    return TOL_HALF
+def tolerance(q_dtype, scale_dtype=None, *, int16_query: Optional[bool] = None) -> float:
+    """Per-row NMSE bound for the op's output in q's dtype (scale dtype: inputs are exact);
+    int16_query (default: what this process's tqmetal runs) selects the integer paths' bound."""
+    del scale_dtype
+    if int16_query is None:
+        int16_query = op_rounds_query_to_int16()
+    return (TOL_OP_INT16_QUERY if int16_query else TOL_OP)[DTYPE_NAMES[q_dtype]]
+
+
+def tolerance_mx_fast(q_dtype) -> float:
+    return TOL_MX_FAST[DTYPE_NAMES[q_dtype]]
 
 
 # ----------------------------------------------------------------------------------
@@ -104,7 +157,8 @@ def dequantize_ref(packed, scales, biases, group_size: int, bits: int) -> np.nda
             f"scales {s.shape}, biases {b.shape}"
         )
     g = codes.reshape(*codes.shape[:-1], D // group_size, group_size)
-    out = g * s[..., None] + b[..., None]
+    with np.errstate(invalid="ignore", over="ignore"):
+        out = g * s[..., None] + b[..., None]  # 0 * inf = NaN, as mx.dequantize
     return out.reshape(codes.shape)
 
 
@@ -143,68 +197,116 @@ def causal_mask(L: int, N: int) -> np.ndarray:
     return j <= i + (N - L)
 
 
-def _masked_logits(q, k, scale: float, mask):
-    """scale * q k^T with the mask applied (-inf where a boolean/causal mask hides a key),
-    and the boolean view of the mask (None for no mask or an additive one)."""
+# The logit MLX gives a key hidden by a boolean/causal mask: the lowest finite value
+# (mx.fast uses finfo(dtype).min, the Metal kernels -FLT_MAX; in float64 any finite
+# logit is above this one and -inf below it, which is all that matters).
+MASKED_LOGIT = -np.finfo(np.float64).max
+
+
+def _masked_logits(q, k, scale: float, mask, *, causal_shift: int = 0):
+    """scale * q k^T with the mask applied (MASKED_LOGIT where a boolean/causal mask
+    hides a key, additive masks added), and the boolean view of the mask (None for no
+    mask or an additive one).  `causal_shift` moves the causal diagonal (for planted
+    off-by-one bugs)."""
     L, N = q.shape[2], k.shape[2]
-    logits = float(scale) * np.einsum("bhld,bhnd->bhln", q, k)
+    with np.errstate(invalid="ignore", over="ignore"):
+        logits = float(scale) * np.einsum("bhld,bhnd->bhln", q, k)
     allowed = None
     if isinstance(mask, str):
         if mask != "causal":
             raise ValueError(f"unknown mask string {mask!r}")
-        allowed = np.broadcast_to(causal_mask(L, N), logits.shape)
+        i = np.arange(L)[:, None]
+        j = np.arange(N)[None, :]
+        allowed = np.broadcast_to(j <= i + (N - L) + causal_shift, logits.shape)
     elif mask is not None:
         m = to_numpy(mask)
         if m.dtype == np.bool_:
             allowed = np.broadcast_to(m, logits.shape)
         else:
-            logits = logits + np.broadcast_to(m.astype(np.float64), logits.shape)
+            with np.errstate(invalid="ignore"):
+                logits = logits + np.broadcast_to(m.astype(np.float64), logits.shape)
     if allowed is not None:
-        logits = np.where(allowed, logits, -np.inf)
+        logits = np.where(allowed, logits, MASKED_LOGIT)
     return logits, allowed
 
 
-def attention_ref(q, k, v, *, scale: float, mask=None, sinks=None) -> np.ndarray:
+def softmax_weights(logits, sinks, Hq: int):
+    """Softmax over the keys with the optional per-head sink logit joining it.
+    Returns (p over the keys, the row's log-sum-exp including the sink)."""
+    B, _, L, N = logits.shape
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        if sinks is not None:
+            s = np.broadcast_to(to_f64(sinks).reshape(1, Hq, 1, 1), (B, Hq, L, 1))
+            full = np.concatenate([s, logits], axis=-1)
+        else:
+            full = logits
+        if full.shape[-1] == 0:
+            return np.zeros(logits.shape), np.full((B, Hq, L), -np.inf)
+        # NaN anywhere -> NaN max (np.max propagates NaN, like MLX's softmax)
+        mx_ = full.max(axis=-1, keepdims=True)
+        e = np.exp(full - mx_)
+        tot = e.sum(axis=-1, keepdims=True)
+        p = e / tot
+        lse = (np.log(tot) + mx_)[..., 0]
+        if sinks is not None:
+            p = p[..., 1:]
+    return p, lse
+
+
+def attention_ref(q, k, v, *, scale: float, mask=None, sinks=None, mutation: Optional[str] = None) -> np.ndarray:
     """float64 softmax(scale * q k^T + mask) v with GQA, sinks and MLX's masked-row rules.
 
     q: [B, Hq, L, D]; k, v: [B, Hkv, N, D]; mask: None | "causal" | bool array |
     additive float array broadcastable to [B, Hq, L, N]; sinks: [Hq] or None.
+
+    `mutation` computes a deliberately wrong answer, the one a planted kernel bug would
+    give (see PLANTED_BUGS): the tests use it to show their comparisons catch such bugs.
     """
     q = to_f64(q)
     k = to_f64(k)
     v = to_f64(v)
     B, Hq, L, D = q.shape
     Hkv = k.shape[1]
-    N = k.shape[2]
-    assert Hq % Hkv == 0, (Hq, Hkv)
-    rep = Hq // Hkv
+    assert Hkv == 0 or Hq % Hkv == 0, (Hq, Hkv)
+    rep = Hq // Hkv if Hkv else 1
+    if mutation is not None and mutation not in PLANTED_BUGS:
+        raise ValueError(f"unknown mutation {mutation!r}")
+    if mutation == "sinks_by_kv_head" and sinks is not None:
+        s = to_f64(sinks)
+        sinks = s[np.arange(Hq) // rep]  # query head h reads sink[h // G]: the KV head's index
     k = np.repeat(k, rep, axis=1)
     v = np.repeat(v, rep, axis=1)
-    logits, allowed = _masked_logits(q, k, scale, mask)
+    shift = -1 if mutation == "causal_off_by_one" else 0
+    logits, _ = _masked_logits(q, k, scale, mask, causal_shift=shift)
+    if mutation == "drop_last_key" and logits.shape[-1] > 0:
+        logits[..., -1] = -np.inf  # the last key never enters the softmax
+    if mutation == "average_split_merge" and logits.shape[-1] >= 2:
+        # split the keys in two halves, normalize each (the first carries the sink) and
+        # average them instead of weighting by their log-sum-exp
+        h = logits.shape[-1] // 2
+        p1, _ = softmax_weights(logits[..., :h], sinks, Hq)
+        p2, _ = softmax_weights(logits[..., h:], None, Hq)
+        with np.errstate(invalid="ignore", over="ignore"):
+            return 0.5 * (np.einsum("bhln,bhnd->bhld", p1, v[:, :, :h])
+                          + np.einsum("bhln,bhnd->bhld", p2, v[:, :, h:]))
+    p, _ = softmax_weights(logits, sinks, Hq)
+    with np.errstate(invalid="ignore", over="ignore"):
+        return np.einsum("bhln,bhnd->bhld", p, v)
 
-    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-        if sinks is not None:
-            s = to_f64(sinks).reshape(1, Hq, 1, 1)
-            s = np.broadcast_to(s, (B, Hq, L, 1))
-            full = np.concatenate([s, logits], axis=-1)
-        else:
-            full = logits
-        mx_ = full.max(axis=-1, keepdims=True)
-        e = np.exp(full - mx_)
-        p = e / e.sum(axis=-1, keepdims=True)
-        if sinks is not None:
-            p = p[..., 1:]
-        out = np.einsum("bhln,bhnd->bhld", p, v)
 
-    if allowed is not None:
-        dead = ~allowed.any(axis=-1)  # [B, Hq, L]
-        if dead.any():
-            if sinks is None:
-                uniform = v.mean(axis=2, keepdims=True)  # [B, Hq, 1, D]
-                out = np.where(dead[..., None], uniform, out)
-            else:
-                out = np.where(dead[..., None], 0.0, out)
-    return out
+# Bugs the test grids must catch (tests/test_planted_bugs.py shows they do, on every
+# backend's grid; tests/mutants/ has the same bugs as real edits of the Metal kernels).
+PLANTED_BUGS = ("drop_last_key", "sinks_by_kv_head", "causal_off_by_one", "average_split_merge")
+
+
+def row_lse_ref(q, k, *, scale: float, mask=None) -> np.ndarray:
+    """Each row's log-sum-exp of its visible logits, [B, Hq, L] (for sinks near it)."""
+    q = to_f64(q)
+    k = to_f64(k)
+    rep = q.shape[1] // k.shape[1]
+    logits, _ = _masked_logits(q, np.repeat(k, rep, axis=1), scale, mask)
+    _, lse = softmax_weights(logits, None, q.shape[1])
+    return lse
 
 
 def sdpa_int4_ref(
@@ -286,37 +388,68 @@ def nmse(out, ref) -> float:
     return num / den
 
 
-def check_close(out, ref, tol: float, *, context: str = "") -> float:
-    """Assert out ~= ref: same NaN pattern, NMSE over the finite part <= tol.
+def row_nmse(out, ref) -> np.ndarray:
+    """Per-row NMSE over the last axis, [*batch]: sum((o - r)^2) / sum(r^2) of each row.
 
-    Returns the NMSE.  The assertion message says where the worst error is.
+    A row whose reference is (near) zero is measured against a millionth of the mean
+    row energy instead of its own, so an exact-0 row must come out (nearly) 0."""
+    o = to_f64(out)
+    r = to_f64(ref)
+    num = ((o - r) ** 2).sum(-1)
+    den = (r**2).sum(-1)
+    floor = 1e-6 * float(den.mean()) if den.size else 0.0
+    floor = floor if floor > 0 else 1e-30
+    return num / np.maximum(den, floor)
+
+
+def check_close(out, ref, tol: float, *, context: str = "") -> float:
+    """Assert out ~= ref element for element where non-finite, row by row where finite:
+
+    * the same NaN pattern, the same +-inf where the reference is infinite;
+    * finite wherever the reference is finite (rows with a NaN element are compared on
+      their finite elements);
+    * every row's NMSE (row_nmse) <= tol: one wrong row, one dropped key or a wrong
+      sink cannot hide in the average of many right ones.
+
+    Returns the largest row NMSE.  The assertion message says where the worst error is.
     """
     o = to_f64(out)
     r = to_f64(ref)
     assert o.shape == r.shape, f"{context}: shape {o.shape} != reference {r.shape}"
+    if r.size == 0:
+        return 0.0
     r_nan = np.isnan(r)
     o_nan = np.isnan(o)
     if (r_nan != o_nan).any():
         bad = np.argwhere(r_nan != o_nan)
         first = tuple(int(i) for i in bad[0])
         raise AssertionError(
-            f"{context}: NaN pattern differs at {len(bad)} elements, first {first}: "
+            f"{context}: NaN pattern differs at {len(bad)} elements "
+            f"({int((r_nan & ~o_nan).sum())} NaN only in the reference), first {first}: "
             f"out={o[first]!r} ref={r[first]!r}"
         )
-    fin = ~r_nan
-    assert np.isfinite(o[fin]).all(), f"{context}: non-finite output where reference is finite"
-    err = nmse(o[fin], r[fin])
+    r_inf = np.isinf(r)
+    if (o[r_inf] != r[r_inf]).any():
+        first = tuple(int(i) for i in np.argwhere(r_inf & (o != r))[0])
+        raise AssertionError(f"{context}: infinity differs at {first}: out={o[first]!r} ref={r[first]!r}")
+    fin = np.isfinite(r)
+    if not np.isfinite(o[fin]).all():
+        first = tuple(int(i) for i in np.argwhere(fin & ~np.isfinite(o))[0])
+        raise AssertionError(f"{context}: non-finite output where the reference is finite, first {first}: "
+                             f"out={o[first]!r} ref={r[first]!r}")
+    rows = row_nmse(np.where(fin, o, 0.0), np.where(fin, r, 0.0))
+    err = float(rows.max())
     if not err <= tol:
-        diff = np.abs(np.where(fin, o - r, 0.0))
+        with np.errstate(invalid="ignore"):
+            diff = np.abs(np.where(fin, o - r, 0.0))
+        worst_row = tuple(int(i) for i in np.unravel_index(np.argmax(rows), rows.shape))
         worst = tuple(int(i) for i in np.unravel_index(np.argmax(diff), diff.shape))
-        # rows (b, h, l) whose own NMSE exceeds tol: shows whether errors are localized
-        d2 = (np.where(fin, o - r, 0.0) ** 2).sum(-1)
-        r2 = (np.where(fin, r, 0.0) ** 2).sum(-1)
-        bad_rows = np.argwhere(d2 > tol * np.maximum(r2, 1e-30))
+        bad_rows = np.argwhere(rows > tol)
         raise AssertionError(
-            f"{context}: NMSE {err:.3e} > {tol:.1e}; worst |err| {diff[worst]:.4e} at "
-            f"[b,h,l,d]={worst} (out={o[worst]:.6g}, ref={r[worst]:.6g}); "
-            f"{len(bad_rows)} bad (b,h,l) rows, first few {bad_rows[:5].tolist()}"
+            f"{context}: row NMSE {err:.3e} > {tol:.1e} at row {worst_row} (whole-output NMSE "
+            f"{nmse(np.where(fin, o, 0), np.where(fin, r, 0)):.3e}); worst |err| {diff[worst]:.4e} at "
+            f"{worst} (out={o[worst]:.6g}, ref={r[worst]:.6g}); {len(bad_rows)} of {rows.size} rows "
+            f"over, first few {bad_rows[:5].tolist()}"
         )
     return err
 
@@ -431,6 +564,8 @@ def make_mask(kind: str, B: int, Hq: int, L: int, N: int, dtype, rng):
 
     def rand_bool(shape, p_keep=0.7):
         m = rng.random(shape) < p_keep
+        if m.size == 0:
+            return m
         # keep every row alive by letting each row see at least one key
         flat = m.reshape(-1, shape[-1])
         idx = rng.integers(0, shape[-1], size=flat.shape[0])
@@ -453,7 +588,7 @@ def make_mask(kind: str, B: int, Hq: int, L: int, N: int, dtype, rng):
     if kind == "bool_dead":
         m = rand_bool((B, Hq, L, N))
         flat = m.reshape(-1, N)
-        n_dead = max(1, flat.shape[0] // 4)
+        n_dead = max(1, flat.shape[0] // 4) if flat.shape[0] else 0
         dead = rng.choice(flat.shape[0], size=n_dead, replace=False)
         flat[dead] = False
         return mx.array(flat.reshape(B, Hq, L, N))
@@ -475,14 +610,15 @@ def make_mask(kind: str, B: int, Hq: int, L: int, N: int, dtype, rng):
     if kind == "bool_few":
         m = np.zeros((B, 1, L, N), dtype=bool)
         flat = m.reshape(-1, N)
-        for r in range(flat.shape[0]):
+        for r in range(flat.shape[0] if N else 0):
             flat[r, rng.integers(0, N, size=3)] = True
         return mx.array(m)
     if kind == "bool_L1":
         m = rng.random((L, 1)) < 0.7
         if L > 1:
             m[0, 0] = False  # one dead row (uniform average / 0 with sinks)
-        m[-1, 0] = True
+        if L > 0:
+            m[-1, 0] = True
         return mx.array(m)
     if kind == "bool_stride2":
         buf = mx.array(rand_bool((1, L, 2 * N)))
@@ -504,7 +640,7 @@ def make_mask(kind: str, B: int, Hq: int, L: int, N: int, dtype, rng):
     if kind == "add_dead":
         a = rand_add((B, Hq, L, N))
         flat = a.reshape(-1, N)
-        n_dead = max(1, flat.shape[0] // 4)
+        n_dead = max(1, flat.shape[0] // 4) if flat.shape[0] else 0
         dead = rng.choice(flat.shape[0], size=n_dead, replace=False)
         flat[dead] = -np.inf
         return mx.array(flat.reshape(B, Hq, L, N)).astype(dtype)
@@ -566,7 +702,7 @@ class Case:
         """(K, V) as mx arrays in q's dtype, made with mx.dequantize (+ tails)."""
         def deq(t, bits):
             p, s, b = t
-            if p.shape[2] == 0:
+            if p.size == 0:
                 D = p.shape[-1] * 32 // bits
                 return mx.zeros((*p.shape[:3], D), dtype=mx.float32)
             return mx.dequantize(
@@ -618,12 +754,21 @@ def make_case(
     sharpness: float = 1.0,
     scale: Optional[float] = None,
     seed: int = 0,
+    match: float = 0.5,
+    v_offset: float = 0.3,
 ) -> Case:
-    """Random, realistic-ish case.
+    """Random, realistic-ish case in which the attention weights matter.
 
-    K has a few outlier channels, V has per-channel offsets (so outputs are not ~0),
-    `sharpness` multiplies K to make the softmax peakier.  `strided` hands K/V (and the
-    tails) over as slices of larger buffers whose unused rows are NaN/garbage.
+    K has a few outlier channels, `sharpness` multiplies K to make the softmax peakier.
+    A `match` fraction of the query rows points at one key it can see (q gets a
+    multiple of that key added: a logit a few units above the rest), often one of the
+    last keys, so dropping, misplacing or mis-masking a key moves those rows a lot.
+    V has a per-channel offset of standard deviation `v_offset` (small: a large common
+    offset would dominate every output row and hide errors in the weights).  Sinks sit
+    near each head's typical row log-sum-exp, a different distance for every head, so
+    they take a real share of the weight and a sink read for the wrong head shows.
+    `strided` hands K/V (and the tails) over as slices of larger buffers whose unused
+    rows are NaN/garbage.
     """
     if isinstance(dtype, str):
         dtype = DTYPES[dtype]
@@ -639,19 +784,19 @@ def make_case(
         outl = rng.random(D) < 0.05
         kd[..., outl] *= 4.0
         kd *= sharpness
-        vd = rng.standard_normal((B, Hkv, n, D)) + rng.normal(0, 1.0, size=(1, Hkv, 1, D))
+        vd = rng.standard_normal((B, Hkv, n, D)) + rng.normal(0, v_offset, size=(1, Hkv, 1, D))
         return kd.astype(np.float32), vd.astype(np.float32)
 
     kd, vd = kv_data(N)
-    if N > 0:
+    if N > 0 and B > 0:  # (mx.quantize refuses empty arrays)
         k = quantize(mx.array(kd).astype(scale_dtype), group_size, k_bits, quantizer, rng)
         v = quantize(mx.array(vd).astype(scale_dtype), group_size, v_bits, quantizer, rng)
     else:
         def empty(bits):
             return (
-                mx.zeros((B, Hkv, 0, D * bits // 32), dtype=mx.uint32),
-                mx.zeros((B, Hkv, 0, D // group_size), dtype=scale_dtype),
-                mx.zeros((B, Hkv, 0, D // group_size), dtype=scale_dtype),
+                mx.zeros((B, Hkv, N, D * bits // 32), dtype=mx.uint32),
+                mx.zeros((B, Hkv, N, D // group_size), dtype=scale_dtype),
+                mx.zeros((B, Hkv, N, D // group_size), dtype=scale_dtype),
             )
         k, v = empty(k_bits), empty(v_bits)
     mx.eval(*k, *v)
@@ -672,16 +817,49 @@ def make_case(
         k_tail = as_transposed_view(k_tail)
         v_tail = as_transposed_view(v_tail)
 
-    q = mx.array(rng.standard_normal((B, Hq, L, D)).astype(np.float32)).astype(dtype)
+    if scale is None:
+        scale = 1.0 / math.sqrt(D)
+    qd = rng.standard_normal((B, Hq, L, D))
+    NT = N + T
+    if match > 0 and NT > 0 and B * Hq * L > 0:
+        # keys as the op sees them (quantized), unit direction; a row's key is one it
+        # sees under a causal mask, the last one it sees in half the cases
+        keys = dequantize_ref(*k, group_size=group_size, bits=k_bits) if N > 0 else np.zeros((B, Hkv, 0, D))
+        if T > 0:
+            keys = np.concatenate([keys, ktd.astype(np.float64)], axis=2)
+        norms = np.linalg.norm(keys, axis=-1)
+        unit = keys / np.maximum(norms[..., None], 1e-30)
+        G = Hq // Hkv
+        for b_, h_, l_ in np.argwhere(rng.random((B, Hq, L)) < match):
+            last = min(NT - 1, l_ + NT - L)
+            if last < 0:
+                continue
+            j = last if rng.random() < 0.5 else int(rng.integers(0, last + 1))
+            # the logit of key j gains a = 3..6 (whatever scale and sharpness say), so the
+            # row's weight sits on key j and a few others, not on one key alone
+            kn = norms[b_, h_ // G, j]
+            if kn > 0 and scale != 0:
+                qd[b_, h_, l_] += rng.uniform(3.0, 6.0) * unit[b_, h_ // G, j] / (abs(float(scale)) * kn)
+    q = mx.array(qd.astype(np.float32)).astype(dtype)
     if transposed_q:
         q = as_transposed_view(q)
 
     m = make_mask(mask, B, Hq, L, N + T, dtype, rng)
     s = None
     if sinks:
-        s = mx.array(rng.normal(0.5, 1.5, size=(Hq,)).astype(np.float32)).astype(dtype)
-    if scale is None:
-        scale = 1.0 / math.sqrt(D)
+        # near the head's median row log-sum-exp, offsets -1.5..1.5 distinct per head
+        base = np.full(Hq, 0.5)
+        if NT > 0 and B * L > 0:
+            K = dequantize_ref(*k, group_size=group_size, bits=k_bits) if N > 0 else np.zeros((B, Hkv, 0, D))
+            if T > 0:
+                K = np.concatenate([K, to_f64(k_tail)], axis=2)
+            lse = row_lse_ref(q, K, scale=float(scale), mask=m)
+            for h_ in range(Hq):
+                row = lse[:, h_][np.isfinite(lse[:, h_]) & (np.abs(lse[:, h_]) < 1e6)]
+                if row.size:
+                    base[h_] = float(np.median(row))
+        offs = rng.permutation(np.linspace(-1.5, 1.5, Hq)) if Hq > 1 else np.zeros(1)
+        s = mx.array((base + offs).astype(np.float32)).astype(dtype)
     mx.eval(q)
     return Case(
         q=q, k=k, v=v, scale=float(scale), mask=m, group_size=group_size,

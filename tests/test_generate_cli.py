@@ -216,3 +216,48 @@ def test_generate_default_gguf_model(capsys):
     assert "Generation:" in out and "KV cache:" in out
     gen_line = next(line for line in out.splitlines() if line.startswith("Generation:"))
     assert 1 <= int(gen_line.split()[1]) <= 5
+
+
+KV_OPTION_CASES = [
+    # (command line options, expected (k_bits, v_bits, group_size, window, num_sinks, rotate_keys,
+    #  max_size, keep) of every layer's cache; None = not an Int4KVCache)
+    ([], (4, 4, 64, 128, 4, None, None, None)),
+    (["--kv", "int8", "--kv-group-size", "32"], (8, 8, 32, 128, 4, None, None, None)),
+    (["--kv", "k8v4", "--kv-window", "16", "--kv-sinks", "0"], (8, 4, 64, 16, 0, None, None, None)),
+    (["--kv", "k4v8", "--kv-group-size", "32", "--no-rotate-keys"], (4, 8, 32, 128, 4, False, None, None)),
+    (["--kv-group-size", "16", "--rotate-keys", "--kv-sinks", "2"], (4, 4, 16, 128, 2, True, None, None)),
+    (["--max-kv-size", "96", "--kv-sinks", "3", "--kv-window", "8"], (4, 4, 64, 8, 3, None, 96, 3)),
+    (["--kv", "fp16", "--max-kv-size", "64"], None),
+]
+
+
+@pytest.mark.parametrize("argv,want", KV_OPTION_CASES, ids=[" ".join(a) or "defaults" for a, _ in KV_OPTION_CASES])
+def test_kv_options_reach_the_cache(use_tiny, capsys, monkeypatch, argv, want):
+    """Every --kv* option ends up in the caches generate uses, not only in the printed label."""
+    from mlx_lm.models import cache as mlc
+
+    from tqmetal import cache as tqc
+
+    made, real = [], tqc.make_prompt_cache
+
+    def spy(*a, **k):
+        made.append(real(*a, **k))
+        return made[-1]
+
+    monkeypatch.setattr(tqc, "make_prompt_cache", spy)
+    assert tqgen.main(["--prompt", "hi", "--max-tokens", "2", "--verbose", "False"] + argv) == 0
+    (caches,) = made
+    assert len(caches) == 2  # one per layer of the tiny model
+    for c in caches:
+        if want is None:
+            assert isinstance(c, mlc.RotatingKVCache) and c.max_size == 64, type(c)
+            continue
+        kb, vb, gs, window, sinks, rot, max_size, keep = want
+        assert isinstance(c, tqc.Int4KVCache), type(c)
+        assert (c.k_bits, c.v_bits, c.group_size, c.window, c.num_sinks) == (kb, vb, gs, window, sinks)
+        assert c.rotate_keys == rot
+        assert c.max_size == max_size
+        if keep is not None:
+            assert isinstance(c, tqc.RotatingInt4KVCache) and c.keep == keep
+        assert c.offset > 0  # the generation went through this cache
+    capsys.readouterr()

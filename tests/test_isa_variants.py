@@ -74,3 +74,22 @@ def test_kernel_variant(isa):
         env=env, capture_output=True, text=True, timeout=300,
     )
     assert r.returncode == 0 and "ok" in r.stdout, r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("isa", _LEVELS)
+def test_full_op_grid(isa):
+    """The whole op grid of tests/test_sdpa_int4.py (but its long-context cases) once per lower
+    variant; the best variant runs it in the main session."""
+    best = tqmetal.cpu_isa()
+    if _LEVELS.index(isa) > _LEVELS.index(best):
+        pytest.skip(f"this CPU runs {best}; {isa} is not available")
+    if isa == best:
+        pytest.skip(f"{isa} runs the grid in this session")
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, TQMETAL_CPU_ISA=isa)
+    r = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-m", "not slow",
+         os.path.join(here, "test_sdpa_int4.py")],
+        env=env, capture_output=True, text=True, timeout=1800, cwd=os.path.dirname(here),
+    )
+    assert r.returncode == 0, f"TQMETAL_CPU_ISA={isa}:\n" + r.stdout[-6000:] + r.stderr[-3000:]

@@ -79,6 +79,7 @@ import weakref
 from typing import Optional, Sequence
 
 import mlx.core as mx
+import numpy as np
 from mlx_lm.models import cache as _mlc
 from mlx_lm.models.base import create_causal_mask
 
@@ -98,6 +99,83 @@ _KV_BITS = {"int4": (4, 4), "int8": (8, 8), "k8v4": (8, 4), "k4v8": (4, 8)}
 
 def _round_up(n: int, step: int) -> int:
     return (n + step - 1) // step * step
+
+
+_FLOAT_DTYPES = (mx.float16, mx.bfloat16, mx.float32)
+
+
+def _check_update(cache, keys, values) -> None:
+    """ValueError (naming the argument and what was expected) for an update_and_fetch the
+    cache cannot take; called before anything is stored, so a refused call changes nothing."""
+    where = f"{type(cache).__name__}.update_and_fetch"
+    for name, x in (("keys", keys), ("values", values)):
+        if not isinstance(x, mx.array):
+            raise ValueError(f"{where}: {name}: expected an mx.array [B, H, S, D], got {type(x).__name__}")
+        if x.ndim != 4:
+            raise ValueError(f"{where}: {name}: expected [B, H, S, D], got shape {tuple(x.shape)}")
+        if x.dtype not in _FLOAT_DTYPES:
+            raise ValueError(f"{where}: {name}: expected float16, bfloat16 or float32, got {x.dtype}")
+    if tuple(keys.shape[:3]) != tuple(values.shape[:3]):
+        raise ValueError(f"{where}: values: expected the keys' [B, H, S] = {tuple(keys.shape[:3])}, "
+                         f"got shape {tuple(values.shape)}")
+    if keys.dtype != values.dtype:
+        raise ValueError(f"{where}: values: expected the keys' dtype {keys.dtype}, got {values.dtype}")
+    if keys.shape[2] < 1:
+        raise ValueError(f"{where}: keys: expected at least one token (S >= 1), got shape {tuple(keys.shape)}")
+    if cache.fp.keys is not None:  # set up by an earlier update: the same heads, dims, dtype
+        B, H, _, D = cache.fp.keys.shape
+        Dv = cache.fp.values.shape[-1]
+        for name, x, d in (("keys", keys, D), ("values", values, Dv)):
+            if (x.shape[0], x.shape[1], x.shape[3]) != (B, H, d):
+                raise ValueError(f"{where}: {name}: expected [B={B}, H={H}, S, D={d}] as in the cache's "
+                                 f"earlier updates, got shape {tuple(x.shape)}")
+        if cache.model_dtype is not None and _dtype_name(keys.dtype) != cache.model_dtype:
+            raise ValueError(f"{where}: keys: expected dtype {cache.model_dtype} as in the cache's earlier "
+                             f"updates, got {keys.dtype}")
+
+
+def _check_state(cls, v) -> None:
+    """ValueError for a ``state`` that is not one :attr:`Int4KVCache.state` returned (a truncated
+    file, another cache class's state)."""
+    what = (f"{cls.__name__}.state: expected (fp keys, fp values, quantized keys, quantized values, "
+            f"key mean, key scales, meta dict) as {cls.__name__}.state returns")
+    if not isinstance(v, (tuple, list)) or len(v) not in (6, 7):
+        n = len(v) if isinstance(v, (tuple, list)) else type(v).__name__
+        raise ValueError(f"{what}, got {n} items")
+    meta = v[-1]
+    if not isinstance(meta, dict):
+        raise ValueError(f"{what}; its last item is {type(meta).__name__}, not the meta dict")
+    missing = [k for k in ("offset", "group_size", "k_bits", "v_bits", "window", "num_sinks") if k not in meta]
+    if missing:
+        raise ValueError(f"{what}; the meta dict lacks {missing}")
+    fk, fv = v[0], v[1]
+    for name, x in (("fp keys", fk), ("fp values", fv)):
+        if x is not None and (not isinstance(x, mx.array) or x.ndim != 4):
+            raise ValueError(f"{what}; {name}: expected None or a [B, H, n, D] array, got "
+                             f"{getattr(x, 'shape', type(x).__name__)}")
+    for name, t in (("quantized keys", v[2]), ("quantized values", v[3])):
+        if t is not None and (not isinstance(t, (tuple, list)) or len(t) != 3
+                              or not all(isinstance(a, mx.array) and a.ndim == 4 for a in t)):
+            raise ValueError(f"{what}; {name}: expected None or a (packed, scales, biases) triple of "
+                             f"[B, H, n, ...] arrays")
+    if (fk is None) != (fv is None):
+        raise ValueError(f"{what}; fp keys and fp values: expected both or neither")
+
+    def count(name):
+        x = meta.get(name)
+        try:
+            return int(x or 0)
+        except (TypeError, ValueError):
+            raise ValueError(f"{what}; meta {name}: expected an integer, got {x!r}") from None
+
+    held = count("_ns") + count("_nw")
+    if held and (fk is None or fk.shape[2] < held):
+        raise ValueError(f"{what}; fp keys hold {0 if fk is None else fk.shape[2]} tokens, the meta "
+                         f"dict says {held}")
+    nq = count("_qlo") + count("_nq")
+    if count("_nq") and (v[2] is None or v[2][0].shape[2] < nq):
+        raise ValueError(f"{what}; quantized keys hold {0 if v[2] is None else v[2][0].shape[2]} "
+                         f"tokens, the meta dict says {nq}")
 
 
 def _dtype_name(dtype) -> str:
@@ -309,6 +387,7 @@ class Int4KVCache(_mlc._BaseCache):
                  quantize(v, self.group_size, self.v_bits), self._target_cap)
 
     def update_and_fetch(self, keys, values):
+        _check_update(self, keys, values)
         if self.fp.keys is None:
             self._setup(keys, values)
         S = keys.shape[2]
@@ -471,6 +550,7 @@ class Int4KVCache(_mlc._BaseCache):
 
     @state.setter
     def state(self, v):
+        _check_state(type(self), v)
         if len(v) == 6:  # saved before channel_scale existed
             fk, fv, qk, qv, kmean, meta = v
             kscale = None
@@ -494,6 +574,11 @@ class Int4KVCache(_mlc._BaseCache):
 
     @meta_state.setter
     def meta_state(self, v):
+        if (not isinstance(v, (tuple, list)) or len(v) != len(self._META)
+                or not all(isinstance(s, str) for s in v)):
+            n = len(v) if isinstance(v, (tuple, list)) else type(v).__name__
+            raise ValueError(f"{type(self).__name__}.meta_state: expected {len(self._META)} strings "
+                             f"as {type(self).__name__}.meta_state returns, got {n}")
         special = {"None": None, "True": True, "False": False}
         for k, s in zip(self._META, v):
             if s in special:
@@ -517,6 +602,9 @@ class Int4KVCache(_mlc._BaseCache):
         return True
 
     def trim(self, n):
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+            raise ValueError(f"{type(self).__name__}.trim: n: expected a number of tokens >= 0, got {n!r}")
+        n = int(n)
         self._fresh, self._fresh_kv = 0, None
         fp, q = self.fp, self.quantized
         n = min(self.offset, n)
