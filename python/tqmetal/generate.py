@@ -1,6 +1,6 @@
 """`tqmetal generate`: mlx-lm text generation with a quantized (int4) KV cache.
 
-    tqmetal generate                                   # SmolLM2-135M (GGUF), offline
+    tqmetal generate                                   # the demo: see below
     tqmetal generate --prompt "Why is the sky blue?" --max-tokens 200
     tqmetal generate --model mlx-community/Llama-3.2-1B-Instruct-4bit --kv k8v4
     tqmetal generate --model model.Q4_0.gguf --prompt-file long.txt --kv-window 256
@@ -12,6 +12,10 @@ fused op (:func:`tqmetal.patch.patched`) for the run, and text is streamed by
 prompt and generation speed, the KV cache's bytes against what an fp16 cache
 would take for the same tokens, peak memory, and where the attention ran
 (:func:`tqmetal.gpu_path`: the Metal kernels' path and why, and the CPU kernel).
+
+With no prompt it runs the demo (:mod:`tqmetal.demo`): SmolLM2-135M-Instruct
+(GGUF, offline) answers a question about a document of several thousand tokens
+shipped with the package, the answer deep in the int4 part of the cache.
 """
 
 from __future__ import annotations
@@ -24,7 +28,6 @@ from typing import Optional
 
 import mlx.core as mx
 
-DEFAULT_PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 DEFAULT_MAX_TOKENS = 100
 DEFAULT_PREFILL_STEP_SIZE = 2048
 KV_FORMATS = ("int4", "int8", "k8v4", "k4v8", "fp16")
@@ -52,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="GGUF files read through the gguf package (gemma3): MLX affine bits "
                         "of the weight matrices, or float (default 8)")
     p.add_argument("--prompt", "-p", default=None,
-                   help="the message ('-' reads stdin); default: a short built-in prompt")
+                   help="the message ('-' reads stdin); default: the demo, a question about "
+                        "a long document shipped with the package")
     p.add_argument("--prompt-file", default=None, help="read the prompt from this file")
     p.add_argument("--system-prompt", default=None, help="system prompt for the chat template")
     p.add_argument("--ignore-chat-template", action="store_true",
@@ -93,6 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="under mlx.launch: split the layers over the ranks (pipeline) even "
                         "where tensor parallelism would work (default: tensor parallel when "
                         "the KV heads divide over the ranks, else pipeline)")
+    p.add_argument("--numpy-prefill", action=argparse.BooleanOptionalAction, default=None,
+                   help="on the CPU, run prefill's matrix products through numpy's BLAS on "
+                        "float32 copies of the weights (tqmetal.blas; MLX's CPU matmuls are "
+                        "slow); default: on for the bundled model on the CPU, else off")
     p.add_argument("--verbose", type=_str2bool, nargs="?", const=True, default=True,
                    help="print the streamed text and the statistics (default); "
                         "'--verbose False' prints only the response")
@@ -131,14 +139,15 @@ def weight_bits_arg(text: Optional[str]):
     return None if text == "float" else int(text)
 
 
-def read_prompt(args) -> str:
+def read_prompt(args) -> Optional[str]:
+    """The prompt the arguments give; None when they give none (the demo)."""
     if args.prompt_file is not None:
         if args.prompt is not None:
             raise ValueError("give --prompt or --prompt-file, not both")
         with open(args.prompt_file, encoding="utf-8") as f:
             return f.read()
     if args.prompt is None:
-        return DEFAULT_PROMPT
+        return None
     if args.prompt == "-":
         return sys.stdin.read()
     # As mlx_lm.generate: escaped newlines and tabs on the command line.
@@ -293,9 +302,13 @@ def main(argv=None) -> int:
     from mlx_lm import stream_generate
     from mlx_lm.sample_utils import make_sampler
 
+    from . import demo
     from .cache import make_prompt_cache
     from .patch import patched
 
+    is_demo = prompt_text is None
+    if is_demo:
+        prompt_text = demo.prompt()
     if args.seed is not None:
         mx.random.seed(args.seed)
     try:
@@ -321,6 +334,13 @@ def main(argv=None) -> int:
     prompt = encode_prompt(tokenizer, prompt_text, args.system_prompt, args.ignore_chat_template)
     if not prompt:
         parser.error("the prompt is empty")
+    numpy_prefill = args.numpy_prefill
+    if numpy_prefill is None:
+        numpy_prefill = args.model is None and mx.default_device() == mx.cpu
+    if numpy_prefill:
+        from .blas import numpy_matmuls
+
+        numpy_matmuls(model, embedding_as_linear=False)
     try:
         k8 = [int(i) for i in args.kv_k8_layers.split(",") if i.strip()]
     except ValueError:
@@ -340,6 +360,10 @@ def main(argv=None) -> int:
     sampler = make_sampler(args.temp, args.top_p, args.min_p, 1, top_k=args.top_k)
     progress = PrefillProgress(enabled=args.verbose)
 
+    if args.verbose and is_demo:
+        print(f"A question about a {len(prompt)}-token document "
+              f"({', '.join(demo.DOCUMENT_FILES)} in tqmetal/data), answered with the "
+              f"KV cache in {args.kv}:\n\n  {demo.QUESTION}\n", flush=True)
     if args.verbose:
         print("=" * 10, flush=True)
     text, last = [], None
@@ -369,6 +393,8 @@ def main(argv=None) -> int:
         return 0
     print()
     print("=" * 10)
+    if is_demo:
+        print(f'The document says: "... {demo.EVIDENCE}"')
     kv = kv_report(cache)
     print(f"Prompt: {last.prompt_tokens} tokens, {last.prompt_tps:.3f} tokens-per-sec")
     print(f"Generation: {last.generation_tokens} tokens, {last.generation_tps:.3f} tokens-per-sec")
@@ -377,7 +403,13 @@ def main(argv=None) -> int:
     print(f"KV cache: {fmt_bytes(kv['used'])} for {per_layer} tokens x {len(cache)} layers "
           f"({cache_description(args)}); fp16 would take {fmt_bytes(kv['fp16'])} "
           f"({ratio:.2f}x); allocated {fmt_bytes(kv['allocated'])}")
-    print(f"Peak memory: {mx.get_peak_memory() / 1e9:.3f} GB")
+    peak = f"Peak memory: {mx.get_peak_memory() / 1e9:.3f} GB"
+    saved = kv["fp16"] - kv["allocated"]
+    if args.kv != "fp16" and kv["fp16"] and saved > 0:
+        print(f"Saved against an fp16 cache: {fmt_bytes(saved)} of KV memory "
+              f"({kv['fp16'] / kv['allocated']:.2f}x less, allocated buffers counted)")
+        peak += f" (MLX; an fp16 cache would have held {fmt_bytes(saved)} more)"
+    print(peak)
     print(attention_report())
     return 0
 
