@@ -83,6 +83,46 @@ def test_sliding_attention_matches_float64_reference(bits):
     assert cache.quantized.n > 0
 
 
+def test_sliding_attend_before_quantizing():
+    # A prefill chunk reads the tokens it quantizes (those some query can still
+    # see) in full precision, as Int4KVCache does; the next chunk reads them
+    # quantized. Without the option the chunk reads them quantized at once.
+    mx.random.seed(4)
+    D, Hq = 256, 4
+    q = mx.random.normal((1, Hq, 40, D))
+    k = mx.random.normal((1, 1, 40, D)) + 2.0 * mx.random.normal((1, 1, 1, D))
+    v = mx.random.normal((1, 1, 40, D))
+
+    def fetched(abq):
+        cache = RotatingInt4KVCache(WINDOW, 0, window=4, chunk_size=4,
+                                    attend_before_quantizing=abq)
+        out, i = [], 0
+        for n in (10, 30):  # the second chunk is longer than the sliding window
+            mask = cache.make_mask(n, window_size=WINDOW)
+            kk, vv = cache.update_and_fetch(k[:, :, i:i + n], v[:, :, i:i + n])
+            o = tqpatch.scaled_dot_product_attention(q[:, :, i:i + n], kk, vv, cache, 1 / 16,
+                                                     mask)
+            want = _float64_window_attention(q[:, :, i:i + n], kk, vv, 1 / 16, i, WINDOW)
+            assert np.abs(np.asarray(o, np.float64) - want).max() < 2e-3 * np.abs(want).max()
+            out.append((np.asarray(kk, np.float64), np.asarray(vv, np.float64)))
+            i += n
+        return out
+
+    def err(a, lo, hi, end):  # largest error of the fetched tokens [lo, hi) vs the input
+        x = np.asarray(k[:, :, lo:hi], np.float64)
+        return np.abs(a[0][:, :, a[0].shape[2] - (end - lo):][:, :, :hi - lo] - x).max()
+
+    on, off = fetched(True), fetched(False)
+    # first chunk: tokens 0..5 quantized, 6..9 the window
+    assert err(on[0], 0, 6, 10) < 1e-2 < err(off[0], 0, 6, 10)
+    # second chunk (tokens 10..39; its first query still sees token 0): it quantizes
+    # 6..35 and reads them in full precision; 0..5, quantized by the first chunk,
+    # it reads quantized.
+    assert on[1][0].shape == off[1][0].shape == (1, 1, 40, D)
+    assert err(on[1], 6, 36, 40) < 1e-2 < err(off[1], 6, 36, 40)
+    assert err(on[1], 0, 6, 40) > 1e-2
+
+
 @pytest.mark.parametrize("kv", ["int8", "int4"])
 def test_prefill_longer_than_the_window_then_decode(model, tokens, kv):
     # 70 prompt tokens in chunks longer and shorter than the sliding window

@@ -61,7 +61,8 @@ of the old window plus the new tokens, built from the update's input, freed
 after the call): every prompt token attends its own chunk and the ``window``
 tokens before it unquantized, as it would in decode. Only the next update's
 attention sees them quantized. Nothing more is stored; the transient tail is
-the size of the update, not of the cache. Not used by the sliding-window cache.
+the size of the update, not of the cache. The sliding-window cache does the same
+with the tokens some query of the update can still see.
 
 Storage is float16 whatever the model's dtype: the full-precision sinks and
 window, the quantization scales and biases, the key mean and channel scales.
@@ -420,8 +421,13 @@ class Int4KVCache(_mlc._BaseCache):
                 out = nw + n - W  # tokens leaving the window, oldest first
                 nq = q.n
                 self._quantize_into_store(k[..., :out, :], v[..., :out, :], first)
-                if self.attend_before_quantizing and self._span is None and n > 1:
-                    self._fresh, self._fresh_kv = q.n - nq, (k, v)
+                if self.attend_before_quantizing and n > 1:
+                    # Read this update's quantized tokens (those still visible: a sliding
+                    # window skips the rest) and the window after them from k, v.
+                    fresh = q.n - nq
+                    self._fresh = fresh
+                    self._fresh_kv = (k, v) if fresh == out else (
+                        k[..., out - fresh:, :], v[..., out - fresh:, :])
                 if W:
                     fp.write(s0, k[..., out:, :], v[..., out:, :])
                 fp.nw = W
