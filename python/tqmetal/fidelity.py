@@ -44,6 +44,9 @@ Config names (``--configs``, comma-separated): a format, then options joined by
               center               key centering (Int4KVCache's center_keys)
               abq                  attend_before_quantizing: a chunk attends the
                                    tokens it quantizes in full precision
+              abqg                 the same in the full-attention layers only (the
+                                   sliding-window layers' cache did not have it
+                                   before 2026-12-06)
               chs | chs<N>         per-channel key scaling before rotation
                                    (channel_scale), exponent 0.5 or N/100,
                                    factors from the first update's keys
@@ -106,6 +109,7 @@ class CacheConfig:
     rotate_values: bool = False
     center_keys: bool = False
     attend_before_quantizing: bool = False
+    abq_global_only: bool = False  # abqg: not in the sliding-window layers
     channel_scale: float = 0.0  # the exponent alpha of channel_scale; 0: off
     calibrated_scale: bool = False  # chsq: factors from calibrate_channel_scales
     fp_layers: tuple = ()
@@ -152,6 +156,8 @@ class CacheConfig:
             if w is None:
                 out.append(Int4KVCache(sinks=self.sinks, **opts))
             else:
+                if self.abq_global_only:
+                    opts["attend_before_quantizing"] = False
                 out.append(RotatingInt4KVCache(w[0], w[1], **opts))
         return out
 
@@ -168,6 +174,9 @@ def parse_config(name: str) -> CacheConfig:
         key = None
         if p in ("rot", "norot"):
             key, val = "rotate_keys", p == "rot"
+        elif p == "abqg":
+            opts["abq_global_only"] = True
+            key, val = "attend_before_quantizing", True
         elif p in ("vrot", "center", "abq"):
             key = {"vrot": "rotate_values", "center": "center_keys",
                    "abq": "attend_before_quantizing"}[p]
@@ -195,7 +204,7 @@ def parse_config(name: str) -> CacheConfig:
             val = int(p[1:])
         if key is None:
             raise ValueError(f"config {name!r}: unknown option {p!r} (g32|g64|g128, w<N>, "
-                             "s<N>, rot, norot, vrot, center, abq, chs[q][<N>], fp<i>.<j>, "
+                             "s<N>, rot, norot, vrot, center, abq, abqg, chs[q][<N>], fp<i>.<j>, "
                              "k8l<i>.<j>)")
         if key in opts:
             raise ValueError(f"config {name!r}: {p!r} repeats an option")
@@ -744,7 +753,8 @@ def build_parser() -> argparse.ArgumentParser:
                "QuantizedKVCache through the fused op), fp16 (the reference); options "
                "-g32|-g64|-g128 (group, default 64), -w<N> (window, default 128), -s<N> "
                "(sinks, default 4), -rot|-norot (key rotation, default off), -vrot (value "
-               "rotation), -center (key centering), -abq (attend before quantizing), "
+               "rotation), -center (key centering), -abq (attend before quantizing; -abqg: "
+               "in the full-attention layers only), "
                "-chs|-chs<N> (per-channel key scaling before rotation, exponent 0.5 or "
                "N/100; -chsq: factors calibrated on queries and keys of held-out text), "
                "-fp<i>.<j> (full-precision layers), -k8l<i>.<j> (8-bit-key layers). "
@@ -784,6 +794,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compute the model's linear layers with numpy's BLAS on dequantized "
                         "float32 weights (auto: on when MLX runs on the CPU, whose matmul is "
                         "~25x slower); the attention and caches stay in MLX/tqmetal")
+    p.add_argument("--blas-threads", type=int, default=1,
+                   help="threads of numpy's OpenBLAS for --numpy-matmul (default 1: on a "
+                        "machine whose cores other processes share, more threads wait on "
+                        "each other, 8x slower on a shared 2-core machine; 0 keeps "
+                        "OpenBLAS's own choice)")
     p.add_argument("--key-sensitivity", action="store_true",
                    help="instead of the comparison: per layer, the relative error of the "
                         "attention output when only that layer's keys are int4 (rotated, "
@@ -826,8 +841,13 @@ def main(argv=None) -> int:
         return 1
     use_np = args.numpy_matmul == "on" or (
         args.numpy_matmul == "auto" and mx.default_device() == mx.cpu)
+    blas_threads = None
     if use_np:
         numpy_matmuls(model)
+        if args.blas_threads > 0:
+            from .blas import set_blas_threads
+
+            blas_threads = set_blas_threads(args.blas_threads)
     tokens, repeats = tokenize_text(tokenizer, text, args.tokens)
     if any(c.calibrated_scale for c in configs):
         ids = list(tokenizer.encode(text, add_special_tokens=True))
@@ -893,6 +913,7 @@ def main(argv=None) -> int:
             "measured_positions": len(ref["top1"]), "stride": args.stride,
             "text_repeats": repeats, "chunk": args.chunk,
             "margin": args.margin, "reference_dtype": tf["_ref_dtype"], "numpy_matmul": use_np,
+            "blas_threads": blas_threads,
             "gen_tokens": args.gen_tokens, "gen_prompts": len(prompts),
             "gen_prompt_tokens": len(prompts[0]) if prompts else 0,
             "seconds": seconds,
