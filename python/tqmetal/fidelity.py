@@ -576,8 +576,12 @@ def key_sensitivity(model, tokens: Sequence[int], group_size: int = 64, bits: in
                                           sinks=sinks)
             if out is None:
                 return None
+            # attend_before_quantizing off: with it (Int4KVCache's default) the update
+            # would hand back the keys it quantized in full precision, and the probe
+            # would measure float16 rounding only (as it did until 2026-12-06)
             q = Int4KVCache(group_size, k_bits=bits, v_bits=8, window=0, sinks=0,
-                            rotate_keys=True, center_keys=True)
+                            rotate_keys=True, center_keys=True,
+                            attend_before_quantizing=False)
             kq, _ = q.update_and_fetch(keys, values)  # dequantized, un-rotated, re-centered
             arr = mask if isinstance(mask, mx.array) else None  # sliding-window layers
             approx = numpy_attention(queries, kq, values, scale,
