@@ -33,8 +33,19 @@ def _patched():
 
 
 def test_make_prompt_cache_follows_the_layers(model):
+    # By default a sliding-window layer of the model (window 16 <= fp_windows)
+    # keeps mlx-lm's full-precision cache; the full-attention layers are int4.
     cache = tqcache.make_prompt_cache(model)
-    assert [type(c) for c in cache] == [RotatingInt4KVCache, Int4KVCache] * 2
+    assert [type(c) for c in cache] == [mlc.RotatingKVCache, Int4KVCache] * 2
+    assert cache[0].max_size == WINDOW
+    for fp_windows in (0, WINDOW - 1):
+        cache = tqcache.make_prompt_cache(model, fp_windows=fp_windows)
+        assert [type(c) for c in cache] == [RotatingInt4KVCache, Int4KVCache] * 2
+    # max_kv_size bounds the full-attention layers: those are quantized whatever
+    # their window (fp_windows is about the model's own sliding layers).
+    cache = tqcache.make_prompt_cache(model, max_kv_size=8)
+    assert [type(c) for c in cache] == [mlc.RotatingKVCache, RotatingInt4KVCache] * 2
+    cache = tqcache.make_prompt_cache(model, fp_windows=0)
     assert (cache[0].max_size, cache[0].keep, cache[0].num_sinks) == (WINDOW, 0, 0)
     assert cache[1].num_sinks == 4
     # What mlx-lm itself cannot do: its RotatingKVCache has no quantized form.
@@ -131,9 +142,10 @@ def test_prefill_longer_than_the_window_then_decode(model, tokens, kv):
     ref = run(model, model.make_cache(), tokens, chunks)
     # Nothing quantized (the window holds everything): mlx-lm's attention up to
     # K/V rounded to float16 (this random model amplifies that to ~1%).
-    same = run(model, tqcache.make_prompt_cache(model, kv=kv, window=128), tokens, chunks)
+    same = run(model, tqcache.make_prompt_cache(model, kv=kv, window=128, fp_windows=0),
+               tokens, chunks)
     assert rel_err(same, ref) < 0.03
-    cache = tqcache.make_prompt_cache(model, kv=kv, window=4, sinks=2)
+    cache = tqcache.make_prompt_cache(model, kv=kv, window=4, sinks=2, fp_windows=0)
     for c in cache:
         c.chunk_size = 4
     out = run(model, cache, tokens, chunks)
@@ -151,6 +163,36 @@ def test_prefill_longer_than_the_window_then_decode(model, tokens, kv):
         assert agree > 0.9 and rel_err(out, ref) < 0.1, (agree, rel_err(out, ref))
 
 
+@pytest.mark.parametrize("kv", ["int8", "int4"])
+def test_default_keeps_the_sliding_layers_in_full_precision(model, tokens, kv, tmp_path):
+    # The default cache of a sliding-window model: mlx-lm's RotatingKVCache in the
+    # sliding layers, the int4 cache in the others; prefill longer than the window,
+    # decode, trim, save/load.
+    chunks = [23, 17, 1, 29] + [1] * 10
+    ref = run(model, model.make_cache(), tokens, chunks)
+    cache = tqcache.make_prompt_cache(model, kv=kv, window=4, sinks=2)
+    for c in cache[1::2]:
+        c.chunk_size = 4
+    out = run(model, cache, tokens, chunks)
+    assert all(c.quantized.n > 0 for c in cache[1::2])
+    assert [c.offset for c in cache] == [sum(chunks)] * 4
+    assert mx.isfinite(out).all().item()
+    if kv == "int8":
+        assert rel_err(out, ref) < 0.1
+    # only the full-attention layers are quantized: closer to the reference than
+    # the cache that quantizes every layer
+    every = tqcache.make_prompt_cache(model, kv=kv, window=4, sinks=2, fp_windows=0)
+    for c in every:
+        c.chunk_size = 4
+    assert rel_err(out, ref) < rel_err(run(model, every, tokens, chunks), ref)
+    path = str(tmp_path / "mixed.safetensors")
+    mlc.save_prompt_cache(path, cache)
+    back = mlc.load_prompt_cache(path)
+    assert [type(c) for c in back] == [type(c) for c in cache]
+    more = tokens[:, :7]  # any continuation
+    assert mx.array_equal(run(model, cache, more, [6, 1]), run(model, back, more, [6, 1]))
+
+
 def test_trim_while_the_window_is_not_full(model, tokens):
     # Speculative decoding's pattern: feed, trim the rejected tail, feed again;
     # against mlx-lm's own caches doing the same.
@@ -162,7 +204,7 @@ def test_trim_while_the_window_is_not_full(model, tokens):
         return mx.concatenate([a[:, :7], run(model, cache, tokens[:, 7:], [5, 1, 1])], axis=1)
 
     ref = feed(model.make_cache())
-    cache = tqcache.make_prompt_cache(model, kv="int8", window=4, sinks=2)
+    cache = tqcache.make_prompt_cache(model, kv="int8", window=4, sinks=2, fp_windows=0)
     for c in cache:
         c.chunk_size = 2
     out = feed(cache)
@@ -174,7 +216,7 @@ def test_trim_while_the_window_is_not_full(model, tokens):
 
 
 def test_save_load_after_the_window_slid(model, tokens, tmp_path):
-    cache = tqcache.make_prompt_cache(model, window=4, sinks=2)
+    cache = tqcache.make_prompt_cache(model, window=4, sinks=2, fp_windows=0)
     run(model, cache, tokens, [40, 1, 1])
     path = str(tmp_path / "gemma3_cache.safetensors")
     mlc.save_prompt_cache(path, cache, {"note": "tiny gemma3"})
@@ -201,6 +243,13 @@ def test_eval_follows_the_sliding_layout(model, tokens):
         "RotatingInt4KVCache", "Int4KVCache"] * 2
     assert [type(c).__name__ for c in caches["mlx4-g64"]] == [
         "ReferenceRotatingKVCache", "QuantizedKVCache"] * 2
+    # -fpw: the sliding layers in float16, as make_prompt_cache's default; -fpw8:
+    # windows of at most 8 tokens only (this model's are 16)
+    for name, sliding in (("int4-fpw", "ReferenceRotatingKVCache"),
+                          ("int4-fpw8", "RotatingInt4KVCache")):
+        got = fid.parse_config(name).make_cache(model)
+        assert [type(c).__name__ for c in got] == [sliding, "Int4KVCache"] * 2
+    assert fid.parse_config("int4-fpw").fp_windows == tqcache.FP_WINDOWS
     r = fid.teacher_forced(model, toks, cfgs, chunk=24)
     assert np.all(r["fp16"]["kl"] == 0)
     plain = model.make_cache()  # mlx-lm's own caches and attention

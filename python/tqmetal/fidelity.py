@@ -55,6 +55,10 @@ Config names (``--configs``, comma-separated): a format, then options joined by
                                    the tokens after the evaluated ones (else the
                                    text's first 512 tokens)
               fp<i>.<j>...         these layers keep a full-precision (float16) cache
+              fpw | fpw<N>         the model's sliding-window layers of at most N
+                                   tokens (fpw: 1024, make_prompt_cache's default
+                                   fp_windows) keep a float16 cache, as
+                                   make_prompt_cache does by default
               k8l<i>.<j>...        these layers store 8-bit keys
 
 e.g. ``int4-g64``, ``int4-g64-rot``, ``int4-g32-w128``, ``int4-w0-s0``, ``k8v4``,
@@ -114,6 +118,7 @@ class CacheConfig:
     calibrated_scale: bool = False  # chsq: factors from calibrate_channel_scales
     fp_layers: tuple = ()
     k8_layers: tuple = ()
+    fp_windows: int = 0  # fpw: sliding-window layers of at most this many tokens stay fp16
 
     def make_cache(self, model):
         """One cache per layer, following the model's layout (sliding-window
@@ -140,7 +145,7 @@ class CacheConfig:
                  else [None] * n)
         out = []
         for i, w in enumerate(layout):
-            if i in self.fp_layers:
+            if i in self.fp_layers or (w is not None and w[0] <= self.fp_windows):
                 out.append(ReferenceKVCache(mx.float16) if w is None else
                            ReferenceRotatingKVCache(w[0], w[1], mx.float16))
                 continue
@@ -191,6 +196,14 @@ def parse_config(name: str) -> CacheConfig:
             val = int(digits) / 100 if digits else 0.5
             if not 0 < val <= 1:
                 raise ValueError(f"config {name!r}: {p!r}: the exponent must be in (0, 1]")
+        elif p.startswith("fpw"):
+            from .cache import FP_WINDOWS
+
+            digits = p[3:]
+            if digits and not digits.isdigit():
+                raise ValueError(f"config {name!r}: {p!r}: fpw<N> means windows of at most "
+                                 "N tokens")
+            key, val = "fp_windows", int(digits) if digits else FP_WINDOWS
         elif p.startswith(("fp", "k8l")):
             prefix = "fp" if p.startswith("fp") else "k8l"
             key = {"fp": "fp_layers", "k8l": "k8_layers"}[prefix]
@@ -204,8 +217,8 @@ def parse_config(name: str) -> CacheConfig:
             val = int(p[1:])
         if key is None:
             raise ValueError(f"config {name!r}: unknown option {p!r} (g32|g64|g128, w<N>, "
-                             "s<N>, rot, norot, vrot, center, abq, abqg, chs[q][<N>], fp<i>.<j>, "
-                             "k8l<i>.<j>)")
+                             "s<N>, rot, norot, vrot, center, abq, abqg, chs[q][<N>], "
+                             "fp<i>.<j>, fpw[<N>], k8l<i>.<j>)")
         if key in opts:
             raise ValueError(f"config {name!r}: {p!r} repeats an option")
         opts[key] = val
@@ -761,7 +774,9 @@ def build_parser() -> argparse.ArgumentParser:
                "in the full-attention layers only), "
                "-chs|-chs<N> (per-channel key scaling before rotation, exponent 0.5 or "
                "N/100; -chsq: factors calibrated on queries and keys of held-out text), "
-               "-fp<i>.<j> (full-precision layers), -k8l<i>.<j> (8-bit-key layers). "
+               "-fp<i>.<j> (full-precision layers), -fpw[<N>] (sliding-window layers of "
+               "at most N tokens, default 1024, full precision: make_prompt_cache's "
+               "default), -k8l<i>.<j> (8-bit-key layers). "
                "The issue's targets are stated at --tokens 8192.",
     )
     p.add_argument("--model", default=None,
