@@ -163,6 +163,23 @@ def test_prefill_longer_than_the_window_then_decode(model, tokens, kv):
         assert agree > 0.9 and rel_err(out, ref) < 0.1, (agree, rel_err(out, ref))
 
 
+def test_key_channel_scaling_follows_the_key_norm(model):
+    # Gemma 3 normalizes keys with a learned per-channel gain (k_norm): 4-bit keys
+    # get channel scaling by default; 8-bit keys, models without k_norm and an
+    # explicit choice do not.
+    from lm_testing import tiny_llama
+
+    assert tqcache.has_key_norm(model) and not tqcache.has_key_norm(tiny_llama())
+    quantized = lambda cache: [c for c in cache if isinstance(c, Int4KVCache)]  # noqa: E731
+    for kv, want in (("int4", True), ("k4v8", True), ("k8v4", False), ("int8", False)):
+        cache = quantized(tqcache.make_prompt_cache(model, kv=kv, fp_windows=0))
+        assert cache and all(c.channel_scale is want for c in cache), kv
+    assert not any(c.channel_scale for c in quantized(
+        tqcache.make_prompt_cache(model, channel_scale=False)))
+    assert not any(c.channel_scale for c in quantized(
+        tqcache.make_prompt_cache(tiny_llama())))
+
+
 @pytest.mark.parametrize("kv", ["int8", "int4"])
 def test_default_keeps_the_sliding_layers_in_full_precision(model, tokens, kv, tmp_path):
     # The default cache of a sliding-window model: mlx-lm's RotatingKVCache in the
