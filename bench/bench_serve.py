@@ -176,7 +176,7 @@ def kv_bytes(model, server_flags, clients, tokens):
     """nbytes of the caches of ``clients`` requests of ``tokens`` tokens each, built with
     the server's classes and options from values of the right shape."""
     import mlx.core as mx
-    from mlx_lm.models import cache as mlc
+    from mlx.utils import tree_flatten
 
     from tqmetal.cache import make_prompt_cache
     from tqmetal.patch import patched
@@ -197,7 +197,10 @@ def kv_bytes(model, server_flags, clients, tokens):
             if kv_bits:  # mlx_lm.server: maybe_quantize_kv_cache(kv_bits=4, group 64)
                 caches = [c.to_quantized(group_size=64, bits=4) for c in caches]
             mx.eval([c.state for c in caches])
-            total += sum(c.nbytes for c in caches)
+            # bytes held, counted the same way for every cache kind: the arrays of
+            # `state` (mlx-lm's nbytes counts its buffers' spare capacity too)
+            total += sum(a.nbytes for c in caches for _, a in tree_flatten(c.state)
+                         if isinstance(a, mx.array))
     return total, str(dtype).rsplit(".", 1)[-1]
 
 

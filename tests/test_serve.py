@@ -266,3 +266,17 @@ def test_prompt_cache_prefix_reuse():
         assert again["choices"][0]["message"]["content"].strip()
     finally:
         s.stop()
+
+
+def test_numpy_prefill_swaps_the_loaded_models_products():
+    """--numpy-prefill (on by default for the bundled model on the CPU) routes the loaded
+    model's products of many rows through numpy's BLAS, as tqmetal generate does."""
+    from tqmetal import serve
+    from tqmetal.blas import _Fast
+    from tqmetal.gguf import default_model_path
+
+    for on in (True, False):
+        model, _ = serve._load(str(default_model_path()), numpy_prefill=on)
+        fast = [name for name, m in model.named_modules() if isinstance(m, _Fast)]
+        assert bool(fast) == on, (on, fast[:3])
+    assert serve.build_parser().parse_known_args(["--no-numpy-prefill"])[0].numpy_prefill is False

@@ -852,7 +852,7 @@ class BatchInt4KVCache(_mlc._BaseCache):
         return self._f is None
 
     @property
-    def nbytes(self):
+    def nbytes_allocated(self):
         """Bytes of every buffer as allocated (padding and spare capacity included)."""
         if self._f is None:
             return 0
@@ -860,7 +860,7 @@ class BatchInt4KVCache(_mlc._BaseCache):
         return sum(a.nbytes for a in arrays if a is not None)
 
     @property
-    def nbytes_used(self):
+    def nbytes(self):
         """Bytes of the tokens the rows hold, each in the form it is read in."""
         if self._f is None:
             return 0

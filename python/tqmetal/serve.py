@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import importlib
 import logging
 import sys
@@ -98,6 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sliding window: keep at most this many tokens per request")
     p.add_argument("--max-prompt-tokens", type=int, default=None,
                    help="reject prompts longer than this (mlx-lm's error response)")
+    p.add_argument("--numpy-prefill", action=argparse.BooleanOptionalAction, default=None,
+                   help="matrix products of many rows (prompt chunks, large batches) through "
+                        "numpy's BLAS (default: on for the bundled model on the CPU, where "
+                        "MLX's own are slow; as tqmetal generate)")
     return p
 
 
@@ -123,8 +128,19 @@ def _cache_config(ns, group_size: int) -> CacheConfig:
 
 
 def _load(model_path, adapter_path=None, tokenizer_config=None, return_config=False,
-          **kwargs):
-    """``mlx_lm.load`` that also takes a .gguf file (tqmetal.gguf)."""
+          numpy_prefill=False, **kwargs):
+    """``mlx_lm.load`` that also takes a .gguf file (tqmetal.gguf); with
+    ``numpy_prefill`` the model's matrix products of many rows go through numpy's
+    BLAS (:func:`tqmetal.blas.numpy_matmuls`, as ``tqmetal generate`` does on the CPU)."""
+    out = _load_model(model_path, adapter_path, tokenizer_config, return_config, **kwargs)
+    if numpy_prefill:
+        from .blas import numpy_matmuls
+
+        numpy_matmuls(out[0], embedding_as_linear=False)
+    return out
+
+
+def _load_model(model_path, adapter_path, tokenizer_config, return_config, **kwargs):
     if str(model_path).lower().endswith(".gguf"):
         if adapter_path is not None:
             raise ValueError("adapters are not supported for .gguf models")
@@ -141,7 +157,8 @@ def _load(model_path, adapter_path=None, tokenizer_config=None, return_config=Fa
                 return_config=return_config, **kwargs)
 
 
-def install(config: CacheConfig, max_prompt_tokens: Optional[int] = None):
+def install(config: CacheConfig, max_prompt_tokens: Optional[int] = None,
+            numpy_prefill: bool = False):
     """Swap tqmetal's caches, attention and GGUF loading into mlx_lm.server / generate.
 
     For servers started in-process (e.g. ``mlx_lm.server.run``); ``tqmetal serve``
@@ -156,7 +173,7 @@ def install(config: CacheConfig, max_prompt_tokens: Optional[int] = None):
         patch_mlx_lm()
     mls.make_prompt_cache = config.make_prompt_cache
     mlg.make_prompt_cache = config.make_prompt_cache
-    mls.load = _load
+    mls.load = functools.partial(_load, numpy_prefill=numpy_prefill)
     if max_prompt_tokens is not None:
         tokenize = mls.ResponseGenerator._tokenize
         if getattr(tokenize, "__wrapped_by_tqmetal__", False):
@@ -193,6 +210,11 @@ def main(argv=None) -> int:
             pass
         return 0
     ns, rest = ours.parse_known_args(argv)
+    numpy_prefill = ns.numpy_prefill
+    if numpy_prefill is None:
+        import mlx.core as mx
+
+        numpy_prefill = not _has_flag(rest, "--model") and mx.default_device() == mx.cpu
     if not _has_flag(rest, "--model"):
         from .gguf import default_model_path
 
@@ -212,7 +234,7 @@ def main(argv=None) -> int:
             config = _cache_config(ns, args.kv_group_size)
         except ValueError as e:
             raise SystemExit(f"tqmetal serve: {e}") from None
-        install(config, ns.max_prompt_tokens)
+        install(config, ns.max_prompt_tokens, numpy_prefill)
         return original_run(host, port, model_provider, *a, **kw)
 
     mls.run = run
