@@ -157,6 +157,33 @@ def _load_model(model_path, adapter_path, tokenizer_config, return_config, **kwa
                 return_config=return_config, **kwargs)
 
 
+def _sharded_load(repo, pipeline_group=None, tensor_group=None, return_config=False, *,
+                  original=None, numpy_prefill=False, **kwargs):
+    """``mlx_lm.utils.sharded_load`` (mlx_lm.server under ``mlx.launch``) that also takes
+    a .gguf file: each rank loads it whole and keeps its part (tqmetal.distributed:
+    mlx-lm's tensor-parallel ``shard`` where the KV heads divide, else a pipeline)."""
+    if not str(repo).lower().endswith(".gguf"):
+        return original(repo, pipeline_group, tensor_group, return_config, **kwargs)
+    import mlx.core as mx
+
+    from .distributed import shard_model
+
+    model, tokenizer = _load_model(repo, None, kwargs.get("tokenizer_config"), False)
+    group = pipeline_group or tensor_group
+    pipelined = False
+    if group is not None:
+        shard_model(model, group, "pipeline" if pipeline_group is not None else "auto")
+        mx.eval(model.parameters())
+        pipelined = getattr(getattr(model, "model", None), "pipeline_group", None) is not None
+    if numpy_prefill and (group is None or pipelined):
+        # a tensor-parallel layer's all_sum lives in its linear layers: only a whole or
+        # pipelined model's products may go to numpy
+        from .blas import numpy_matmuls
+
+        numpy_matmuls(model, embedding_as_linear=False)
+    return (model, tokenizer, {}) if return_config else (model, tokenizer)
+
+
 def install(config: CacheConfig, max_prompt_tokens: Optional[int] = None,
             numpy_prefill: bool = False):
     """Swap tqmetal's caches, attention and GGUF loading into mlx_lm.server / generate.
@@ -174,6 +201,9 @@ def install(config: CacheConfig, max_prompt_tokens: Optional[int] = None,
     mls.make_prompt_cache = config.make_prompt_cache
     mlg.make_prompt_cache = config.make_prompt_cache
     mls.load = functools.partial(_load, numpy_prefill=numpy_prefill)
+    sharded = getattr(mls.sharded_load, "keywords", {}).get("original", mls.sharded_load)
+    mls.sharded_load = functools.partial(_sharded_load, original=sharded,
+                                         numpy_prefill=numpy_prefill)
     if max_prompt_tokens is not None:
         tokenize = mls.ResponseGenerator._tokenize
         if getattr(tokenize, "__wrapped_by_tqmetal__", False):
