@@ -36,9 +36,7 @@ import http.client
 import json
 import os
 import platform
-import socket
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -50,12 +48,6 @@ SERVERS = {
     "tqmetal int4": ["--kv", "int4"],
 }
 START_TIMEOUT_S = 300
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _proc_status(pid, key):
@@ -71,37 +63,21 @@ def _proc_status(pid, key):
 
 class Server:
     def __init__(self, flags, log_path, max_tokens):
-        self.port = _free_port()
+        from tqmetal.serve import start_server
+
         self.log = open(log_path, "w")
-        self.cmd = [sys.executable, "-m", "tqmetal.serve", "--host", "127.0.0.1", "--port",
-                    str(self.port), "--log-level", "INFO", "--prompt-cache-size", "0",
-                    "--max-tokens", str(max_tokens), *flags]
-        self.proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited ({self.proc.returncode}); see {log_path}")
-            try:
-                c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
-                c.request("GET", "/health")
-                if c.getresponse().status == 200:
-                    return
-            except OSError:
-                time.sleep(0.5)
-        self.stop()
-        raise RuntimeError("server did not start")
+        self.proc, self.port = start_server(
+            ["--prompt-cache-size", "0", "--max-tokens", str(max_tokens), *flags], self.log,
+            timeout=START_TIMEOUT_S)
+        self.cmd = self.proc.args_list
 
     def peak_rss(self):
         return _proc_status(self.proc.pid, "VmHWM")
 
     def stop(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=60)
+        from tqmetal.serve import stop_server
+
+        stop_server(self.proc)
         self.log.close()
 
 

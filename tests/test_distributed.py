@@ -49,29 +49,13 @@ def _serve_and_ask(launcher_prefix, tmp_path, name):
     ask one greedy chat completion, stop it; the answer's text."""
     import http.client
     import json
-    import socket
-    import time
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from tqmetal.serve import start_server, stop_server
+
     log = open(tmp_path / f"{name}.log", "w")
-    cmd = [*launcher_prefix, sys.executable, "-m", "tqmetal.serve", "--host", "127.0.0.1",
-           "--port", str(port), "--kv", "int4", "--kv-window", "16", "--prompt-cache-size", "0"]
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path,
-                            start_new_session=True)
+    proc, port = start_server(["--kv", "int4", "--kv-window", "16", "--prompt-cache-size", "0"],
+                              log, launcher=launcher_prefix, timeout=TIMEOUT_S)
     try:
-        deadline = time.monotonic() + TIMEOUT_S
-        while True:
-            assert proc.poll() is None, (tmp_path / f"{name}.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "server did not start"
-            try:
-                c = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-                c.request("GET", "/health")
-                if c.getresponse().status == 200:
-                    break
-            except OSError:
-                time.sleep(0.5)
         body = {"messages": [{"role": "user", "content": "Name three rivers of Europe."}],
                 "max_tokens": 16, "temperature": 0.0}
         c = http.client.HTTPConnection("127.0.0.1", port, timeout=TIMEOUT_S)
@@ -82,12 +66,7 @@ def _serve_and_ask(launcher_prefix, tmp_path, name):
         assert r.status == 200, data
         return json.loads(data)["choices"][0]["message"]["content"]
     finally:
-        os.killpg(proc.pid, 15)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
-            proc.wait(timeout=60)
+        stop_server(proc)
         log.close()
 
 

@@ -32,7 +32,7 @@ import functools
 import importlib
 import logging
 import sys
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 from .generate import KV_FORMATS
 
@@ -219,6 +219,62 @@ def install(config: CacheConfig, max_prompt_tokens: Optional[int] = None,
         _tokenize.__wrapped__ = tokenize
         _tokenize.__wrapped_by_tqmetal__ = True
         mls.ResponseGenerator._tokenize = _tokenize
+
+
+def start_server(flags: Sequence[str] = (), log=None, launcher: Sequence[str] = (),
+                 timeout: float = 300.0):
+    """Start ``tqmetal serve`` with ``flags`` in a subprocess (own process group; under
+    ``launcher``, e.g. ``["mlx.launch", ..., "--"]``, if given) on a free loopback port
+    and wait until it answers ``/health``. Returns ``(process, port)``; output goes to
+    the file object ``log``. For tests and benchmarks; :func:`stop_server` ends it."""
+    import http.client
+    import os
+    import socket
+    import subprocess
+    import time
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [*launcher, sys.executable, "-m", "tqmetal.serve", "--host", "127.0.0.1",
+           "--port", str(port), "--log-level", "INFO", *flags]
+    proc = subprocess.Popen(cmd, stdout=log or subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"), start_new_session=True)
+    proc.args_list = cmd
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"tqmetal serve exited with {proc.returncode}")
+        if time.monotonic() > deadline:
+            stop_server(proc)
+            raise RuntimeError(f"tqmetal serve did not answer /health in {timeout:.0f} s")
+        try:
+            c = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            c.request("GET", "/health")
+            if c.getresponse().status == 200:
+                return proc, port
+        except OSError:
+            pass
+        time.sleep(0.5)
+
+
+def stop_server(proc, timeout: float = 60.0) -> None:
+    """SIGTERM the server's process group (a launcher's ranks too), SIGKILL after ``timeout``."""
+    import os
+    import signal
+    import subprocess
+
+    if proc.poll() is None:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                proc.wait(timeout=timeout)
+                break
+            except subprocess.TimeoutExpired:
+                continue
 
 
 def _has_flag(argv: List[str], flag: str) -> bool:
