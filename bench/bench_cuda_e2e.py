@@ -1,7 +1,9 @@
 """End to end on an NVIDIA GPU: SmolLM2-135M decode with long contexts through mlx-lm.
 
 For each context (default 8K, 32K, 128K prompt tokens) and KV cache -- mlx-lm's fp16
-``KVCache``, mlx-lm's ``QuantizedKVCache`` (4-bit, group 64, mlx-lm's quantized attention)
+``KVCache``, mlx-lm's ``QuantizedKVCache`` (4-bit, group 64, mlx-lm's quantized attention;
+filled through an fp16 cache and quantized before decode, as mlx-lm's quantized_kv_start
+does, since MLX-CUDA lacks the quantized matmul its prefill needs at head dim 64)
 and tqmetal's int4 cache (group 64, window 128, 4 sinks; mlx-lm patched to the fused op)
 -- it prefills the prompt in chunks, then times ``--gen`` greedy decode steps (one token
 each, evaluated one by one as generation does) and records decode tokens/s, the peak
@@ -93,8 +95,8 @@ def make_cache(model, kind):
 
     if kind == "fp16":
         return [mlc.KVCache() for _ in model.layers]
-    if kind == "mlxlm_q4":
-        return [mlc.QuantizedKVCache(group_size=64, bits=4) for _ in model.layers]
+    if kind == "mlxlm_q4":  # filled in fp16, quantized before decode (run_one)
+        return [mlc.KVCache() for _ in model.layers]
     if kind == "tq_int4":
         return make_prompt_cache(model, kv="int4", group_size=64)
     raise ValueError(kind)
@@ -129,6 +131,14 @@ def run_one(model, ctx, kind, gen, chunk):
         t0 = time.perf_counter()
         for i in range(0, ctx - 1, chunk):
             model(prompt[:, i:min(i + chunk, ctx - 1)], cache=cache)
+            mx.eval([c.state for c in cache])
+            mx.clear_cache()
+        if kind == "mlxlm_q4":
+            # MLX-CUDA has no quantized_matmul for mlx-lm's quantized prefill attention at
+            # head dim 64, so the prompt goes through an fp16 cache that is then quantized
+            # (what mlx-lm's generate does at quantized_kv_start); decode then reads the
+            # 4-bit cache with mlx-lm's quantized attention.
+            cache = [c.to_quantized(group_size=64, bits=4) for c in cache]
             mx.eval([c.state for c in cache])
             mx.clear_cache()
         t_prefill = time.perf_counter() - t0

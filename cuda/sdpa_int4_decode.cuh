@@ -64,15 +64,27 @@ __device__ __forceinline__ u32 prmt(u32 a, u32 b, u32 sel) {
   asm("prmt.b32 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(sel));
   return r;
 }
-// Codes k and k + 16 / BITS of the two 16-bit halves... precisely: bits [BITS k, BITS (k + 1))
-// of each 16-bit half of x, as an exact float16 pair.
+// Code k of each 16-bit half of x (bits [BITS k, BITS (k + 1)) of the half) as an exact
+// float16 pair: 0x6400 | code is the float16 1024 + code. 4-bit codes 1 and 3 are taken
+// in place (1024 + 16 code, then * 1/16 - 64), so a word costs one shift, not three.
 template <int BITS>
 __device__ __forceinline__ u32 codes2(u32 x, int k) {
-  constexpr u32 M = BITS == 4 ? 0x000F000Fu : 0x00FF00FFu;
-  const u32 y = ((x >> (BITS * k)) & M) | 0x64006400u;
   u32 r;
-  asm("sub.f16x2 %0, %1, %2;" : "=r"(r) : "r"(y), "r"(0x64006400u));
-  return r;
+  if constexpr (BITS == 4) {
+    const u32 xs = k >= 2 ? x >> 8 : x;
+    if (k & 1) {
+      const u32 y = (xs & 0x00F000F0u) | 0x64006400u;
+      asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(r) : "r"(y), "r"(0x2C002C00u), "r"(0xD400D400u));
+      return r;
+    }
+    const u32 y = (xs & 0x000F000Fu) | 0x64006400u;
+    asm("sub.f16x2 %0, %1, %2;" : "=r"(r) : "r"(y), "r"(0x64006400u));
+    return r;
+  } else {
+    const u32 y = ((x >> (8 * k)) & 0x00FF00FFu) | 0x64006400u;
+    asm("sub.f16x2 %0, %1, %2;" : "=r"(r) : "r"(y), "r"(0x64006400u));
+    return r;
+  }
 }
 
 // Read-only streaming loads of the packed codes (each byte is read once).
@@ -258,20 +270,29 @@ struct Decoder {
     auto& kbi = f.kbi;
     auto& vsc = f.vsc;
     auto& vbi = f.vbi;
+    // the step's rows, then 32-bit offsets within it (token strides < 2^24, 32 tokens)
+    constexpr int SB = SDT == DT_F32 ? 4 : 2;
+    const char* ks_s = ks_p + i64(base) * ks_tok * SB;
+    const char* kb_s = kb_p + i64(base) * kb_tok * SB;
+    const char* vs_s = vs_p + i64(base) * vs_tok * SB;
+    const char* vb_s = vb_p + i64(base) * vb_tok * SB;
+    const u32* k_s = kbase + i64(base) * kp_tok;
+    const u32* v_s = vbase + i64(base) * vp_tok;
 #pragma unroll
     for (int tl = 0; tl < TL; ++tl) {
 #pragma unroll
       for (int j = 0; j < 2; ++j) {
-        const int t = base + 16 * tl + g + 8 * j;
+        const int dt = 16 * tl + g + 8 * j;
+        const int t = base + dt;
         const bool quant = FAST || (t < t1 && t < N);
         const bool tail = !FAST && t < t1 && t >= N;
 #pragma unroll
         for (int gi = 0; gi < NG; ++gi) {
           if (quant) {
-            ksc[tl][j][gi] = ld_s<SDT>(ks_p, i64(t) * ks_tok + gi) * p.qscale;
-            kbi[tl][j][gi] = ld_s<SDT>(kb_p, i64(t) * kb_tok + gi);
-            vsc[tl][j][gi] = ld_s<SDT>(vs_p, i64(t) * vs_tok + gi);
-            vbi[tl][j][gi] = ld_s<SDT>(vb_p, i64(t) * vb_tok + gi);
+            ksc[tl][j][gi] = ld_s<SDT>(ks_s, dt * ks_tok + gi) * p.qscale;
+            kbi[tl][j][gi] = ld_s<SDT>(kb_s, dt * kb_tok + gi);
+            vsc[tl][j][gi] = ld_s<SDT>(vs_s, dt * vs_tok + gi);
+            vbi[tl][j][gi] = ld_s<SDT>(vb_s, dt * vb_tok + gi);
           } else {
             ksc[tl][j][gi] = tail ? p.qscale : 0.f;
             kbi[tl][j][gi] = 0.f;
@@ -279,21 +300,21 @@ struct Decoder {
             vbi[tl][j][gi] = 0.f;
           }
           if constexpr (FAST) {
-            ld_words<KCW, VW>(kw[tl][j][gi], kbase + i64(t) * kp_tok + (gi * GS + c * (GS / 4)) * KB / 32);
+            ld_words<KCW, VW>(kw[tl][j][gi], k_s + (dt * kp_tok + (gi * GS + c * (GS / 4)) * KB / 32));
           }
         }
       }
       if constexpr (FAST) {
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
-          const int t = base + 16 * tl + 2 * c + (j & 1) + 8 * (j >> 1);
+          const int dt = 16 * tl + 2 * c + (j & 1) + 8 * (j >> 1);
 #pragma unroll
           for (int gi = 0; gi < NG; ++gi) {
             const int piece = (gi * GS + g * (GS / 8)) * VB / 16;  // 16-bit units
             if constexpr (VCH == 1) {
-              vw[tl][j][gi][0] = ld_h(reinterpret_cast<const u16*>(vbase + i64(t) * vp_tok) + piece);
+              vw[tl][j][gi][0] = ld_h(reinterpret_cast<const u16*>(v_s) + (2 * dt * vp_tok + piece));
             } else {
-              ld_words<VCW, VW>(vw[tl][j][gi], vbase + i64(t) * vp_tok + piece / 2);
+              ld_words<VCW, VW>(vw[tl][j][gi], v_s + (dt * vp_tok + piece / 2));
             }
           }
         }
@@ -370,17 +391,24 @@ struct Decoder {
     for (int r = 0; r < 2; ++r) {
 #pragma unroll
       for (int off = 4; off < 32; off <<= 1) mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], off));
-      const float f = m[r] == -kInf ? 0.f : exp2a(m[r] - mx[r]);
-      m[r] = mx[r];
-      l[r] *= f;
+    }
+    // rescale only when some row's maximum grew (rare after the first steps)
+    if (__any_sync(0xffffffffu, mx[0] > m[0] || mx[1] > m[1])) {
 #pragma unroll
-      for (int gi = 0; gi < NG; ++gi) ob[r][gi] *= f;
+      for (int r = 0; r < 2; ++r) {
+        const float f = m[r] == -kInf ? 0.f : exp2a(m[r] - mx[r]);
+        l[r] *= f;
 #pragma unroll
-      for (int i = 0; i < NM; ++i) {
-        o[i][r] *= f;
-        o[i][r + 2] *= f;
+        for (int gi = 0; gi < NG; ++gi) ob[r][gi] *= f;
+#pragma unroll
+        for (int i = 0; i < NM; ++i) {
+          o[i][r] *= f;
+          o[i][r + 2] *= f;
+        }
       }
     }
+    m[0] = mx[0];
+    m[1] = mx[1];
 
     // ---- O^T += V^T P_g^T per group ----
 #pragma unroll

@@ -142,14 +142,15 @@ __device__ __forceinline__ void prefill_impl(const TqParams& p) {
   const int r0 = tile * BQ;
   const int r_last = min(r0 + BQ, R) - 1;
 
-  // Q tile, pre-scaled by scale * log2(e).
+  // Q tile as given (exact in the mma's type for float16/bfloat16 q); the scores are
+  // scaled by scale * log2(e) in float32, after the mma.
   for (int i = threadIdx.x; i < BQ * D; i += kPrefillWarps * 32) {
     const int r = i / D, d = i % D;
     const int row = r0 + r;
     float x = 0.f;
     if (row < R) {
       const int hq = hkv * G + row % G, qpos = row / G;
-      x = load_f(p.q, b * p.st[ST_Q] + hq * p.st[ST_Q + 1] + i64(qpos) * p.st[ST_Q + 2] + d, p.q_dtype) * p.qscale;
+      x = load_f(p.q, b * p.st[ST_Q] + hq * p.st[ST_Q + 1] + i64(qpos) * p.st[ST_Q + 2] + d, p.q_dtype);
     }
     const u16 h = to_op<MT>(x);
     Qs[r * QS + d] = h;
@@ -221,6 +222,12 @@ __device__ __forceinline__ void prefill_impl(const TqParams& p) {
           mma16816<MT>(s[j], a[1], bf[0]);
         }
       }
+    }
+
+#pragma unroll
+    for (int j = 0; j < NT8; ++j) {
+#pragma unroll
+      for (int c = 0; c < 4; ++c) s[j][c] *= p.qscale;
     }
 
     // Masks and padding.

@@ -62,7 +62,7 @@ def test_benchmark_decode_shape():
     assert plan["supported"] and plan["path"] == "decode"
     assert plan["rows"] == 4 and plan["rows_per_cta"] == 8 and plan["row_tiles"] == 1
     assert plan["elems_per_lane"] == 32 and plan["lanes_per_token"] == 4 and plan["vector_bytes"] == 16
-    assert (plan["tiles"], plan["prefetch"], plan["min_ctas"]) == (1, 4, 4)
+    assert (plan["tiles"], plan["prefetch"], plan["min_ctas"], plan["pipeline"]) == (1, 0, 4, False)
     assert plan["two_pass"] and plan["blocks"] > 1
     # the split fills the GPU: about min_ctas CTAs per SM, each block >= 256 tokens
     ctas = 8 * plan["blocks"]
@@ -77,7 +77,7 @@ def test_benchmark_decode_shape():
     rows = 8 * 4
     assert plan["scratch"] == {"part_out": rows * plan["blocks"] * 128 * 4,
                                "part_max": rows * plan["blocks"] * 4, "part_sum": rows * plan["blocks"] * 4}
-    assert "decode_impl<128, 4, 4, 64, 16, 1, false, true, 1, 4, false>" in plan["entry_source"]
+    assert "decode_impl<128, 4, 4, 64, 16, 1, false, true, 1, 0, false>" in plan["entry_source"]
     assert "__launch_bounds__(128, 4)" in plan["entry_source"]
 
 

@@ -78,7 +78,7 @@ struct Plan {
 inline constexpr int kDecodeWarps = 4; // cuda/sdpa_int4_decode.cuh: kDecodeWarps
 inline constexpr int kDecodeRows = 8; // cuda/sdpa_int4_decode.cuh: kDecodeRows (the mma's N)
 inline constexpr int kDecodeTiles = 1; // 16-token tiles per warp step
-inline constexpr int kDecodePrefetch = 4; // L2 prefetch distance, warp steps
+inline constexpr int kDecodePrefetch = 0; // L2 prefetch distance, warp steps (0: none; it cost more than it gave on an H100)
 inline constexpr bool kDecodePipeline = false; // register software pipeline of the loads
 inline constexpr int kDecodeMinCtas = 4; // launch bounds: CTAs per SM (fewer for big fragments)
 inline constexpr int kMaxDecodeRowTiles = 4; // more rows: prefill
