@@ -7,15 +7,18 @@
 //            16 per warp, so each K/V tile it dequantizes serves 64 rows (all query
 //            heads of the group at 64 / G positions). Heaviest (last) row tiles first.
 //   keys     tiles of BK keys: the CTA dequantizes K into Ks[key][d] and V into
-//            Vt[d][key] (float16/bfloat16) once, then every warp computes its 16 x BK
+//            Vt[d][key] (float16) once, then every warp computes its 16 x BK
 //            scores, the online softmax, and 16 x D outputs from them.
 //   causal   bottom-right aligned: key tiles past the last row's diagonal are never
 //            loaded, tiles wholly below the first row's diagonal skip the mask.
 //            (When some row of the tile sees no key at all, MLX's semantics give it the
 //            average of every V, so such tiles run over all keys, masked.)
-//   MT       operand type of the mma: 0 float16, 1 bfloat16 (q's dtype), 2 float32 q:
-//            every operand split into float16 hi + lo and three products summed
-//            (hi*hi + hi*lo + lo*hi), about 21 bits of each operand.
+//   MT       operand type of the mma: 0 float16 (float16 and bfloat16 q: a bfloat16 q
+//            is exact in float16, and float16's 11-bit K, V and P keep the rows within
+//            the op's bounds, which bfloat16 operands did not), 1 bfloat16 (kept, not
+//            planned), 2 float32 q: every operand split into float16 hi + lo and three
+//            products summed (hi*hi + hi*lo + lo*hi), about 21 bits of each operand.
+//            q enters unscaled; the scale multiplies the float32 scores.
 #pragma once
 
 namespace tqc {

@@ -152,7 +152,7 @@ def test_sinks_applied_by_the_merge():
     assert not plan["two_pass"] and "sinks" in plan["launches"][0]["reads"]
 
 
-@pytest.mark.parametrize("dtype,mt", [("float16", 0), ("bfloat16", 1), ("float32", 2)])
+@pytest.mark.parametrize("dtype,mt", [("float16", 0), ("bfloat16", 0), ("float32", 2)])
 @pytest.mark.parametrize("D,bk", [(64, 64), (80, 64), (96, 64), (128, 64), (256, 32)])
 def test_prefill_plan(dtype, mt, D, bk):
     gs = 16 if D in (80, 96) else 32

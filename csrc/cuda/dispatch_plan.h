@@ -67,7 +67,7 @@ struct Plan {
   int prefetch = 0; // decode: L2 prefetch distance in warp steps (0: none)
   int min_ctas = 0; // decode: CTAs per SM in the kernel's launch bounds
   bool pipeline = false; // decode: next step's loads issued before this step computes
-  int mma_type = -1; // prefill: 0 float16, 1 bfloat16, 2 float32 split into float16 hi + lo
+  int mma_type = -1; // prefill: 0 float16 (float16 and bfloat16 q), 2 float32 split into float16 hi + lo
   std::string program; // cache key of the NVRTC program = its specialization
   std::string entry_source; // the extern "C" entry points appended to the kernel source
   Args args;
