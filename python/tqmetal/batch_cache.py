@@ -202,17 +202,7 @@ class BatchInt4KVCache(_mlc._BaseCache):
         self._rot_k = _resolve_rotation(self.rotate_keys, D, self.k_bits, "keys")
         self._rot_v = _resolve_rotation(self.rotate_values, Dv, self.v_bits, "values")
         self.model_dtype = str(keys.dtype).rsplit(".", 1)[-1]
-        self._H, self._D, self._Dv = H, D, Dv
-        self._q = (_empty_triple(B, H, 0, D, self.k_bits, self.group_size),
-                   _empty_triple(B, H, 0, Dv, self.v_bits, self.group_size))
-        self._qbase = self._idx
-        s = self.num_sinks
-        self._f = (mx.zeros((B, H, s, D), STORAGE_DTYPE), mx.zeros((B, H, s, Dv), STORAGE_DTYPE))
-        self._fbase = self._idx
-        if self.center_keys:
-            self._kmean = mx.zeros((B, H, 1, D), STORAGE_DTYPE)
-        if self.channel_scale:
-            self._kscale = mx.ones((B, H, 1, D), STORAGE_DTYPE)
+        self._allocate_stores(B, H, D, Dv)
 
     @property
     def _qcap(self):
@@ -617,10 +607,8 @@ class BatchInt4KVCache(_mlc._BaseCache):
         self._fetched = None
         self._changed()
 
-    def _materialize_like(self, proto):
-        """Give an empty batch stores shaped like proto's (its rows hold nothing)."""
-        B, H, D, Dv = self.batch_size, proto._H, proto._D, proto._Dv
-        self._rot_k, self._rot_v, self.model_dtype = proto._rot_k, proto._rot_v, proto.model_dtype
+    def _allocate_stores(self, B, H, D, Dv):
+        """Empty quantized and full-precision stores (sinks' slots only) at the current slot."""
         self._H, self._D, self._Dv = H, D, Dv
         self._q = (_empty_triple(B, H, 0, D, self.k_bits, self.group_size),
                    _empty_triple(B, H, 0, Dv, self.v_bits, self.group_size))
@@ -632,6 +620,12 @@ class BatchInt4KVCache(_mlc._BaseCache):
             self._kmean = mx.zeros((B, H, 1, D), STORAGE_DTYPE)
         if self.channel_scale:
             self._kscale = mx.ones((B, H, 1, D), STORAGE_DTYPE)
+
+    def _materialize_like(self, proto):
+        """Give an empty batch stores shaped like proto's (its rows hold nothing)."""
+        B, H, D, Dv = self.batch_size, proto._H, proto._D, proto._Dv
+        self._rot_k, self._rot_v, self.model_dtype = proto._rot_k, proto._rot_v, proto.model_dtype
+        self._allocate_stores(B, H, D, Dv)
 
     def _rebase(self, qbase, qcap, fbase, fcap):
         """Re-lay the stores over slots [qbase, qbase + qcap) and [fbase, fbase + fcap)."""
@@ -852,7 +846,7 @@ class BatchInt4KVCache(_mlc._BaseCache):
         return self._f is None
 
     @property
-    def nbytes(self):
+    def nbytes_allocated(self):
         """Bytes of every buffer as allocated (padding and spare capacity included)."""
         if self._f is None:
             return 0
@@ -860,7 +854,7 @@ class BatchInt4KVCache(_mlc._BaseCache):
         return sum(a.nbytes for a in arrays if a is not None)
 
     @property
-    def nbytes_used(self):
+    def nbytes(self):
         """Bytes of the tokens the rows hold, each in the form it is read in."""
         if self._f is None:
             return 0

@@ -210,11 +210,12 @@ class Int4KVCache(_mlc._BaseCache):
 
     The tokens live in ``self.fp`` (sinks and window, float16) and
     ``self.quantized`` (:mod:`tqmetal.cache_storage`); this class decides what
-    arrives where and when it is quantized. ``nbytes`` counts every buffer as
-    allocated, like mlx-lm's caches: the quantized capacity grows in steps of
-    256 tokens; the fp buffer holds ``sinks + window`` tokens and grows once by
-    ``chunk_size`` when single tokens (decode) fill the window past ``window``.
-    ``nbytes_used`` counts only the tokens held.
+    arrives where and when it is quantized. ``nbytes`` counts the tokens held
+    (what ``state`` returns: summing ``state`` and ``nbytes`` agree);
+    ``nbytes_allocated`` counts every buffer as allocated: the quantized
+    capacity grows in steps of 256 tokens; the fp buffer holds ``sinks +
+    window`` tokens and grows once by ``chunk_size`` when single tokens
+    (decode) fill the window past ``window``.
     """
 
     step = 256
@@ -543,11 +544,23 @@ class Int4KVCache(_mlc._BaseCache):
 
     @property
     def state(self):
-        # The buffers as held (no copies: mlx-lm evaluates state every prefill
-        # chunk), plus every scalar, so that from_state alone rebuilds the cache.
+        # The tokens held, as views of the buffers (slices, no copies: mlx-lm
+        # evaluates state every prefill chunk), plus every scalar, so that
+        # from_state alone rebuilds the cache. Spare capacity is left out, as
+        # mlx-lm's caches leave it out of theirs: the bytes of state are nbytes.
         meta = {k: self._get_meta(k) for k in self._META}
-        return (self.fp.keys, self.fp.values, self.quantized.keys, self.quantized.values,
-                self._kmean, self._kscale, meta)
+        fp, q = self.fp, self.quantized
+        fk, fv = fp.keys, fp.values
+        if fk is not None:
+            end = fp.sinks + fp.nw if fp.nw else fp.ns
+            if end < fp.capacity:
+                fk, fv = fk[..., :end, :], fv[..., :end, :]
+        qk, qv = q.keys, q.values
+        if qk is not None and (q.lo or q.n < q.capacity):
+            lo, hi = q.lo, q.lo + q.n
+            qk, qv = ([x[..., lo:hi, :] for x in qk], [x[..., lo:hi, :] for x in qv])
+            meta["_qlo"] = 0
+        return (fk, fv, qk, qv, self._kmean, self._kscale, meta)
 
     @state.setter
     def state(self, v):
@@ -564,6 +577,12 @@ class Int4KVCache(_mlc._BaseCache):
         if self.channel_scale is None:
             self.channel_scale, self.channel_scale_alpha = False, 0.5
         self.channel_scale_fixed = bool(self.channel_scale_fixed)
+        if fk is not None and fk.shape[2] < self.num_sinks + self.window:
+            # state holds no spare slots; writes into the sinks and the window
+            # expect theirs (a copy at load time only)
+            pad = self.num_sinks + self.window - fk.shape[2]
+            fk, fv = (mx.concatenate([b, mx.zeros((*b.shape[:2], pad, b.shape[3]), b.dtype)], axis=2)
+                      for b in (fk, fv))
         self.fp.keys, self.fp.values, self._kmean, self._kscale = fk, fv, kmean, kscale
         self.quantized.keys = None if qk is None else list(qk)
         self.quantized.values = None if qv is None else list(qv)
@@ -638,17 +657,17 @@ class Int4KVCache(_mlc._BaseCache):
 
     @property
     def nbytes(self):
-        """Bytes of all buffers as allocated (see the class docstring)."""
-        extra = sum(a.nbytes for a in (self._kmean, self._kscale) if a is not None)
-        return self.fp.nbytes + self.quantized.nbytes + extra
-
-    @property
-    def nbytes_used(self):
         """Bytes of the tokens held: quantized triples plus sinks and window."""
         if self.fp.keys is None:
             return 0
         extra = sum(a.nbytes for a in (self._kmean, self._kscale) if a is not None)
-        return self.fp.nbytes_used + self.quantized.nbytes_used + extra
+        return self.fp.nbytes + self.quantized.nbytes + extra
+
+    @property
+    def nbytes_allocated(self):
+        """Bytes of all buffers as allocated, spare capacity included."""
+        extra = sum(a.nbytes for a in (self._kmean, self._kscale) if a is not None)
+        return self.fp.nbytes_allocated + self.quantized.nbytes_allocated + extra
 
 
 class RotatingInt4KVCache(Int4KVCache):

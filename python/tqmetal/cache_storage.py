@@ -86,14 +86,15 @@ class FullPrecisionPart:
         return self.keys[..., s0 : s0 + self.nw, :], self.values[..., s0 : s0 + self.nw, :]
 
     @property
-    def nbytes(self) -> int:
+    def nbytes_allocated(self) -> int:
         return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
 
     @property
-    def nbytes_used(self) -> int:
+    def nbytes(self) -> int:
+        """Bytes of the tokens held (sinks and window)."""
         if not self.capacity:
             return 0
-        return self.nbytes // self.capacity * (self.ns + self.nw)
+        return self.nbytes_allocated // self.capacity * (self.ns + self.nw)
 
 
 class QuantizedPart:
@@ -170,9 +171,10 @@ class QuantizedPart:
         self._views = None
 
     @property
-    def nbytes(self) -> int:
+    def nbytes_allocated(self) -> int:
         return sum(a.nbytes for a in (self.keys or []) + (self.values or []))
 
     @property
-    def nbytes_used(self) -> int:
+    def nbytes(self) -> int:
+        """Bytes of the tokens held."""
         return sum(a.nbytes // max(a.shape[2], 1) for a in (self.keys or []) + (self.values or [])) * self.n

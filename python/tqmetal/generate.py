@@ -202,8 +202,8 @@ def kv_report(caches) -> dict:
                 continue
             n = c.size()
             h, dk, dv = c.fp.keys.shape[1], c.fp.keys.shape[-1], c.fp.values.shape[-1]
-            used += c.nbytes_used
-            allocated += c.nbytes
+            used += c.nbytes
+            allocated += c.nbytes_allocated
         elif isinstance(c, (mlc.KVCache, mlc.RotatingKVCache, mlc.QuantizedKVCache)):
             if c.keys is None:
                 continue

@@ -28,10 +28,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import importlib
 import logging
 import sys
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 from .generate import KV_FORMATS
 
@@ -98,6 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sliding window: keep at most this many tokens per request")
     p.add_argument("--max-prompt-tokens", type=int, default=None,
                    help="reject prompts longer than this (mlx-lm's error response)")
+    p.add_argument("--numpy-prefill", action=argparse.BooleanOptionalAction, default=None,
+                   help="matrix products of many rows (prompt chunks, large batches) through "
+                        "numpy's BLAS (default: on for the bundled model on the CPU, where "
+                        "MLX's own are slow; as tqmetal generate)")
     return p
 
 
@@ -123,8 +128,19 @@ def _cache_config(ns, group_size: int) -> CacheConfig:
 
 
 def _load(model_path, adapter_path=None, tokenizer_config=None, return_config=False,
-          **kwargs):
-    """``mlx_lm.load`` that also takes a .gguf file (tqmetal.gguf)."""
+          numpy_prefill=False, **kwargs):
+    """``mlx_lm.load`` that also takes a .gguf file (tqmetal.gguf); with
+    ``numpy_prefill`` the model's matrix products of many rows go through numpy's
+    BLAS (:func:`tqmetal.blas.numpy_matmuls`, as ``tqmetal generate`` does on the CPU)."""
+    out = _load_model(model_path, adapter_path, tokenizer_config, return_config, **kwargs)
+    if numpy_prefill:
+        from .blas import numpy_matmuls
+
+        numpy_matmuls(out[0], embedding_as_linear=False)
+    return out
+
+
+def _load_model(model_path, adapter_path, tokenizer_config, return_config, **kwargs):
     if str(model_path).lower().endswith(".gguf"):
         if adapter_path is not None:
             raise ValueError("adapters are not supported for .gguf models")
@@ -141,7 +157,35 @@ def _load(model_path, adapter_path=None, tokenizer_config=None, return_config=Fa
                 return_config=return_config, **kwargs)
 
 
-def install(config: CacheConfig, max_prompt_tokens: Optional[int] = None):
+def _sharded_load(repo, pipeline_group=None, tensor_group=None, return_config=False, *,
+                  original=None, numpy_prefill=False, **kwargs):
+    """``mlx_lm.utils.sharded_load`` (mlx_lm.server under ``mlx.launch``) that also takes
+    a .gguf file: each rank loads it whole and keeps its part (tqmetal.distributed:
+    mlx-lm's tensor-parallel ``shard`` where the KV heads divide, else a pipeline)."""
+    if not str(repo).lower().endswith(".gguf"):
+        return original(repo, pipeline_group, tensor_group, return_config, **kwargs)
+    import mlx.core as mx
+
+    from .distributed import shard_model
+
+    model, tokenizer = _load_model(repo, None, kwargs.get("tokenizer_config"), False)
+    group = pipeline_group or tensor_group
+    pipelined = False
+    if group is not None:
+        shard_model(model, group, "pipeline" if pipeline_group is not None else "auto")
+        mx.eval(model.parameters())
+        pipelined = getattr(getattr(model, "model", None), "pipeline_group", None) is not None
+    if numpy_prefill and (group is None or pipelined):
+        # a tensor-parallel layer's all_sum lives in its linear layers: only a whole or
+        # pipelined model's products may go to numpy
+        from .blas import numpy_matmuls
+
+        numpy_matmuls(model, embedding_as_linear=False)
+    return (model, tokenizer, {}) if return_config else (model, tokenizer)
+
+
+def install(config: CacheConfig, max_prompt_tokens: Optional[int] = None,
+            numpy_prefill: bool = False):
     """Swap tqmetal's caches, attention and GGUF loading into mlx_lm.server / generate.
 
     For servers started in-process (e.g. ``mlx_lm.server.run``); ``tqmetal serve``
@@ -156,7 +200,10 @@ def install(config: CacheConfig, max_prompt_tokens: Optional[int] = None):
         patch_mlx_lm()
     mls.make_prompt_cache = config.make_prompt_cache
     mlg.make_prompt_cache = config.make_prompt_cache
-    mls.load = _load
+    mls.load = functools.partial(_load, numpy_prefill=numpy_prefill)
+    sharded = getattr(mls.sharded_load, "keywords", {}).get("original", mls.sharded_load)
+    mls.sharded_load = functools.partial(_sharded_load, original=sharded,
+                                         numpy_prefill=numpy_prefill)
     if max_prompt_tokens is not None:
         tokenize = mls.ResponseGenerator._tokenize
         if getattr(tokenize, "__wrapped_by_tqmetal__", False):
@@ -172,6 +219,62 @@ def install(config: CacheConfig, max_prompt_tokens: Optional[int] = None):
         _tokenize.__wrapped__ = tokenize
         _tokenize.__wrapped_by_tqmetal__ = True
         mls.ResponseGenerator._tokenize = _tokenize
+
+
+def start_server(flags: Sequence[str] = (), log=None, launcher: Sequence[str] = (),
+                 timeout: float = 300.0):
+    """Start ``tqmetal serve`` with ``flags`` in a subprocess (own process group; under
+    ``launcher``, e.g. ``["mlx.launch", ..., "--"]``, if given) on a free loopback port
+    and wait until it answers ``/health``. Returns ``(process, port)``; output goes to
+    the file object ``log``. For tests and benchmarks; :func:`stop_server` ends it."""
+    import http.client
+    import os
+    import socket
+    import subprocess
+    import time
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [*launcher, sys.executable, "-m", "tqmetal.serve", "--host", "127.0.0.1",
+           "--port", str(port), "--log-level", "INFO", *flags]
+    proc = subprocess.Popen(cmd, stdout=log or subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"), start_new_session=True)
+    proc.args_list = cmd
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"tqmetal serve exited with {proc.returncode}")
+        if time.monotonic() > deadline:
+            stop_server(proc)
+            raise RuntimeError(f"tqmetal serve did not answer /health in {timeout:.0f} s")
+        try:
+            c = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            c.request("GET", "/health")
+            if c.getresponse().status == 200:
+                return proc, port
+        except OSError:
+            pass
+        time.sleep(0.5)
+
+
+def stop_server(proc, timeout: float = 60.0) -> None:
+    """SIGTERM the server's process group (a launcher's ranks too), SIGKILL after ``timeout``."""
+    import os
+    import signal
+    import subprocess
+
+    if proc.poll() is None:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                proc.wait(timeout=timeout)
+                break
+            except subprocess.TimeoutExpired:
+                continue
 
 
 def _has_flag(argv: List[str], flag: str) -> bool:
@@ -193,6 +296,11 @@ def main(argv=None) -> int:
             pass
         return 0
     ns, rest = ours.parse_known_args(argv)
+    numpy_prefill = ns.numpy_prefill
+    if numpy_prefill is None:
+        import mlx.core as mx
+
+        numpy_prefill = not _has_flag(rest, "--model") and mx.default_device() == mx.cpu
     if not _has_flag(rest, "--model"):
         from .gguf import default_model_path
 
@@ -212,7 +320,7 @@ def main(argv=None) -> int:
             config = _cache_config(ns, args.kv_group_size)
         except ValueError as e:
             raise SystemExit(f"tqmetal serve: {e}") from None
-        install(config, ns.max_prompt_tokens)
+        install(config, ns.max_prompt_tokens, numpy_prefill)
         return original_run(host, port, model_provider, *a, **kw)
 
     mls.run = run
