@@ -157,6 +157,10 @@ nb::dict cuda_plan_to_dict(const tqmetal::cuda::Plan& plan) {
   r["lanes_per_token"] = plan.lanes_per_token;
   r["elems_per_lane"] = plan.elems_per_lane;
   r["vector_bytes"] = plan.vector_bytes;
+  r["tiles"] = plan.tiles;
+  r["prefetch"] = plan.prefetch;
+  r["min_ctas"] = plan.min_ctas;
+  r["pipeline"] = plan.pipeline;
   r["mma_type"] = plan.mma_type;
   r["program"] = plan.program;
   r["entry_source"] = plan.entry_source;

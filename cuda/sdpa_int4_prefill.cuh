@@ -7,15 +7,18 @@
 //            16 per warp, so each K/V tile it dequantizes serves 64 rows (all query
 //            heads of the group at 64 / G positions). Heaviest (last) row tiles first.
 //   keys     tiles of BK keys: the CTA dequantizes K into Ks[key][d] and V into
-//            Vt[d][key] (float16/bfloat16) once, then every warp computes its 16 x BK
+//            Vt[d][key] (float16) once, then every warp computes its 16 x BK
 //            scores, the online softmax, and 16 x D outputs from them.
 //   causal   bottom-right aligned: key tiles past the last row's diagonal are never
 //            loaded, tiles wholly below the first row's diagonal skip the mask.
 //            (When some row of the tile sees no key at all, MLX's semantics give it the
 //            average of every V, so such tiles run over all keys, masked.)
-//   MT       operand type of the mma: 0 float16, 1 bfloat16 (q's dtype), 2 float32 q:
-//            every operand split into float16 hi + lo and three products summed
-//            (hi*hi + hi*lo + lo*hi), about 21 bits of each operand.
+//   MT       operand type of the mma: 0 float16 (float16 and bfloat16 q: a bfloat16 q
+//            is exact in float16, and float16's 11-bit K, V and P keep the rows within
+//            the op's bounds, which bfloat16 operands did not), 1 bfloat16 (kept, not
+//            planned), 2 float32 q: every operand split into float16 hi + lo and three
+//            products summed (hi*hi + hi*lo + lo*hi), about 21 bits of each operand.
+//            q enters unscaled; the scale multiplies the float32 scores.
 #pragma once
 
 namespace tqc {
@@ -142,14 +145,15 @@ __device__ __forceinline__ void prefill_impl(const TqParams& p) {
   const int r0 = tile * BQ;
   const int r_last = min(r0 + BQ, R) - 1;
 
-  // Q tile, pre-scaled by scale * log2(e).
+  // Q tile as given (exact in the mma's type for float16/bfloat16 q); the scores are
+  // scaled by scale * log2(e) in float32, after the mma.
   for (int i = threadIdx.x; i < BQ * D; i += kPrefillWarps * 32) {
     const int r = i / D, d = i % D;
     const int row = r0 + r;
     float x = 0.f;
     if (row < R) {
       const int hq = hkv * G + row % G, qpos = row / G;
-      x = load_f(p.q, b * p.st[ST_Q] + hq * p.st[ST_Q + 1] + i64(qpos) * p.st[ST_Q + 2] + d, p.q_dtype) * p.qscale;
+      x = load_f(p.q, b * p.st[ST_Q] + hq * p.st[ST_Q + 1] + i64(qpos) * p.st[ST_Q + 2] + d, p.q_dtype);
     }
     const u16 h = to_op<MT>(x);
     Qs[r * QS + d] = h;
@@ -221,6 +225,12 @@ __device__ __forceinline__ void prefill_impl(const TqParams& p) {
           mma16816<MT>(s[j], a[1], bf[0]);
         }
       }
+    }
+
+#pragma unroll
+    for (int j = 0; j < NT8; ++j) {
+#pragma unroll
+      for (int c = 0; c < 4; ++c) s[j][c] *= p.qscale;
     }
 
     // Masks and padding.

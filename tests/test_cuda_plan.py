@@ -42,22 +42,17 @@ def problem(*, B=1, Hq=32, Hkv=8, L=1, D=128, N=131072, T=0, gs=64, kb=4, vb=4, 
 
 
 def tokens_covered(plan, NT):
-    """Replays the decode kernel's token loop (cuda/sdpa_int4_decode.cuh) from the plan."""
-    lpr = plan["lanes_per_token"]
-    tps = 32 // lpr
-    warps, unroll = plan["warps"], 4
+    """Replays the decode kernel's token loop (cuda/sdpa_int4_decode.cuh) from the plan:
+    warp w of block z takes steps of 16 * tiles tokens at t0 + w * TT + k * warps * TT."""
+    warps, tt = plan["warps"], 16 * plan["tiles"]
     seen = []
     for z in range(plan["blocks"]):
         t0 = z * plan["block_len"]
         t1 = min(NT, t0 + plan["block_len"])
         assert t0 < t1, f"block {z} is empty"
-        for base in range(t0, t1, warps * tps * unroll):
-            for u in range(unroll):
-                for w in range(warps):
-                    for tok in range(tps):
-                        t = base + (u * warps + w) * tps + tok
-                        if t < t1:
-                            seen.append(t)
+        for w in range(warps):
+            for base in range(t0 + w * tt, t1, warps * tt):
+                seen.extend(t for t in range(base, base + tt) if t < t1)
     return seen
 
 
@@ -65,12 +60,13 @@ def test_benchmark_decode_shape():
     """B=1, 32 query / 8 KV heads, D=128, 128K: one CTA row tile per KV head (each byte read once)."""
     plan = _ext.cuda_plan_sdpa_int4(problem())
     assert plan["supported"] and plan["path"] == "decode"
-    assert plan["rows"] == 4 and plan["rows_per_cta"] == 4 and plan["row_tiles"] == 1
-    assert plan["elems_per_lane"] == 16 and plan["lanes_per_token"] == 8 and plan["vector_bytes"] == 8
+    assert plan["rows"] == 4 and plan["rows_per_cta"] == 8 and plan["row_tiles"] == 1
+    assert plan["elems_per_lane"] == 32 and plan["lanes_per_token"] == 4 and plan["vector_bytes"] == 16
+    assert (plan["tiles"], plan["prefetch"], plan["min_ctas"], plan["pipeline"]) == (1, 0, 4, False)
     assert plan["two_pass"] and plan["blocks"] > 1
-    # the split fills the GPU: at least kCtasPerSm CTAs per SM, each block >= 256 tokens
+    # the split fills the GPU: about min_ctas CTAs per SM, each block >= 256 tokens
     ctas = 8 * plan["blocks"]
-    assert ctas >= 8 * SMS_H100 * 0.9 and plan["block_len"] >= 256
+    assert ctas >= 4 * SMS_H100 * 0.9 and plan["block_len"] >= 256 and plan["block_len"] % 64 == 0
     names = [l["kernel"] for l in plan["launches"]]
     assert names == ["tq_decode_partial", "tq_decode_merge"]
     part, merge = plan["launches"]
@@ -81,14 +77,20 @@ def test_benchmark_decode_shape():
     rows = 8 * 4
     assert plan["scratch"] == {"part_out": rows * plan["blocks"] * 128 * 4,
                                "part_max": rows * plan["blocks"] * 4, "part_sum": rows * plan["blocks"] * 4}
-    assert "decode_impl<128, 4, 4, 64, 4, 8, true>" in plan["entry_source"]
+    assert "decode_impl<128, 4, 4, 64, 16, 1, false, true, 1, 0, false>" in plan["entry_source"]
+    assert "__launch_bounds__(128, 4)" in plan["entry_source"]
 
 
 @pytest.mark.parametrize("N,T", [(1, 0), (31, 0), (255, 1), (4097, 0), (12345, 7), (131072, 0), (0, 17)])
 @pytest.mark.parametrize("G", [1, 2, 4, 8])
-def test_decode_covers_every_token_once(N, T, G):
+@pytest.mark.parametrize("tune", [None, "2,0,3,6,1"])
+def test_decode_covers_every_token_once(N, T, G, tune, monkeypatch):
+    if tune:
+        monkeypatch.setenv("TQMETAL_CUDA_DECODE", tune)
     plan = _ext.cuda_plan_sdpa_int4_decode(problem(Hq=2 * G, Hkv=2, N=N, T=T))
     assert plan["supported"]
+    if tune:
+        assert (plan["tiles"], plan["prefetch"], plan["min_ctas"], plan["pipeline"]) == (2, 0, 3, True)
     NT = N + T
     seen = tokens_covered(plan, NT)
     assert sorted(seen) == list(range(NT))
@@ -96,15 +98,14 @@ def test_decode_covers_every_token_once(N, T, G):
     assert plan["args"]["blocks"] == plan["blocks"] and plan["args"]["block_len"] == plan["block_len"]
 
 
-@pytest.mark.parametrize("G,L,rows,tiles,epl", [(1, 1, 1, 1, 32), (2, 1, 2, 1, 16), (4, 1, 4, 1, 16),
-                                                 (8, 1, 8, 1, 8), (4, 2, 8, 1, 8), (8, 3, 8, 3, 8),
-                                                 (4, 8, 8, 4, 8)])
-def test_decode_rows_share_each_byte(G, L, rows, tiles, epl):
-    """All G * L rows of a KV head sit in one CTA up to 8 rows; the lane split follows."""
+@pytest.mark.parametrize("G,L,tiles", [(1, 1, 1), (2, 1, 1), (4, 1, 1), (8, 1, 1), (4, 2, 1), (8, 3, 3),
+                                       (4, 8, 4)])
+def test_decode_rows_share_each_byte(G, L, tiles):
+    """All G * L rows of a KV head sit in one CTA up to 8 rows (the mma's N)."""
     plan = _ext.cuda_plan_sdpa_int4(problem(Hq=2 * G, Hkv=2, L=L, N=5000, mask="causal"))
     assert plan["path"] == "decode"
-    assert (plan["rows_per_cta"], plan["row_tiles"], plan["elems_per_lane"]) == (rows, tiles, epl)
-    assert plan["lanes_per_token"] == 128 // epl
+    assert (plan["rows_per_cta"], plan["row_tiles"], plan["elems_per_lane"]) == (8, tiles, 32)
+    assert plan["lanes_per_token"] == 4
 
 
 def test_many_rows_go_to_prefill():
@@ -113,18 +114,27 @@ def test_many_rows_go_to_prefill():
     assert plan["row_tiles"] == (4 * 9 + 63) // 64
 
 
-@pytest.mark.parametrize("offset,want", [(0, 8), (4, 4), (8, 8), (24, 8)])
+@pytest.mark.parametrize("offset,want", [(0, 16), (4, 4), (8, 8), (24, 8), (48, 16)])
 def test_decode_load_width_follows_alignment(offset, want):
-    """8-byte loads (4 rows: 16 int4 codes per lane) only where every lane's address allows."""
+    """16-byte loads only where every token row's address allows (64-byte int4 rows)."""
     assert _ext.cuda_plan_sdpa_int4(problem(offset=offset))["vector_bytes"] == want
 
 
-def test_decode_16_byte_loads():
-    """One row per KV head: 32 int4 codes per lane, one 16-byte load (unless misaligned)."""
-    assert _ext.cuda_plan_sdpa_int4(problem(Hq=8))["vector_bytes"] == 16
-    assert _ext.cuda_plan_sdpa_int4(problem(Hq=8, offset=8))["vector_bytes"] == 8
-    # int8 K with 4 rows: 16 bytes per lane for K, 8 for V: the narrower one wins
-    assert _ext.cuda_plan_sdpa_int4(problem(kb=8))["vector_bytes"] == 8
+def test_decode_load_width_token_stride():
+    # D=64 int4: 32-byte rows: 16-byte loads; a 36-byte token stride allows only 4
+    assert _ext.cuda_plan_sdpa_int4(problem(D=64, gs=32))["vector_bytes"] == 16
+    assert _ext.cuda_plan_sdpa_int4(problem(D=64, gs=32, token_stride=None))["vector_bytes"] == 16
+    p = problem(D=64, gs=32)
+    p["k_packed"]["strides"] = [p["k_packed"]["strides"][0], p["k_packed"]["strides"][1], 9, 1]
+    assert _ext.cuda_plan_sdpa_int4(p)["vector_bytes"] == 4
+
+
+def test_decode_specializations():
+    """float32 q: hi + lo operands; scale dtype and D > 128 (2 CTAs per SM) in the program."""
+    plan = _ext.cuda_plan_sdpa_int4(problem(dtype="float32", sdt="float32", N=1000))
+    assert ", 0, true, " in plan["entry_source"] and "_q32" in plan["program"]
+    plan = _ext.cuda_plan_sdpa_int4(problem(D=256, gs=128, N=1000))
+    assert "__launch_bounds__(128, 2)" in plan["entry_source"] and plan["min_ctas"] == 2
 
 
 def test_decode_tuning_override():
@@ -142,7 +152,7 @@ def test_sinks_applied_by_the_merge():
     assert not plan["two_pass"] and "sinks" in plan["launches"][0]["reads"]
 
 
-@pytest.mark.parametrize("dtype,mt", [("float16", 0), ("bfloat16", 1), ("float32", 2)])
+@pytest.mark.parametrize("dtype,mt", [("float16", 0), ("bfloat16", 0), ("float32", 2)])
 @pytest.mark.parametrize("D,bk", [(64, 64), (80, 64), (96, 64), (128, 64), (256, 32)])
 def test_prefill_plan(dtype, mt, D, bk):
     gs = 16 if D in (80, 96) else 32

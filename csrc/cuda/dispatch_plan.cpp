@@ -2,6 +2,8 @@
 #include "cuda/dispatch_plan.h"
 
 #include <algorithm>
+#include <cstdio>
+#include <cstdlib>
 #include <utility>
 
 namespace tqmetal::cuda {
@@ -143,6 +145,30 @@ int vector_width(const TensorRef& t, const std::array<int64_t, 3>& sizes, int la
 
 } // namespace
 
+// Decode tuning (tests and benchmarks only): "TL,PF,MINB,CTAS,PIPE" in TQMETAL_CUDA_DECODE
+// overrides tiles per warp step, prefetch distance (steps), the launch bound's CTAs per
+// SM, the CTAs per SM the split aims at and the register pipeline (next step's loads in
+// flight while one computes); absent or negative fields keep the defaults.
+DecodeTuning decode_tuning(int D, int groups, bool qsplit) {
+  DecodeTuning t;
+  t.tiles = kDecodeTiles;
+  t.prefetch = kDecodePrefetch;
+  t.pipeline = kDecodePipeline;
+  // fewer CTAs per SM where the fragments need more registers than 128 (no spills)
+  t.min_ctas = D > 128 ? 2 : (qsplit || groups > 2) ? 3 : kDecodeMinCtas;
+  t.ctas_per_sm = t.min_ctas;
+  if (const char* e = std::getenv("TQMETAL_CUDA_DECODE")) {
+    int v[5] = {-1, -1, -1, -1, -1};
+    std::sscanf(e, "%d,%d,%d,%d,%d", &v[0], &v[1], &v[2], &v[3], &v[4]);
+    if (v[4] >= 0) t.pipeline = v[4] != 0;
+    if (v[0] == 1 || v[0] == 2) t.tiles = v[0];
+    if (v[1] >= 0) t.prefetch = std::min(v[1], 16);
+    if (v[2] > 0) t.min_ctas = std::min(v[2], 8);
+    t.ctas_per_sm = v[3] > 0 ? v[3] : t.min_ctas;
+  }
+  return t;
+}
+
 Plan plan_sdpa_int4_decode(const Problem& p) {
   if (p.D != 64 && p.D != 128 && p.D != 256) {
     return unsupported("head dim " + std::to_string(p.D) + " has no decode instance (64, 128, 256)");
@@ -151,17 +177,18 @@ Plan plan_sdpa_int4_decode(const Problem& p) {
     return unsupported("group size " + std::to_string(p.group_size) + " (decode kernels: 32, 64, 128)");
   }
   if (std::string why = layout_problem(p); !why.empty()) return unsupported(why);
+  for (const TensorRef* t : {&p.k_packed, &p.v_packed, &p.k_scales, &p.k_biases, &p.v_scales, &p.v_biases}) {
+    if (p.N > 0 && stride_or0(*t, 2) >= (int64_t(1) << 24)) return unsupported("token stride too large for the decode kernel");
+  }
   const int G = p.Hq / p.Hkv;
   const int R = G * p.L;
-  const int ROWS = R <= 1 ? 1 : R <= 2 ? 2 : R <= 4 ? 4 : 8;
+  const int ROWS = kDecodeRows;
   const int row_tiles = (R + ROWS - 1) / ROWS;
   if (row_tiles > kMaxDecodeRowTiles) {
     return unsupported("too many query rows per KV head for the decode kernel (" + std::to_string(R) +
                        " > " + std::to_string(ROWS * kMaxDecodeRowTiles) + "): prefill");
   }
-  const int EPL = ROWS == 1 ? 32 : ROWS <= 4 ? 16 : 8;
-  const int LPR = p.D / EPL;
-  const int TPS = 32 / LPR;
+  const DecodeTuning tune = decode_tuning(p.D, p.D / p.group_size, p.q.dtype == DType::f32);
   const int64_t NT = p.N + p.T;
 
   Plan plan;
@@ -171,12 +198,18 @@ Plan plan_sdpa_int4_decode(const Problem& p) {
   plan.rows_per_cta = ROWS;
   plan.row_tiles = row_tiles;
   plan.warps = kDecodeWarps;
-  plan.lanes_per_token = LPR;
-  plan.elems_per_lane = EPL;
+  plan.lanes_per_token = 4; // the K codes of a token: 4 lanes (the mma's k pairs), D / 4 codes each
+  plan.elems_per_lane = p.D / 4;
+  plan.tiles = tune.tiles;
+  plan.prefetch = tune.prefetch;
+  plan.min_ctas = tune.min_ctas;
+  plan.pipeline = tune.pipeline;
+  // Per lane, token and group the kernel loads GS / 4 K codes and GS / 8 V codes as one
+  // piece each (2-32 bytes, at piece-aligned offsets in the token's row), in loads of at
+  // most vector_bytes: what the rows' alignment allows.
   const std::array<int64_t, 3> sizes = {p.B, p.Hkv, p.N};
   plan.vector_bytes = p.N == 0 ? 16
-                               : std::min(vector_width(p.k_packed, sizes, EPL * p.k_bits / 8),
-                                          vector_width(p.v_packed, sizes, EPL * p.v_bits / 8));
+                               : std::min(vector_width(p.k_packed, sizes, 16), vector_width(p.v_packed, sizes, 16));
 
   // ---- one pass or split-K ----
   const int64_t base_ctas = int64_t(p.B) * p.Hkv * row_tiles;
@@ -184,13 +217,13 @@ Plan plan_sdpa_int4_decode(const Problem& p) {
   if (p.blocks > 0) {
     blocks = p.blocks;
   } else {
-    const int64_t want = int64_t(kCtasPerSm) * std::max(1, p.gpu_cores);
+    const int64_t want = int64_t(tune.ctas_per_sm) * std::max(1, p.gpu_cores);
     if (base_ctas < want) {
       blocks = std::min<int64_t>((want + base_ctas - 1) / base_ctas, std::max<int64_t>(1, NT / kMinBlockLen));
     }
   }
   blocks = std::max<int64_t>(1, std::min<int64_t>({blocks, std::max<int64_t>(1, NT), 65535}));
-  const int64_t step = int64_t(kDecodeWarps) * TPS * kDecodeUnroll; // tokens per CTA iteration
+  const int64_t step = int64_t(kDecodeWarps) * 16 * tune.tiles; // tokens per CTA iteration
   int64_t block_len = (NT + blocks - 1) / blocks;
   block_len = std::max<int64_t>(step, (block_len + step - 1) / step * step);
   blocks = std::max<int64_t>(1, (NT + block_len - 1) / block_len); // no empty block
@@ -200,26 +233,33 @@ Plan plan_sdpa_int4_decode(const Problem& p) {
   plan.two_pass = blocks > 1;
   plan.args = make_args(p, blocks, block_len);
 
-  const std::string tmpl = std::to_string(p.D) + ", " + std::to_string(p.k_bits) + ", " +
-      std::to_string(p.v_bits) + ", " + std::to_string(p.group_size) + ", " + std::to_string(ROWS) + ", " +
-      std::to_string(plan.vector_bytes);
+  const bool qsplit = p.q.dtype == DType::f32; // float32 q: q and p as float16 hi + lo
+  const int sdt = dtype_code(p.k_scales.dtype);
+  auto tmpl = [&](bool partial) {
+    return std::to_string(p.D) + ", " + std::to_string(p.k_bits) + ", " + std::to_string(p.v_bits) + ", " +
+        std::to_string(p.group_size) + ", " + std::to_string(plan.vector_bytes) + ", " + std::to_string(sdt) + ", " +
+        (qsplit ? "true" : "false") + ", " + (partial ? "true" : "false") + ", " + std::to_string(tune.tiles) + ", " +
+        std::to_string(tune.prefetch) + ", " + (tune.pipeline ? "true" : "false");
+  };
+  const std::string bounds = "__launch_bounds__(" + std::to_string(32 * kDecodeWarps) + ", " +
+      std::to_string(tune.min_ctas) + ")";
   plan.program = "decode_D" + std::to_string(p.D) + "_k" + std::to_string(p.k_bits) + "v" +
-      std::to_string(p.v_bits) + "_g" + std::to_string(p.group_size) + "_r" + std::to_string(ROWS) + "_w" +
-      std::to_string(plan.vector_bytes) + (plan.two_pass ? "_split" : "_1pass");
+      std::to_string(p.v_bits) + "_g" + std::to_string(p.group_size) + "_w" + std::to_string(plan.vector_bytes) +
+      "_s" + std::to_string(sdt) + (qsplit ? "_q32" : "_q16") + "_t" + std::to_string(tune.tiles) + "_pf" +
+      std::to_string(tune.prefetch) + "_b" + std::to_string(tune.min_ctas) + (tune.pipeline ? "_pipe" : "") + (plan.two_pass ? "_split" : "_1pass");
   const std::array<int, 3> grid = {p.B * p.Hkv, row_tiles, int(blocks)};
   const std::array<int, 3> block = {32 * kDecodeWarps, 1, 1};
   std::vector<std::string> reads = input_names(p);
   if (!plan.two_pass) {
-    plan.entry_source = "extern \"C\" __global__ void __launch_bounds__(" + std::to_string(32 * kDecodeWarps) +
-        ") tq_decode(TqParams p) { tqc::decode_impl<" + tmpl + ", false>(p); }\n";
+    plan.entry_source = "extern \"C\" __global__ void " + bounds + " tq_decode(TqParams p) { tqc::decode_impl<" +
+        tmpl(false) + ">(p); }\n";
     plan.launches.push_back(Launch{"tq_decode", grid, block, 0, reads, {"out"}});
   } else {
     const int64_t prow = int64_t(p.B) * p.Hkv * R;
     plan.scratch = {{"part_out", prow * blocks * p.D * 4}, {"part_max", prow * blocks * 4},
                     {"part_sum", prow * blocks * 4}};
-    plan.entry_source = "extern \"C\" __global__ void __launch_bounds__(" + std::to_string(32 * kDecodeWarps) +
-        ") tq_decode_partial(TqParams p) { tqc::decode_impl<" + tmpl + ", true>(p); }\n" +
-        "extern \"C\" __global__ void tq_decode_merge(TqParams p) { tqc::decode_merge_impl<" +
+    plan.entry_source = "extern \"C\" __global__ void " + bounds + " tq_decode_partial(TqParams p) { tqc::decode_impl<" +
+        tmpl(true) + ">(p); }\n" + "extern \"C\" __global__ void tq_decode_merge(TqParams p) { tqc::decode_merge_impl<" +
         std::to_string(p.D) + ">(p); }\n";
     reads.erase(std::remove(reads.begin(), reads.end(), "sinks"), reads.end()); // pass 2 applies them
     plan.launches.push_back(Launch{"tq_decode_partial", grid, block, 0, reads, {"part_out", "part_max", "part_sum"}});
@@ -253,7 +293,7 @@ Plan plan_sdpa_int4_prefill(const Problem& p) {
   plan.row_tiles = row_tiles;
   plan.warps = kPrefillWarps;
   plan.key_tile = p.D > 128 ? 32 : 64;
-  plan.mma_type = p.q.dtype == DType::f16 ? 0 : p.q.dtype == DType::bf16 ? 1 : 2;
+  plan.mma_type = p.q.dtype == DType::f32 ? 2 : 0; // bfloat16 q: exact in float16, whose 11-bit K, V and P meet the bounds
   plan.args = make_args(p, 1, plan.block_len);
   const int nsplit = plan.mma_type == 2 ? 2 : 1;
   const int QS = p.D + 8, VS = plan.key_tile + 8;

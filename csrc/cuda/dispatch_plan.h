@@ -62,8 +62,12 @@ struct Plan {
   int key_tile = 0; // prefill: BK
   int lanes_per_token = 0; // decode: LPR
   int elems_per_lane = 0; // decode: EPL
-  int vector_bytes = 0; // decode: width of each lane's code loads (16, 8 or 4)
-  int mma_type = -1; // prefill: 0 float16, 1 bfloat16, 2 float32 split into float16 hi + lo
+  int vector_bytes = 0; // decode: widest code load the addresses allow (16, 8 or 4)
+  int tiles = 0; // decode: 16-token tiles per warp step
+  int prefetch = 0; // decode: L2 prefetch distance in warp steps (0: none)
+  int min_ctas = 0; // decode: CTAs per SM in the kernel's launch bounds
+  bool pipeline = false; // decode: next step's loads issued before this step computes
+  int mma_type = -1; // prefill: 0 float16 (float16 and bfloat16 q), 2 float32 split into float16 hi + lo
   std::string program; // cache key of the NVRTC program = its specialization
   std::string entry_source; // the extern "C" entry points appended to the kernel source
   Args args;
@@ -72,10 +76,20 @@ struct Plan {
 };
 
 inline constexpr int kDecodeWarps = 4; // cuda/sdpa_int4_decode.cuh: kDecodeWarps
-inline constexpr int kDecodeUnroll = 4; // cuda/sdpa_int4_decode.cuh: kDecodeUnroll
+inline constexpr int kDecodeRows = 8; // cuda/sdpa_int4_decode.cuh: kDecodeRows (the mma's N)
+inline constexpr int kDecodeTiles = 1; // 16-token tiles per warp step
+inline constexpr int kDecodePrefetch = 0; // L2 prefetch distance, warp steps (0: none; it cost more than it gave on an H100)
+inline constexpr bool kDecodePipeline = false; // register software pipeline of the loads
+inline constexpr int kDecodeMinCtas = 4; // launch bounds: CTAs per SM (fewer for big fragments)
 inline constexpr int kMaxDecodeRowTiles = 4; // more rows: prefill
 inline constexpr int64_t kMinBlockLen = 256; // tokens per split-K block, at least
-inline constexpr int kCtasPerSm = 8; // the split aims at this many decode CTAs per SM
+
+struct DecodeTuning {
+  int tiles, prefetch, min_ctas, ctas_per_sm;
+  bool pipeline;
+};
+// The decode's tuning: the defaults above, or TQMETAL_CUDA_DECODE="TL,PF,MINB,CTAS,PIPE".
+DecodeTuning decode_tuning(int D, int groups, bool qsplit);
 inline constexpr int kPrefillRows = 64; // BQ
 inline constexpr int kPrefillWarps = 4;
 
