@@ -14,6 +14,10 @@ import sys
 import pytest
 from hypothesis import HealthCheck, settings
 
+# Tests load throwaway GGUF files: no converted-model cache under ~/.cache unless a test
+# asks for one (tqmetal.gguf.converted_cache_dir).
+os.environ.setdefault("TQMETAL_GGUF_CACHE", "0")
+
 # `import reference` from the test modules, whatever pytest's import mode.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 

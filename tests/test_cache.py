@@ -604,7 +604,11 @@ def test_make_prompt_cache(model):
     assert type(c[0]) is RotatingInt4KVCache
     assert (c[0].max_size, c[0].keep, c[0].k_bits) == (100, 4, 8)
     assert type(c[1]) is mlc.RotatingKVCache and (c[1].max_size, c[1].keep) == (100, 4)
+    # the model's own sliding-window layer (512 tokens): float16 by default
+    # (fp_windows), quantized with fp_windows=0
     c = tqcache.make_prompt_cache(_SlidingModel(), full_precision_layers=(3,))
+    assert [type(x) for x in c] == [Int4KVCache, mlc.RotatingKVCache, mlc.ArraysCache, mlc.KVCache]
+    c = tqcache.make_prompt_cache(_SlidingModel(), full_precision_layers=(3,), fp_windows=0)
     assert [type(x) for x in c] == [Int4KVCache, RotatingInt4KVCache, mlc.ArraysCache, mlc.KVCache]
     assert (c[1].max_size, c[1].keep) == (512, 0)
     with pytest.raises(ValueError, match="kv must be"):

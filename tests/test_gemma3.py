@@ -7,6 +7,7 @@ gemma3_text model; the tests on the real Gemma 3 270M run only when its PyPI
 packages are installed (see the README)."""
 
 import dataclasses
+import os
 import importlib.util
 from pathlib import Path
 
@@ -219,6 +220,33 @@ def test_tiny_gemma3_untied_and_pattern_from_file(tmp_path):
     x = mx.array([[2, 270, 275, 271, 6]])
     want = _reference_model(args, hf)(x)
     assert mx.abs(model(x) - want).max().item() < 1e-4 * mx.abs(want).max().item()
+
+
+def test_converted_model_cache(tiny_file, tmp_path, monkeypatch):
+    # The second load reads the converted model back (not the GGUF file) and
+    # gives the same model and tokenizer.
+    monkeypatch.setenv("TQMETAL_GGUF_CACHE", str(tmp_path / "cache"))
+    path = tiny_file[0]
+    model, tok = tqgguf.load_gguf(path, dtype=mx.float32, weight_bits=8)
+    folder = tqgguf.converted_cache_dir(str(path), 8, mx.float32)
+    assert os.path.isfile(os.path.join(folder, "meta.json"))
+    assert tqgguf.converted_cache_dir(str(path), 4, mx.float32) != folder
+
+    def no_reading(*_):
+        raise AssertionError("the GGUF file was read again")
+
+    monkeypatch.setattr(tqgguf, "read_gguf", no_reading)
+    again, tok2 = tqgguf.load_gguf(path, dtype=mx.float32, weight_bits=8)
+    assert again.args == model.args
+    assert again.model.layers[0].mlp.down_proj.bits == 8
+    x = mx.array([[2, 270, 275, 271, 6, 264, 272, 9, 100, 3, 267, 268, 50, 273]])
+    assert mx.array_equal(again(x), model(x))
+    text = "the abc é\n<start_of_turn>b"
+    assert tok2.encode(text) == tok.encode(text)
+    assert tok2.decode(tok2.encode(text)) == tok.decode(tok.encode(text))
+    assert tok2.eos_token_ids == tok.eos_token_ids and tok2.bos_token == tok.bos_token
+    monkeypatch.setenv("TQMETAL_GGUF_CACHE", "0")
+    assert tqgguf.converted_cache_dir(str(path), 8, mx.float32) is None
 
 
 def test_rejects_bad_weight_bits_and_pattern(tiny_file):

@@ -149,6 +149,21 @@ def test_gemma2_sliding_window_layers():
         fp + (4096 - 132) * q)
 
 
+def test_small_sliding_windows_stay_fp16():
+    # Gemma 3's 512-token sliding layers keep float16 caches (make_prompt_cache's
+    # fp_windows): the planner counts them so, and the constant matches the cache's.
+    import dataclasses
+
+    from tqmetal import cache as tqcache
+
+    assert plan.FP_WINDOWS == tqcache.FP_WINDOWS
+    g = dataclasses.replace(plan.PRESETS["Gemma-2-9B"], sliding_window=512)
+    per_layer = 2 * 8 * 256 * 2
+    q = 8 * 256 * 2 * 0.625
+    assert plan.kv_cache_bytes(g, 8192, "int4") == 21 * (132 * per_layer + (8192 - 132) * q) + (
+        21 * 512 * per_layer)
+
+
 def test_window_and_sinks():
     s = plan.PRESETS["SmolLM2-135M"]
     fp = plan.kv_bytes_per_token(s, "fp16")

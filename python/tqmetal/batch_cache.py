@@ -341,7 +341,7 @@ class BatchInt4KVCache(_mlc._BaseCache):
                     self._nw[b] = nw0 + n
                 else:
                     self._nw[b] = W
-                    if self.attend_before_quantizing and self._span is None and n > 1:
+                    if self.attend_before_quantizing and n > 1:
                         att = end0 - nw0  # this call reads the flushed tokens in fp
             self._end[b] = end0 + S_b[b]
             e_att.append(self._end[b] - self._nw[b] if att is None else att)

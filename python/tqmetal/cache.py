@@ -61,7 +61,8 @@ of the old window plus the new tokens, built from the update's input, freed
 after the call): every prompt token attends its own chunk and the ``window``
 tokens before it unquantized, as it would in decode. Only the next update's
 attention sees them quantized. Nothing more is stored; the transient tail is
-the size of the update, not of the cache. Not used by the sliding-window cache.
+the size of the update, not of the cache. The sliding-window cache does the same
+with the tokens some query of the update can still see.
 
 Storage is float16 whatever the model's dtype: the full-precision sinks and
 window, the quantization scales and biases, the key mean and channel scales.
@@ -421,8 +422,13 @@ class Int4KVCache(_mlc._BaseCache):
                 out = nw + n - W  # tokens leaving the window, oldest first
                 nq = q.n
                 self._quantize_into_store(k[..., :out, :], v[..., :out, :], first)
-                if self.attend_before_quantizing and self._span is None and n > 1:
-                    self._fresh, self._fresh_kv = q.n - nq, (k, v)
+                if self.attend_before_quantizing and n > 1:
+                    # Read this update's quantized tokens (those still visible: a sliding
+                    # window skips the rest) and the window after them from k, v.
+                    fresh = q.n - nq
+                    self._fresh = fresh
+                    self._fresh_kv = (k, v) if fresh == out else (
+                        k[..., out - fresh:, :], v[..., out - fresh:, :])
                 if W:
                     fp.write(s0, k[..., out:, :], v[..., out:, :])
                 fp.nw = W
@@ -746,6 +752,20 @@ for _cls in (Int4KVCache, RotatingInt4KVCache):
     setattr(_mlc, _cls.__name__, _cls)
 
 
+def has_key_norm(model) -> bool:
+    """Whether the model's attention normalizes keys per head with a learned gain
+    (mlx-lm's ``self_attn.k_norm``: Gemma 3, Qwen 3, OLMo 2, ...)."""
+    layers = getattr(model, "layers", None)
+    if layers is None:
+        layers = getattr(getattr(model, "model", None), "layers", None) or []
+    return any(hasattr(getattr(layer, "self_attn", None), "k_norm") for layer in layers)
+
+
+# make_prompt_cache keeps a model's sliding-window layers of at most this many tokens in
+# full precision (see fp_windows there).
+FP_WINDOWS = 1024
+
+
 def make_prompt_cache(
     model,
     kv: str = "int4",
@@ -759,9 +779,10 @@ def make_prompt_cache(
     center_keys: bool = True,
     k8_layers: Sequence[int] = (),
     attend_before_quantizing: bool = True,
-    channel_scale: bool = False,
+    channel_scale: Optional[bool] = None,
     channel_scale_alpha: float = 0.5,
     key_scales: Optional[Sequence] = None,
+    fp_windows: int = FP_WINDOWS,
 ):
     """mlx-lm's ``make_prompt_cache`` with quantized caches.
 
@@ -777,8 +798,27 @@ def make_prompt_cache(
     ``RotatingKVCache(max_kv_size, keep=4)``), also for models with
     ``make_cache``, where mlx-lm 0.32 ignores it. ``key_scales``: per layer,
     fixed key channel scales (:func:`calibrate_channel_scales`) or None.
+
+    ``channel_scale``: per-channel key scaling (see :class:`Int4KVCache`); None
+    (the default) turns it on for 4-bit keys of models whose attention normalizes
+    the keys with a learned per-channel gain (a ``k_norm`` module: Gemma 3, Qwen 3,
+    OLMo 2), whose key channels then have fixed, unequal scales that a factor
+    fixed from the first update fits (:func:`has_key_norm`; docs/fidelity.md: on
+    Gemma 3 270M it cut the int4 cache's KL several-fold), and off for the others
+    (on SmolLM2-135M it raised KL from 0.0026 to 0.0043).
+
+    ``fp_windows``: the model's own sliding-window layers whose window is at most
+    this many tokens keep mlx-lm's full-precision ``RotatingKVCache`` (0: quantize
+    them too, as :class:`RotatingInt4KVCache`). Such a layer holds at most its
+    window whatever the context, so quantizing it saves a fixed number of bytes
+    that long contexts make small (Gemma 3 270M at 32K, computed: 0.334x fp16 with
+    its 15 sliding layers of 512 tokens in float16, 0.297x with them int4), while on
+    Gemma 3 their int4 keys were most of the int4 cache's error (docs/fidelity.md).
+    Layers that ``max_kv_size`` bounds are not concerned: they are quantized.
     """
     base = _mlc.make_prompt_cache(model)
+    own_windows = {i for i, c in enumerate(base)
+                   if type(c) is _mlc.RotatingKVCache and c.max_size <= fp_windows}
     if max_kv_size is not None:
         base = [
             _mlc.RotatingKVCache(max_kv_size, keep=sinks) if type(c) is _mlc.KVCache else c
@@ -789,6 +829,8 @@ def make_prompt_cache(
     if kv not in _KV_BITS:
         raise ValueError(f"kv must be one of {sorted(_KV_BITS) + ['fp16']}, got {kv!r}")
     k_bits, v_bits = _KV_BITS[kv]
+    if channel_scale is None:
+        channel_scale = k_bits == 4 and key_scales is None and has_key_norm(model)
     n = len(base)
     layer_sets = {}
     for name, layers in (("full_precision_layers", full_precision_layers),
@@ -806,7 +848,7 @@ def make_prompt_cache(
                     channel_scale=channel_scale, channel_scale_alpha=channel_scale_alpha)
         if key_scales is not None and key_scales[i] is not None:
             opts["key_scales"] = key_scales[i]
-        if i in keep_fp:
+        if i in keep_fp or i in own_windows:
             out.append(c)
         elif type(c) is _mlc.KVCache:
             out.append(Int4KVCache(sinks=sinks, **opts))

@@ -44,6 +44,9 @@ Config names (``--configs``, comma-separated): a format, then options joined by
               center               key centering (Int4KVCache's center_keys)
               abq                  attend_before_quantizing: a chunk attends the
                                    tokens it quantizes in full precision
+              abqg                 the same in the full-attention layers only (the
+                                   sliding-window layers' cache did not have it
+                                   before 2026-12-06)
               chs | chs<N>         per-channel key scaling before rotation
                                    (channel_scale), exponent 0.5 or N/100,
                                    factors from the first update's keys
@@ -52,6 +55,10 @@ Config names (``--configs``, comma-separated): a format, then options joined by
                                    the tokens after the evaluated ones (else the
                                    text's first 512 tokens)
               fp<i>.<j>...         these layers keep a full-precision (float16) cache
+              fpw | fpw<N>         the model's sliding-window layers of at most N
+                                   tokens (fpw: 1024, make_prompt_cache's default
+                                   fp_windows) keep a float16 cache, as
+                                   make_prompt_cache does by default
               k8l<i>.<j>...        these layers store 8-bit keys
 
 e.g. ``int4-g64``, ``int4-g64-rot``, ``int4-g32-w128``, ``int4-w0-s0``, ``k8v4``,
@@ -106,10 +113,12 @@ class CacheConfig:
     rotate_values: bool = False
     center_keys: bool = False
     attend_before_quantizing: bool = False
+    abq_global_only: bool = False  # abqg: not in the sliding-window layers
     channel_scale: float = 0.0  # the exponent alpha of channel_scale; 0: off
     calibrated_scale: bool = False  # chsq: factors from calibrate_channel_scales
     fp_layers: tuple = ()
     k8_layers: tuple = ()
+    fp_windows: int = 0  # fpw: sliding-window layers of at most this many tokens stay fp16
 
     def make_cache(self, model):
         """One cache per layer, following the model's layout (sliding-window
@@ -136,7 +145,7 @@ class CacheConfig:
                  else [None] * n)
         out = []
         for i, w in enumerate(layout):
-            if i in self.fp_layers:
+            if i in self.fp_layers or (w is not None and w[0] <= self.fp_windows):
                 out.append(ReferenceKVCache(mx.float16) if w is None else
                            ReferenceRotatingKVCache(w[0], w[1], mx.float16))
                 continue
@@ -152,6 +161,8 @@ class CacheConfig:
             if w is None:
                 out.append(Int4KVCache(sinks=self.sinks, **opts))
             else:
+                if self.abq_global_only:
+                    opts["attend_before_quantizing"] = False
                 out.append(RotatingInt4KVCache(w[0], w[1], **opts))
         return out
 
@@ -168,6 +179,9 @@ def parse_config(name: str) -> CacheConfig:
         key = None
         if p in ("rot", "norot"):
             key, val = "rotate_keys", p == "rot"
+        elif p == "abqg":
+            opts["abq_global_only"] = True
+            key, val = "attend_before_quantizing", True
         elif p in ("vrot", "center", "abq"):
             key = {"vrot": "rotate_values", "center": "center_keys",
                    "abq": "attend_before_quantizing"}[p]
@@ -182,6 +196,14 @@ def parse_config(name: str) -> CacheConfig:
             val = int(digits) / 100 if digits else 0.5
             if not 0 < val <= 1:
                 raise ValueError(f"config {name!r}: {p!r}: the exponent must be in (0, 1]")
+        elif p.startswith("fpw"):
+            from .cache import FP_WINDOWS
+
+            digits = p[3:]
+            if digits and not digits.isdigit():
+                raise ValueError(f"config {name!r}: {p!r}: fpw<N> means windows of at most "
+                                 "N tokens")
+            key, val = "fp_windows", int(digits) if digits else FP_WINDOWS
         elif p.startswith(("fp", "k8l")):
             prefix = "fp" if p.startswith("fp") else "k8l"
             key = {"fp": "fp_layers", "k8l": "k8_layers"}[prefix]
@@ -195,8 +217,8 @@ def parse_config(name: str) -> CacheConfig:
             val = int(p[1:])
         if key is None:
             raise ValueError(f"config {name!r}: unknown option {p!r} (g32|g64|g128, w<N>, "
-                             "s<N>, rot, norot, vrot, center, abq, chs[q][<N>], fp<i>.<j>, "
-                             "k8l<i>.<j>)")
+                             "s<N>, rot, norot, vrot, center, abq, abqg, chs[q][<N>], "
+                             "fp<i>.<j>, fpw[<N>], k8l<i>.<j>)")
         if key in opts:
             raise ValueError(f"config {name!r}: {p!r} repeats an option")
         opts[key] = val
@@ -567,8 +589,12 @@ def key_sensitivity(model, tokens: Sequence[int], group_size: int = 64, bits: in
                                           sinks=sinks)
             if out is None:
                 return None
+            # attend_before_quantizing off: with it (Int4KVCache's default) the update
+            # would hand back the keys it quantized in full precision, and the probe
+            # would measure float16 rounding only (as it did until 2026-12-06)
             q = Int4KVCache(group_size, k_bits=bits, v_bits=8, window=0, sinks=0,
-                            rotate_keys=True, center_keys=True)
+                            rotate_keys=True, center_keys=True,
+                            attend_before_quantizing=False)
             kq, _ = q.update_and_fetch(keys, values)  # dequantized, un-rotated, re-centered
             arr = mask if isinstance(mask, mx.array) else None  # sliding-window layers
             approx = numpy_attention(queries, kq, values, scale,
@@ -744,10 +770,13 @@ def build_parser() -> argparse.ArgumentParser:
                "QuantizedKVCache through the fused op), fp16 (the reference); options "
                "-g32|-g64|-g128 (group, default 64), -w<N> (window, default 128), -s<N> "
                "(sinks, default 4), -rot|-norot (key rotation, default off), -vrot (value "
-               "rotation), -center (key centering), -abq (attend before quantizing), "
+               "rotation), -center (key centering), -abq (attend before quantizing; -abqg: "
+               "in the full-attention layers only), "
                "-chs|-chs<N> (per-channel key scaling before rotation, exponent 0.5 or "
                "N/100; -chsq: factors calibrated on queries and keys of held-out text), "
-               "-fp<i>.<j> (full-precision layers), -k8l<i>.<j> (8-bit-key layers). "
+               "-fp<i>.<j> (full-precision layers), -fpw[<N>] (sliding-window layers of "
+               "at most N tokens, default 1024, full precision: make_prompt_cache's "
+               "default), -k8l<i>.<j> (8-bit-key layers). "
                "The issue's targets are stated at --tokens 8192.",
     )
     p.add_argument("--model", default=None,
@@ -784,6 +813,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compute the model's linear layers with numpy's BLAS on dequantized "
                         "float32 weights (auto: on when MLX runs on the CPU, whose matmul is "
                         "~25x slower); the attention and caches stay in MLX/tqmetal")
+    p.add_argument("--blas-threads", type=int, default=1,
+                   help="threads of numpy's OpenBLAS for --numpy-matmul (default 1: on a "
+                        "machine whose cores other processes share, more threads wait on "
+                        "each other, 8x slower on a shared 2-core machine; 0 keeps "
+                        "OpenBLAS's own choice)")
     p.add_argument("--key-sensitivity", action="store_true",
                    help="instead of the comparison: per layer, the relative error of the "
                         "attention output when only that layer's keys are int4 (rotated, "
@@ -826,8 +860,13 @@ def main(argv=None) -> int:
         return 1
     use_np = args.numpy_matmul == "on" or (
         args.numpy_matmul == "auto" and mx.default_device() == mx.cpu)
+    blas_threads = None
     if use_np:
         numpy_matmuls(model)
+        if args.blas_threads > 0:
+            from .blas import set_blas_threads
+
+            blas_threads = set_blas_threads(args.blas_threads)
     tokens, repeats = tokenize_text(tokenizer, text, args.tokens)
     if any(c.calibrated_scale for c in configs):
         ids = list(tokenizer.encode(text, add_special_tokens=True))
@@ -893,6 +932,7 @@ def main(argv=None) -> int:
             "measured_positions": len(ref["top1"]), "stride": args.stride,
             "text_repeats": repeats, "chunk": args.chunk,
             "margin": args.margin, "reference_dtype": tf["_ref_dtype"], "numpy_matmul": use_np,
+            "blas_threads": blas_threads,
             "gen_tokens": args.gen_tokens, "gen_prompts": len(prompts),
             "gen_prompt_tokens": len(prompts[0]) if prompts else 0,
             "seconds": seconds,

@@ -85,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "attention sinks; default: make_prompt_cache's)")
     p.add_argument("--kv-channel-scale", action=argparse.BooleanOptionalAction, default=None,
                    help="per-channel key scaling before rotation (exact; default: "
-                        "make_prompt_cache's, off)")
+                        "make_prompt_cache's: on for 4-bit keys of models with k_norm, "
+                        "such as Gemma 3, else off)")
     p.add_argument("--kv-k8-layers", default="",
                    help="comma-separated layer indices that store 8-bit keys (negative: from "
                         "the end), e.g. '26,13'")
@@ -178,6 +179,8 @@ def cache_description(args) -> str:
         text += f", key centering {'on' if args.center_keys else 'off'}"
     if args.kv_channel_scale is not None:
         text += f", key channel scaling {'on' if args.kv_channel_scale else 'off'}"
+    else:
+        text += ", key channel scaling auto (on with k_norm)"
     if args.kv_k8_layers:
         text += f", 8-bit keys in layers {args.kv_k8_layers}"
     return text

@@ -724,14 +724,11 @@ def load_tokenizer(metadata):
     ``tokenizer.ggml.model``: "gpt2" (byte-level BPE: SmolLM, Llama 3, ...) or
     "llama" (SentencePiece BPE with byte fallback, without a space prefix: Gemma).
     """
-    from transformers import PreTrainedTokenizerFast
-
     kind = metadata.get("tokenizer.ggml.model")
     if kind == "gpt2":
-        backend, detokenizer = _byte_level_bpe(metadata), BPEStreamingDetokenizer
+        backend = _byte_level_bpe(metadata)
     elif kind == "llama":
         backend = _sentencepiece_bpe(metadata)
-        detokenizer = lambda t: SPMStreamingDetokenizer(t, trim_space=False)  # noqa: E731
     else:
         raise ValueError(
             f"Unsupported GGUF tokenizer model {kind!r}: supported are byte-level BPE "
@@ -743,15 +740,9 @@ def load_tokenizer(metadata):
         index = _value(metadata, f"tokenizer.ggml.{key}")
         return tokens[index] if index is not None else None
 
-    hf_tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token=token("bos_token_id"),
-        eos_token=token("eos_token_id"),
-        unk_token=token("unknown_token_id"),
-        pad_token=token("padding_token_id"),
-        chat_template=metadata.get("tokenizer.chat_template"),
-        clean_up_tokenization_spaces=False,
-    )
+    specials = {name: token(f"{key}_id") for name, key in
+                (("bos_token", "bos_token"), ("eos_token", "eos_token"),
+                 ("unk_token", "unknown_token"), ("pad_token", "padding_token"))}
     # Chat models often end a turn with a token other than eos (Llama 3's
     # <|eot_id|>, Gemma's <end_of_turn>); generation must stop on those too.
     eos_ids = [
@@ -762,11 +753,102 @@ def load_tokenizer(metadata):
         types = _value(metadata, "tokenizer.ggml.token_type") or []
         eos_ids += [i for i, (t, k) in enumerate(zip(tokens, types))
                     if k == _TOKEN_CONTROL and t in _END_OF_TURN_TOKENS]
-    return TokenizerWrapper(
-        hf_tokenizer,
-        detokenizer,
-        eos_token_ids=sorted({i for i in eos_ids if i is not None}),
+    return _wrap_tokenizer(kind, backend, specials, metadata.get("tokenizer.chat_template"),
+                           sorted({i for i in eos_ids if i is not None}))
+
+
+def _wrap_tokenizer(kind, backend, specials, chat_template, eos_ids):
+    """The TokenizerWrapper of a ``tokenizers`` backend (see :func:`load_tokenizer`)."""
+    from transformers import PreTrainedTokenizerFast
+
+    if kind == "gpt2":
+        detokenizer = BPEStreamingDetokenizer
+    else:
+        detokenizer = lambda t: SPMStreamingDetokenizer(t, trim_space=False)  # noqa: E731
+    hf_tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        **specials,
+        chat_template=chat_template,
+        clean_up_tokenization_spaces=False,
     )
+    wrapper = TokenizerWrapper(hf_tokenizer, detokenizer, eos_token_ids=list(eos_ids))
+    # what _save_converted needs to rebuild it
+    wrapper._tqmetal_spec = {"kind": kind, "specials": specials,
+                             "chat_template": chat_template, "eos_token_ids": list(eos_ids)}
+    return wrapper
+
+
+# ---------------------------------------------------------------------------
+# converted models kept on disk: reading a gemma3 file through the gguf package
+# (the 262,144-token vocabulary parsed in Python, every tensor dequantized and
+# re-quantized, the tokenizer's merges built) takes 30 s on a quiet 2-core
+# machine and minutes on a busy one; loading the result back takes seconds.
+
+CONVERTED_CACHE_VERSION = 1
+
+
+def converted_cache_dir(path, weight_bits, dtype):
+    """Where :func:`load_gguf` keeps the model converted from ``path`` (None: disabled by
+    ``TQMETAL_GGUF_CACHE=0``). ``TQMETAL_GGUF_CACHE`` may name the root folder (default
+    ``~/.cache/tqmetal/gguf``); the entry is keyed by the file's name, size and
+    modification time, the weight bits, the dtype and the format version."""
+    root = os.environ.get("TQMETAL_GGUF_CACHE", "")
+    if root == "0":
+        return None
+    root = root or os.path.join(os.path.expanduser("~"), ".cache", "tqmetal", "gguf")
+    st = os.stat(path)
+    name = (f"{os.path.basename(path)}-{st.st_size}-{st.st_mtime_ns}-w{weight_bits}-"
+            f"{str(dtype).rsplit('.', 1)[-1]}-v{CONVERTED_CACHE_VERSION}")
+    return os.path.join(root, name)
+
+
+def _save_converted(folder, model, tokenizer):
+    import dataclasses
+    import json
+    import shutil
+    import tempfile
+
+    from mlx.utils import tree_flatten
+
+    spec = getattr(tokenizer, "_tqmetal_spec", None)
+    if spec is None or not dataclasses.is_dataclass(model.args):
+        return
+    os.makedirs(os.path.dirname(folder), exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=os.path.dirname(folder), prefix=".tmp-")
+    try:
+        mx.save_safetensors(os.path.join(tmp, "weights.safetensors"),
+                            dict(tree_flatten(model.parameters())))
+        meta = {"model_type": model.args.model_type, "args": dataclasses.asdict(model.args),
+                "tokenizer": spec}
+        with open(os.path.join(tmp, "meta.json"), "w") as f:
+            json.dump(meta, f)
+        tokenizer._tokenizer.backend_tokenizer.save(os.path.join(tmp, "tokenizer.json"))
+        os.replace(tmp, folder)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _load_converted(folder):
+    import json
+
+    from tokenizers import Tokenizer
+
+    with open(os.path.join(folder, "meta.json")) as f:
+        meta = json.load(f)
+    module = {"gemma3_text": gemma3_text, "llama": llama}[meta["model_type"]]
+    args = module.ModelArgs.from_dict(meta["args"])
+    model = module.Model(args)
+    weights = mx.load(os.path.join(folder, "weights.safetensors"))
+    if module is gemma3_text:
+        weights = model.sanitize(weights)  # as load_model: no lm_head when tied
+    _quantize_like(model, weights)
+    model.load_weights(list(weights.items()), strict=True)
+    mx.eval(model.parameters())
+    model.eval()
+    t = meta["tokenizer"]
+    backend = Tokenizer.from_file(os.path.join(folder, "tokenizer.json"))
+    return model, _wrap_tokenizer(t["kind"], backend, t["specials"], t["chat_template"],
+                                  t["eos_token_ids"])
 
 
 def load_gguf(path, traditional_rope=False, dtype=None, weight_bits=DEFAULT_WEIGHT_BITS):
@@ -791,6 +873,21 @@ def load_gguf(path, traditional_rope=False, dtype=None, weight_bits=DEFAULT_WEIG
             # failed" on ggml types it cannot convert (Q5_0, Q3_K, IQ*, ...).
             weights = None
     if weights is None:
+        # The slow reader: keep the converted model (see converted_cache_dir).
+        dtype = dtype or _default_dtype()
+        folder = None if traditional_rope else converted_cache_dir(path, weight_bits, dtype)
+        if folder is not None and os.path.isfile(os.path.join(folder, "meta.json")):
+            try:
+                return _load_converted(folder)
+            except (OSError, ValueError, KeyError) as e:
+                import warnings
+
+                warnings.warn(f"tqmetal.gguf: ignoring the converted model in {folder}: {e}")
         weights, metadata = read_gguf(path)
+        model = load_model(weights, metadata, traditional_rope, dtype, weight_bits)
+        tokenizer = load_tokenizer(metadata)
+        if folder is not None and "rope_freqs.weight" not in weights:
+            _save_converted(folder, model, tokenizer)
+        return model, tokenizer
     model = load_model(weights, metadata, traditional_rope, dtype, weight_bits)
     return model, load_tokenizer(metadata)

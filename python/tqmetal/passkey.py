@@ -149,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write the rows as JSON (rewritten after every cell)")
     p.add_argument("--numpy-matmul", choices=("auto", "on", "off"), default="auto",
                    help="as tqmetal eval")
+    p.add_argument("--blas-threads", type=int, default=1,
+                   help="as tqmetal eval (default 1; 0 keeps OpenBLAS's own choice)")
     p.add_argument("--quiet", action="store_true")
     return p
 
@@ -189,6 +191,10 @@ def main(argv=None) -> int:
             parser.error("no length fits the model's context")
     if args.numpy_matmul == "on" or (args.numpy_matmul == "auto" and mx.default_device() == mx.cpu):
         numpy_matmuls(model)
+        if args.blas_threads > 0:
+            from .blas import set_blas_threads
+
+            set_blas_threads(args.blas_threads)
     if not args.quiet:
         print(f"model loaded in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
 

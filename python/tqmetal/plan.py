@@ -346,11 +346,16 @@ def check_kv_group_size(shape: ModelShape, group_size: int) -> None:
                          f"head_dim {shape.head_dim} (groups run along head_dim)")
 
 
+# tqmetal.cache.FP_WINDOWS (not imported: the planner runs without MLX)
+FP_WINDOWS = 1024
+
+
 def kv_cache_bytes(shape: ModelShape, context: int, fmt: str = "int4", group_size: int = 32,
                    window: int = 128, sinks: int = 4, sliding: bool = True) -> int:
     """KV cache bytes at `context` tokens. Quantized formats keep the first `sinks`
     and the last `window` tokens float16; sliding-window layers hold at most their
-    window (unless `sliding` is False)."""
+    window (unless `sliding` is False), all of it float16 when the window is at most
+    `FP_WINDOWS` tokens (as tqmetal.cache.make_prompt_cache keeps them: Gemma 3)."""
     kb, vb = KV_FORMATS[fmt]
     fp = _kv_layer_token_bytes(shape, 16, group_size) * 2
     qt = _kv_layer_token_bytes(shape, kb, group_size) + _kv_layer_token_bytes(shape, vb, group_size)
@@ -361,6 +366,9 @@ def kv_cache_bytes(shape: ModelShape, context: int, fmt: str = "int4", group_siz
         n = context
         if layer < len(windowed) and windowed[layer]:
             n = min(context, shape.sliding_window)
+            if shape.sliding_window <= FP_WINDOWS:
+                total += n * fp
+                continue
         f = min(n, keep)
         total += f * fp + (n - f) * qt
     return total

@@ -92,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--center-keys", action=argparse.BooleanOptionalAction, default=None,
                    help="subtract a per-channel key mean before quantizing (default on)")
     p.add_argument("--kv-channel-scale", action=argparse.BooleanOptionalAction, default=None,
-                   help="per-channel key scaling before rotation (default off)")
+                   help="per-channel key scaling before rotation (default: on for 4-bit "
+                        "keys of models with k_norm, such as Gemma 3, else off)")
     p.add_argument("--kv-k8-layers", default="",
                    help="comma-separated layer indices that store 8-bit keys")
     p.add_argument("--max-kv-size", type=int, default=None,
