@@ -1,8 +1,8 @@
 """Load benchmark: mlx-lm's server (fp16, batched; --kv-bits 4, unbatched) against
 `tqmetal serve --kv int4` (batched), on the bundled SmolLM2-135M.
 
-    nice -n 19 python bench/bench_serve.py                 # 1, 4, 16 clients, 2K-token prompts
-    nice -n 19 python bench/bench_serve.py --quick         # smoke run: 256-token prompts, 1 and 4 clients
+    python bench/bench_serve.py                 # 1, 4, 16 clients, 2K-token prompts (about 80 min on 2 cores)
+    python bench/bench_serve.py --quick         # smoke run: 256-token prompts, 1 and 4 clients
 
 One run starts each server in turn (never two at once) on a loopback port,
 waits for /health, and for each concurrency c sends c requests at once from c
