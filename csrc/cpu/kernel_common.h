@@ -374,18 +374,6 @@ inline bool params_finite(const float* a, const float* b, int ng) {
   return h == h;
 }
 
-// Token j of the keys/values as floats in natural order: a quantized token
-// dequantized element by element, or a tail token.
-inline void token_row(const Problem& P, const QuantView& qv, const View4& tail, int b, int h, int64_t j,
-                      float* out) {
-  if (j < P.N) {
-    dequant_row(P, qv, b, h, j, out);
-  } else {
-    const int64_t off = b * tail.st[0] + h * tail.st[1] + (j - P.N) * tail.st[2];
-    load_row(tail.ptr, off, tail.st[3], P.D, tail.dt, out);
-  }
-}
-
 TQ_INLINE inline void load_group_params(
     const View4& s,
     int b,

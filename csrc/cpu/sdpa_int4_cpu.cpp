@@ -122,6 +122,16 @@ void dequant_row(const Problem& p, const QuantView& q, int b, int h, int64_t n, 
   for (int d = 0; d < p.D; ++d) out[d] = dequant_at(p, q, b, h, n, d);
 }
 
+void token_row(const Problem& p, const QuantView& q, const View4& tail, int b, int h, int64_t j,
+               float* out) {
+  if (j < p.N) {
+    dequant_row(p, q, b, h, j, out);
+    return;
+  }
+  const int64_t off = b * tail.st[0] + h * tail.st[1] + (j - p.N) * tail.st[2];
+  for (int d = 0; d < p.D; ++d) out[d] = to_float(tail.ptr, off + d * tail.st[3], tail.dt);
+}
+
 // MLX's mask semantics at the end of a row. A boolean or causal mask that hides
 // every key leaves MLX softmaxing equal finfo.min scores: the uniform mean of V.
 // An additive mask of -inf everywhere gives 0/0 = NaN, as in MLX. A sink is a
@@ -144,12 +154,10 @@ void finalize_row(const Problem& p, int b, int hkv, int row, float m, float l, c
     l = l * alpha + std::exp2(sk - mnew);
   } else if (dead && (p.mask_kind == MaskKind::causal || p.mask_kind == MaskKind::boolean)) {
     std::fill(tmp, tmp + D, 0.f);
-    for (int64_t n = 0; n < p.N; ++n) {
-      for (int d = 0; d < D; ++d) tmp[d] += dequant_at(p, p.v, b, hkv, n, d);
-    }
-    for (int64_t j = 0; j < p.T; ++j) {
-      const int64_t off = b * p.v_tail.st[0] + hkv * p.v_tail.st[1] + j * p.v_tail.st[2];
-      for (int d = 0; d < D; ++d) tmp[d] += to_float(p.v_tail.ptr, off + d * p.v_tail.st[3], p.v_tail.dt);
+    float* row_v = static_cast<float*>(alloca(sizeof(float) * D));
+    for (int64_t j = 0; j < p.n_total(); ++j) {
+      token_row(p, p.v, p.v_tail, b, hkv, j, row_v);
+      for (int d = 0; d < D; ++d) tmp[d] += row_v[d];
     }
     l = float(p.n_total());
   }

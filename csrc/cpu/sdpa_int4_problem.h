@@ -113,6 +113,11 @@ float to_float(const void* base, int64_t idx, DType dt);
 // (scale * sum(q * code) + bias * sum(q)) would give a different NaN/inf pattern
 // than MLX on the dequantized cache.
 void dequant_row(const Problem& p, const QuantView& q, int b, int h, int64_t n, float* out);
+// Token j of the keys or values as floats in natural order: a quantized token
+// (j < N) through dequant_row, a tail token (j >= N) converted from its dtype.
+// The exact paths' one way to read a token (kernels and finalize_row alike).
+void token_row(const Problem& p, const QuantView& q, const View4& tail, int b, int h, int64_t j,
+               float* out);
 
 // Whether decode may use the AVX512-VNNI integer path (the CPU has it and
 // TQMETAL_CPU_ISA does not ask for plain avx512 or lower).
