@@ -277,17 +277,26 @@ def _check_architecture(arch):
     return arch
 
 
+def _arch_getter(metadata, arch: str):
+    """``get(key, default)`` for the metadata keys under ``<arch>.``; a missing key
+    without a default is a ValueError naming it."""
+
+    def get(key, default=_REQUIRED):
+        value = _value(metadata, f"{arch}.{key}", default)
+        if value is _REQUIRED:
+            raise ValueError(f"GGUF metadata is missing '{arch}.{key}'.")
+        return value
+
+    return get
+
+
 def model_args(metadata, weights, traditional_rope=False):
     """mlx-lm ModelArgs (llama or gemma3_text) from GGUF metadata (and tensor presence)."""
     arch = _check_architecture(metadata.get("general.architecture"))
     if arch == "gemma3":
         return gemma3_model_args(metadata, weights)
 
-    def get(key, default=_REQUIRED):
-        value = _value(metadata, f"llama.{key}", default)
-        if value is _REQUIRED:
-            raise ValueError(f"GGUF metadata is missing 'llama.{key}'.")
-        return value
+    get = _arch_getter(metadata, "llama")
 
     hidden = get("embedding_length")
     n_heads = get("attention.head_count")
@@ -367,11 +376,7 @@ def _swa_pattern(value, n_layers):
 def gemma3_model_args(metadata, weights):
     """mlx-lm gemma3_text ModelArgs from GGUF metadata, as llama.cpp reads them."""
 
-    def get(key, default=_REQUIRED):
-        value = _value(metadata, f"gemma3.{key}", default)
-        if value is _REQUIRED:
-            raise ValueError(f"GGUF metadata is missing 'gemma3.{key}'.")
-        return value
+    get = _arch_getter(metadata, "gemma3")
 
     hidden = get("embedding_length")
     n_heads = get("attention.head_count")
