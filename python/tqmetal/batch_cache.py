@@ -47,7 +47,7 @@ from mlx_lm.models import cache as _mlc
 from mlx_lm.models.base import create_causal_mask
 
 from .cache_storage import STORAGE_DTYPE, dequantize
-from .key_transforms import channel_scales, hadamard_kind, unrotate
+from .key_transforms import channel_scales, hadamard_kind, to_model_space, unrotate
 from .ops import fused_op_available, quantize, sdpa_int4
 
 __all__ = ["BatchInt4KVCache", "BatchRotatingInt4KVCache", "cache_options", "merge_caches"]
@@ -389,13 +389,8 @@ class BatchInt4KVCache(_mlc._BaseCache):
                     fp[..., :s0, :].astype(mx.float32),
                     mx.broadcast_to(sink_idx, (B, 1, idx, 1)).astype(mx.int32), axis=2)
                 x = mx.where((pos >= 0) & (pos < ns), sk, x)
-            if which == 0 and self._kmean is not None:
-                x = x + self._kmean
-            x = x.astype(getattr(mx, self.model_dtype))
-            x = unrotate(x) if rot else x
-            if which == 0 and self._kscale is not None:
-                x = x * self._kscale.astype(x.dtype)
-            out.append(x)
+            out.append(to_model_space(x, getattr(mx, self.model_dtype), rot,
+                                      *((self._kmean, self._kscale) if which == 0 else ())))
         return tuple(out)
 
     def _fetch(self):

@@ -90,7 +90,8 @@ from .cache_order import KeyOrder, translate_mask_memo
 from .cache_storage import (STORAGE_DTYPE, FullPrecisionPart, QuantizedPart, dequantize,
                             empty_triple)
 from .calibrate import calibrate_channel_scales
-from .key_transforms import channel_scales, hadamard_kind, scale_queries, unrotate
+from .key_transforms import (channel_scales, hadamard_kind, scale_queries, to_model_space,
+                             unrotate)
 from .ops import fused_op_available, quantize, sdpa_int4
 
 __all__ = ["Int4KVCache", "RotatingInt4KVCache", "make_prompt_cache", "fused_op_available",
@@ -460,13 +461,8 @@ class Int4KVCache(_mlc._BaseCache):
                 parts.append(window[j])
             parts = [x.astype(mx.float32) for x in parts]
             x = parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=2)
-            if j == 0 and self._kmean is not None:
-                x = x + self._kmean
-            x = x.astype(getattr(mx, self.model_dtype))
-            x = unrotate(x) if rot else x
-            if j == 0 and self._kscale is not None:
-                x = x * self._kscale.astype(x.dtype)
-            out.append(x)
+            out.append(to_model_space(x, getattr(mx, self.model_dtype), rot,
+                                      *((self._kmean, self._kscale) if j == 0 else ())))
         return tuple(out)
 
     def _fetch(self):

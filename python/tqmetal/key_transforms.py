@@ -48,6 +48,19 @@ def unrotate(x):
     return x @ _INVERSE[key]
 
 
+def to_model_space(x, dtype, rotated: bool, mean=None, scale=None):
+    """K or V (float32, as stored: centred, rotated, divided by channel scales)
+    back to what the model computed: the mean added back, cast to ``dtype``,
+    un-rotated, times the channel scales (the inverse of the store's order)."""
+    if mean is not None:
+        x = x + mean
+    x = x.astype(dtype)
+    x = unrotate(x) if rotated else x
+    if scale is not None:
+        x = x * scale.astype(x.dtype)
+    return x
+
+
 def normalized_scales(r, alpha: float):
     """``r ** alpha`` (r clamped away from zero), divided by its geometric mean
     over the last axis, in float16."""
