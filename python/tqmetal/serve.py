@@ -141,8 +141,16 @@ def _load(model_path, adapter_path=None, tokenizer_config=None, return_config=Fa
     return out
 
 
+def _is_gguf(path) -> bool:
+    return str(path).lower().endswith(".gguf")
+
+
+def _numpy_prefill_off(why: str):
+    print(f"tqmetal serve: --numpy-prefill is off: {why}", file=sys.stderr)
+
+
 def _load_model(model_path, adapter_path, tokenizer_config, return_config, **kwargs):
-    if str(model_path).lower().endswith(".gguf"):
+    if _is_gguf(model_path):
         if adapter_path is not None:
             raise ValueError("adapters are not supported for .gguf models")
         from .gguf import load_gguf
@@ -163,7 +171,9 @@ def _sharded_load(repo, pipeline_group=None, tensor_group=None, return_config=Fa
     """``mlx_lm.utils.sharded_load`` (mlx_lm.server under ``mlx.launch``) that also takes
     a .gguf file: each rank loads it whole and keeps its part (tqmetal.distributed:
     mlx-lm's tensor-parallel ``shard`` where the KV heads divide, else a pipeline)."""
-    if not str(repo).lower().endswith(".gguf"):
+    if not _is_gguf(repo):
+        if numpy_prefill:
+            _numpy_prefill_off("mlx-lm's sharded loader serves this model as it is")
         return original(repo, pipeline_group, tensor_group, return_config, **kwargs)
     import mlx.core as mx
 
@@ -182,6 +192,8 @@ def _sharded_load(repo, pipeline_group=None, tensor_group=None, return_config=Fa
         from .blas import numpy_matmuls
 
         numpy_matmuls(model, embedding_as_linear=False)
+    elif numpy_prefill:
+        _numpy_prefill_off("a tensor-parallel layer's all_sum lives in its linear layers")
     return (model, tokenizer, {}) if return_config else (model, tokenizer)
 
 
