@@ -233,3 +233,17 @@ def test_synthetic_float_gguf(tmp_path):
     assert ids == [0] + [tokens.index(t) for t in ("t", "he", "Ġthe")]
     assert tokenizer.decode(ids, skip_special_tokens=True) == "the the"
     assert tokenizer.eos_token_ids == {1, 2}
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_rope_scaling(arch):
+    """Both readers take <arch>.rope.scaling.* the same way: linear or none, else a
+    ValueError naming the kind."""
+    get = gguf._arch_getter
+    meta = {f"{arch}.rope.scaling.type": "linear", f"{arch}.rope.scaling.factor": 4.0}
+    assert gguf._rope_scaling(get(meta, arch)) == {"type": "linear", "factor": 4.0}
+    assert gguf._rope_scaling(get({}, arch)) is None
+    with pytest.raises(ValueError, match="yarn"):
+        gguf._rope_scaling(get({f"{arch}.rope.scaling.type": "yarn"}, arch))
+    with pytest.raises(ValueError, match="rope.scaling.factor"):
+        gguf._rope_scaling(get({f"{arch}.rope.scaling.type": "linear"}, arch))

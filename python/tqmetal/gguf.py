@@ -290,6 +290,16 @@ def _arch_getter(metadata, arch: str):
     return get
 
 
+def _rope_scaling(get):
+    """mlx-lm's ``rope_scaling`` from ``<arch>.rope.scaling.*`` (linear or none)."""
+    scaling = get("rope.scaling.type", "none")
+    if scaling == "linear":
+        return {"type": "linear", "factor": float(get("rope.scaling.factor"))}
+    if scaling != "none":
+        raise ValueError(f"Unsupported rope scaling {scaling!r}.")
+    return None
+
+
 def model_args(metadata, weights, traditional_rope=False):
     """mlx-lm ModelArgs (llama or gemma3_text) from GGUF metadata (and tensor presence)."""
     arch = _check_architecture(metadata.get("general.architecture"))
@@ -305,12 +315,7 @@ def model_args(metadata, weights, traditional_rope=False):
         # mlx-lm's llama rotates the whole head.
         raise ValueError("Partial rotary embeddings are not supported.")
 
-    rope_scaling = None
-    scaling = _value(metadata, "llama.rope.scaling.type", "none")
-    if scaling == "linear":
-        rope_scaling = {"type": "linear", "factor": get("rope.scaling.factor")}
-    elif scaling != "none":
-        raise ValueError(f"Unsupported rope scaling {scaling!r}.")
+    rope_scaling = _rope_scaling(get)
 
     vocab_size = _value(metadata, "llama.vocab_size")
     if vocab_size is None:
@@ -384,12 +389,7 @@ def gemma3_model_args(metadata, weights):
     if get("attention.value_length", head_dim) != head_dim:
         raise ValueError("gemma3: key and value head dims differ; mlx-lm needs them equal.")
     n_layers = get("block_count")
-    rope_scaling = None
-    scaling = get("rope.scaling.type", "none")
-    if scaling == "linear":
-        rope_scaling = {"type": "linear", "factor": float(get("rope.scaling.factor"))}
-    elif scaling != "none":
-        raise ValueError(f"Unsupported rope scaling {scaling!r}.")
+    rope_scaling = _rope_scaling(get)
     vocab_size = get("vocab_size", None)
     if vocab_size is None:
         vocab_size = len(metadata["tokenizer.ggml.tokens"])
