@@ -12,7 +12,12 @@ tokens through each cache (the configs of ``tqmetal eval``; ``fp16`` is the
 unquantized reference cache) and ``--answer-tokens`` tokens are generated
 greedily; a cell counts as retrieved when the key's digits appear in them.
 What matters is that a quantized cache retrieves what the reference retrieves:
-a small base model fails some cells on its own.
+a small base model fails some cells on its own. So each cell also scores the
+key itself, teacher-forced from a copy of the cache taken after the prefill:
+log P(" <key>" | prompt) in nats, and the rank of the key's first token at
+the answer position. Where the model does not say the key, these still show
+whether a quantized cache moved it (the reference's log-probability is the
+baseline).
 
 On the CPU the model's matrix products go through numpy's BLAS, as in
 ``tqmetal eval``; only the last prompt position goes through the output layer.
@@ -21,6 +26,7 @@ On the CPU the model's matrix products go through numpy's BLAS, as in
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import time
@@ -57,16 +63,34 @@ def passkey_prompt(tokenizer, length: int, depth: float, key: int) -> tuple:
     return ids, len(head) + before * len(unit)
 
 
-def greedy_answer(model, ids: Sequence[int], cache, n: int, chunk: int) -> List[int]:
-    """Prefill ``ids`` (all but the last through the model's body only, no output
-    layer), then ``n`` greedy tokens."""
-    toks = mx.array(list(ids), dtype=mx.int32)
+def prefill(model, ids: Sequence[int], cache, chunk: int):
+    """All of ``ids`` but the last through the model's body only (no output layer)."""
+    toks = mx.array(list(ids[:-1]), dtype=mx.int32)
     body = model.model
     for start in range(0, len(ids) - 1, chunk):
-        stop = min(start + chunk, len(ids) - 1)
-        mx.eval(body(toks[start:stop][None], cache=cache))
+        mx.eval(body(toks[start:start + chunk][None], cache=cache))
         _eval_cache(cache)
-    y = toks[-1:]
+
+
+def key_score(model, last_id: int, cache, key_ids: Sequence[int]) -> tuple:
+    """(log P(key_ids | prompt) in nats, rank of key_ids[0] at the answer position:
+    0 = the model's first choice), teacher-forced after the prompt's last token."""
+    toks = mx.array([last_id, *key_ids[:-1]], dtype=mx.int32)[None]
+    logits = model(toks, cache=cache)[0].astype(mx.float32)
+    logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    ids = mx.array(list(key_ids), dtype=mx.int32)
+    total = mx.take_along_axis(logp, ids[:, None], axis=-1).sum()
+    rank = (logits[0] > logits[0, key_ids[0]]).sum()
+    mx.eval(total, rank)
+    return float(total.item()), int(rank.item())
+
+
+def greedy_answer(model, ids: Sequence[int], cache, n: int, chunk: int,
+                  prefilled: bool = False) -> List[int]:
+    """Prefill ``ids`` (unless ``prefilled``), then ``n`` greedy tokens."""
+    if not prefilled:
+        prefill(model, ids, cache, chunk)
+    y = mx.array([ids[-1]], dtype=mx.int32)
     out = []
     for _ in range(n):
         logits = model(y[None], cache=cache)[0, -1]
@@ -93,13 +117,22 @@ def run_grid(model, tokenizer, lengths, depths, configs, answer_tokens=8, chunk=
         for d in depths:
             key = keys[(L, d)]
             ids, at = passkey_prompt(tokenizer, L, d, key)
+            key_ids = list(tokenizer.encode(f" {key}", add_special_tokens=False))
             for c in configs:
                 t0 = time.perf_counter()
-                answer = greedy_answer(model, ids, c.make_cache(model), answer_tokens, chunk)
+                cache = c.make_cache(model)
+                prefill(model, ids, cache, chunk)
+                # the answer and the score each extend a cache: the score gets a copy
+                # (MLX arrays are values: the copy shares buffers until one is written)
+                scored = copy.deepcopy(cache)
+                answer = greedy_answer(model, ids, cache, answer_tokens, chunk, prefilled=True)
+                logp, rank = key_score(model, ids[-1], scored, key_ids)
+                del cache, scored
                 text = tokenizer.decode(answer)
                 row = {"config": c.name, "length": L, "tokens": len(ids), "depth": d,
                        "needle_at": at, "key": key, "answer": text,
                        "retrieved": str(key) in text.replace(" ", ""),
+                       "key_logprob": round(logp, 4), "key_rank": rank,
                        "seconds": round(time.perf_counter() - t0, 1)}
                 rows.append(row)
                 done += 1
@@ -124,6 +157,16 @@ def format_grid(rows: list) -> str:
             marks = ["   Y" if cell.get((c, L, d)) else
                      ("   n" if (c, L, d) in cell else "   -") for L in lengths]
             lines.append(c.ljust(max(len(x) for x in configs)) + f"  {d:5.2f}  " + "  ".join(marks))
+    if all("key_logprob" in r for r in rows):
+        lp = {(r["config"], r["length"], r["depth"]): r["key_logprob"] for r in rows}
+        w = max(len(x) for x in configs)
+        lp_head = "log P(key), nats".ljust(w) + "  depth  " + " ".join(
+            (f"{L // 1024}K" if L % 1024 == 0 else str(L)).rjust(7) for L in lengths)
+        lines += ["", lp_head, "-" * len(lp_head)]
+        for c in configs:
+            for d in depths:
+                vals = [f"{lp[(c, L, d)]:7.2f}" if (c, L, d) in lp else "      -" for L in lengths]
+                lines.append(c.ljust(max(len(x) for x in configs)) + f"  {d:5.2f}  " + " ".join(vals))
     return "\n".join(lines)
 
 
@@ -211,7 +254,8 @@ def main(argv=None) -> int:
         if not args.quiet:
             print(f"[{done}/{total}] {row['config']} {row['length']} tokens depth {row['depth']}"
                   f": {'retrieved' if row['retrieved'] else 'missed'} ({row['answer']!r}, "
-                  f"key {row['key']}, {row['seconds']}s)", file=sys.stderr, flush=True)
+                  f"key {row['key']}, log P {row['key_logprob']:.2f}, rank {row['key_rank']}, "
+                  f"{row['seconds']}s)", file=sys.stderr, flush=True)
 
     with patched():
         rows = run_grid(model, tokenizer, lengths, depths, configs, args.answer_tokens,
