@@ -72,6 +72,19 @@ def prefill(model, ids: Sequence[int], cache, chunk: int):
         _eval_cache(cache)
 
 
+# MLX dtypes cannot be copied (nor pickled): deepcopy keeps them as they are
+_DTYPES = [getattr(mx, n) for n in ("bool_", "uint8", "uint16", "uint32", "uint64", "int8",
+                                    "int16", "int32", "int64", "float16", "bfloat16",
+                                    "float32", "float64", "complex64") if hasattr(mx, n)]
+
+
+def copy_cache(cache):
+    """A copy of a prompt cache (a list of layer caches) that later updates of
+    either leave the other alone. MLX arrays are values: the copy shares their
+    buffers until one side writes."""
+    return copy.deepcopy(cache, {id(d): d for d in _DTYPES})
+
+
 def key_score(model, last_id: int, cache, key_ids: Sequence[int]) -> tuple:
     """(log P(key_ids | prompt) in nats, rank of key_ids[0] at the answer position:
     0 = the model's first choice), teacher-forced after the prompt's last token."""
@@ -124,7 +137,7 @@ def run_grid(model, tokenizer, lengths, depths, configs, answer_tokens=8, chunk=
                 prefill(model, ids, cache, chunk)
                 # the answer and the score each extend a cache: the score gets a copy
                 # (MLX arrays are values: the copy shares buffers until one is written)
-                scored = copy.deepcopy(cache)
+                scored = copy_cache(cache)
                 answer = greedy_answer(model, ids, cache, answer_tokens, chunk, prefilled=True)
                 logp, rank = key_score(model, ids[-1], scored, key_ids)
                 del cache, scored
