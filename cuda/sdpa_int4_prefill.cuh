@@ -87,7 +87,7 @@ __device__ __forceinline__ u32 lds32(const u16* p) {
 // Dequantizes keys [kt, kt + BK) of one cache (K or V) into shared memory: K as
 // dst[key * QS + d], V transposed as dst[d * VS + key]; `lo` receives the float16
 // remainders when split. Keys past N come from the tail, keys past N + T are zero.
-template <int MT, int D, int BITS, int GS, bool TRANSPOSED>
+template <int MT, int D, int BITS, int GS, bool TRANSPOSED, int NTHR = kPrefillWarps * 32>
 __device__ __forceinline__ void dequant_tile(
     u16* hi, u16* lo, const TqParams& p, const u32* packed, const void* scales, const void* biases,
     const void* tail, int st_packed, int st_scales, int st_biases, int st_tail, int b, int hkv, int kt) {
@@ -95,7 +95,7 @@ __device__ __forceinline__ void dequant_tile(
   constexpr int PER = 32 / BITS;  // elements per word
   constexpr int WPR = D / PER;  // words per key
   const int N = p.N, NT = p.N + p.T;
-  for (int i = threadIdx.x; i < S::BK * WPR; i += kPrefillWarps * 32) {
+  for (int i = threadIdx.x; i < S::BK * WPR; i += NTHR) {
     const int key = i / WPR, wi = i % WPR;
     const int t = kt + key;
     const int e0 = wi * PER;
@@ -121,6 +121,118 @@ __device__ __forceinline__ void dequant_tile(
       const u16 h = to_op<MT>(v[j]);
       hi[at] = h;
       if constexpr (MT == 2) lo[at] = f32_to_f16(v[j] - f16_to_f32(h));
+    }
+  }
+}
+
+// This lane's two query rows (g and g + 8 of the 16 rows from `r_base`): query head,
+// position, and whether the row exists (rows past R are computed from row R - 1 and
+// never stored).
+__device__ __forceinline__ void prefill_rows(int r_base, int hkv, const TqParams& p, int (&hq2)[2], int (&qpos2)[2],
+                                             bool (&live2)[2]) {
+  const int g = (threadIdx.x & 31) >> 2;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int row = r_base + g + 8 * h;
+    live2[h] = row < p.R;
+    const int rr = min(row, p.R - 1);
+    hq2[h] = hkv * p.G + rr % p.G;
+    qpos2[h] = rr / p.G;
+  }
+}
+
+// One key tile's softmax step for a warp's 16 x 8 NT8 raw scores `s` (keys from kt):
+// scale to the log2 domain, mask (keys past N + T and the op's mask, when `need_mask`),
+// update the running max and sum, rescale the output accumulators, and return the
+// probabilities as the A operand of P V (MT 2: float16 hi + lo).
+template <int MT, int NT8, int DT8>
+__device__ __forceinline__ void prefill_softmax(float (&s)[NT8][4], float (&o)[DT8][4], float (&m2)[2], float (&l2)[2],
+                                                u32 (&pa)[MT == 2 ? 2 : 1][NT8 / 2][4], const TqParams& p, bool need_mask,
+                                                int kt, int b, const int (&hq2)[2], const int (&qpos2)[2]) {
+  constexpr int NSPLIT = MT == 2 ? 2 : 1;
+  const int tq = threadIdx.x & 3;
+  const int NT = p.N + p.T;
+#pragma unroll
+  for (int j = 0; j < NT8; ++j) {
+#pragma unroll
+    for (int c = 0; c < 4; ++c) s[j][c] *= p.qscale;
+  }
+  if (need_mask) {
+#pragma unroll
+    for (int j = 0; j < NT8; ++j) {
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        const int h = c >> 1;
+        const int t = kt + j * 8 + 2 * tq + (c & 1);
+        s[j][c] = t >= NT ? -kInf : apply_mask(s[j][c], p, b, hq2[h], qpos2[h], t);
+      }
+    }
+  }
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    float mx = -kInf;
+#pragma unroll
+    for (int j = 0; j < NT8; ++j) mx = fmaxf(mx, fmaxf(s[j][2 * h], s[j][2 * h + 1]));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    const float mn = fmaxf(m2[h], mx);
+    const float f = m2[h] == mn ? 1.f : exp2a(m2[h] - mn);
+    m2[h] = mn;
+    float rs = 0.f;
+#pragma unroll
+    for (int j = 0; j < NT8; ++j) {
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        const float x = s[j][2 * h + c];
+        const float pr = x == -kInf ? 0.f : exp2a(x - mn);
+        s[j][2 * h + c] = pr;
+        rs += pr;
+      }
+    }
+    l2[h] = l2[h] * f + rs;
+#pragma unroll
+    for (int j = 0; j < DT8; ++j) {
+      o[j][2 * h] *= f;
+      o[j][2 * h + 1] *= f;
+    }
+  }
+#pragma unroll
+  for (int kk = 0; kk < NT8 / 2; ++kk) {
+    // A fragment of keys [16 kk, 16 kk + 16): score tiles 2 kk (cols 0-7) and 2 kk + 1.
+    pa[0][kk][0] = pack2<MT>(s[2 * kk][0], s[2 * kk][1]);
+    pa[0][kk][1] = pack2<MT>(s[2 * kk][2], s[2 * kk][3]);
+    pa[0][kk][2] = pack2<MT>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+    pa[0][kk][3] = pack2<MT>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+    if constexpr (MT == 2) {
+      pa[NSPLIT - 1][kk][0] = pack2_rest(s[2 * kk][0], s[2 * kk][1]);
+      pa[NSPLIT - 1][kk][1] = pack2_rest(s[2 * kk][2], s[2 * kk][3]);
+      pa[NSPLIT - 1][kk][2] = pack2_rest(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+      pa[NSPLIT - 1][kk][3] = pack2_rest(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+    }
+  }
+}
+
+// Normalizes a warp's 16 x D outputs (sinks join here) and writes this lane's elements.
+template <int DT8>
+__device__ __forceinline__ void prefill_store(const float (&o)[DT8][4], const float (&m2)[2], const float (&l2)[2],
+                                              const TqParams& p, int b, const int (&hq2)[2], const int (&qpos2)[2],
+                                              const bool (&live2)[2]) {
+  constexpr int D = DT8 * 8;
+  const int tq = threadIdx.x & 3;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    float lsum = l2[h];
+    lsum += __shfl_xor_sync(0xffffffffu, lsum, 1);
+    lsum += __shfl_xor_sync(0xffffffffu, lsum, 2);
+    if (!live2[h]) continue;
+    const i64 ob = ((i64(b) * p.Hq + hq2[h]) * p.L + qpos2[h]) * D;
+#pragma unroll
+    for (int j = 0; j < DT8; ++j) {
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        const int d = j * 8 + 2 * tq + c;
+        store_f(p.out, ob + d, p.q_dtype, finish_row(o[j][2 * h + c], m2[h], lsum, p, hq2[h]));
+      }
     }
   }
 }
@@ -169,17 +281,9 @@ __device__ __forceinline__ void prefill_impl(const TqParams& p) {
   int kend = NT;
   if (causal && diag_first >= 0) kend = min(NT, diag_last + 1);
 
-  // This lane's two rows (g and g + 8 of its warp's 16).
   int hq2[2], qpos2[2];
   bool live2[2];
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int row = r0 + warp * 16 + g + 8 * h;
-    live2[h] = row < R;
-    const int rr = min(row, R - 1);
-    hq2[h] = hkv * G + rr % G;
-    qpos2[h] = rr / G;
-  }
+  prefill_rows(r0 + warp * 16, hkv, p, hq2, qpos2, live2);
 
   float o[DT8][4];
 #pragma unroll
@@ -227,70 +331,10 @@ __device__ __forceinline__ void prefill_impl(const TqParams& p) {
       }
     }
 
-#pragma unroll
-    for (int j = 0; j < NT8; ++j) {
-#pragma unroll
-      for (int c = 0; c < 4; ++c) s[j][c] *= p.qscale;
-    }
-
-    // Masks and padding.
+    // Masks and padding, online softmax; the probabilities become the A operand of P V.
     const bool need_mask = array_mask || (causal && (kt + BK - 1 > diag_first)) || kt + BK > NT;
-    if (need_mask) {
-#pragma unroll
-      for (int j = 0; j < NT8; ++j) {
-#pragma unroll
-        for (int c = 0; c < 4; ++c) {
-          const int h = c >> 1;
-          const int t = kt + j * 8 + 2 * tq + (c & 1);
-          s[j][c] = t >= NT ? -kInf : apply_mask(s[j][c], p, b, hq2[h], qpos2[h], t);
-        }
-      }
-    }
-
-    // Online softmax; the probabilities become the A operand of P V.
     u32 pa[NSPLIT][NT8 / 2][4];
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      float mx = -kInf;
-#pragma unroll
-      for (int j = 0; j < NT8; ++j) mx = fmaxf(mx, fmaxf(s[j][2 * h], s[j][2 * h + 1]));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float mn = fmaxf(m2[h], mx);
-      const float f = m2[h] == mn ? 1.f : exp2a(m2[h] - mn);
-      m2[h] = mn;
-      float rs = 0.f;
-#pragma unroll
-      for (int j = 0; j < NT8; ++j) {
-#pragma unroll
-        for (int c = 0; c < 2; ++c) {
-          const float x = s[j][2 * h + c];
-          const float pr = x == -kInf ? 0.f : exp2a(x - mn);
-          s[j][2 * h + c] = pr;
-          rs += pr;
-        }
-      }
-      l2[h] = l2[h] * f + rs;
-#pragma unroll
-      for (int j = 0; j < DT8; ++j) {
-        o[j][2 * h] *= f;
-        o[j][2 * h + 1] *= f;
-      }
-    }
-#pragma unroll
-    for (int kk = 0; kk < NT8 / 2; ++kk) {
-      // A fragment of keys [16 kk, 16 kk + 16): score tiles 2 kk (cols 0-7) and 2 kk + 1.
-      pa[0][kk][0] = pack2<MT>(s[2 * kk][0], s[2 * kk][1]);
-      pa[0][kk][1] = pack2<MT>(s[2 * kk][2], s[2 * kk][3]);
-      pa[0][kk][2] = pack2<MT>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-      pa[0][kk][3] = pack2<MT>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-      if constexpr (MT == 2) {
-        pa[NSPLIT - 1][kk][0] = pack2_rest(s[2 * kk][0], s[2 * kk][1]);
-        pa[NSPLIT - 1][kk][1] = pack2_rest(s[2 * kk][2], s[2 * kk][3]);
-        pa[NSPLIT - 1][kk][2] = pack2_rest(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-        pa[NSPLIT - 1][kk][3] = pack2_rest(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-      }
-    }
+    prefill_softmax<MT, NT8, DT8>(s, o, m2, l2, pa, p, need_mask, kt, b, hq2, qpos2);
 
     // O += P V.
 #pragma unroll
@@ -313,23 +357,7 @@ __device__ __forceinline__ void prefill_impl(const TqParams& p) {
     }
   }
 
-  // Normalize (sinks join here) and write this lane's elements.
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    float lsum = l2[h];
-    lsum += __shfl_xor_sync(0xffffffffu, lsum, 1);
-    lsum += __shfl_xor_sync(0xffffffffu, lsum, 2);
-    if (!live2[h]) continue;
-    const i64 ob = ((i64(b) * p.Hq + hq2[h]) * L + qpos2[h]) * D;
-#pragma unroll
-    for (int j = 0; j < DT8; ++j) {
-#pragma unroll
-      for (int c = 0; c < 2; ++c) {
-        const int d = j * 8 + 2 * tq + c;
-        store_f(p.out, ob + d, p.q_dtype, finish_row(o[j][2 * h + c], m2[h], lsum, p, hq2[h]));
-      }
-    }
-  }
+  prefill_store<DT8>(o, m2, l2, p, b, hq2, qpos2, live2);
 }
 
 // Dynamic shared memory of one prefill CTA (bytes); the host plan computes the same.
@@ -337,6 +365,246 @@ template <int MT, int D>
 constexpr int prefill_smem_bytes() {
   using S = PrefillShape<D>;
   return (MT == 2 ? 2 : 1) * (S::BQ * S::QS + S::BK * S::QS + D * S::VS) * 2;
+}
+
+// ---------------------------------------------------------------------------------------
+// Fast path (float16/bfloat16 q, D 64 or 128, every 16-byte piece of a token's packed
+// codes inside one quantization group, packed rows that allow 16-byte loads):
+//
+//   grid     (B * H_kv, row_tiles) CTAs of W warps, W * 16 query rows of one KV head.
+//   keys     tiles of 64 keys, two stages in shared memory: K as Ks[key][d] and V as
+//            Vs[key][d] (float16, row stride D + 8 halves: conflict-free ldmatrix).
+//            While the warps multiply tile i, the packed words and scales of tile i + 1
+//            are already in flight (16-byte loads into registers, issued before the
+//            tile's mma); after the mma each thread dequantizes its pieces (float32
+//            fma, one rounding to float16, the generic kernel's values) into the other
+//            stage. One barrier per tile.
+//   mma      q's fragments stay in registers for the whole loop; K fragments by
+//            ldmatrix.x4, V fragments by ldmatrix.x4.trans (no transposed stores).
+//   rest     tiles with keys past N (the tail, the end) are dequantized by the generic
+//            element loop; masks, softmax and the epilogue are the generic kernel's.
+// ---------------------------------------------------------------------------------------
+
+template <int D>
+struct PrefillFastShape {
+  static constexpr int BK = 64;
+  static constexpr int KS = D + 8;  // row stride (halves) of Ks and Vs
+  static constexpr int TILE = BK * KS;  // halves of one K or V stage
+};
+
+__device__ __forceinline__ u32 smem_u32(const void* p) {
+  return static_cast<u32>(__cvta_generic_to_shared(p));
+}
+__device__ __forceinline__ void ldsm_x4(u32 (&r)[4], u32 addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+}
+__device__ __forceinline__ void ldsm_x4_t(u32 (&r)[4], u32 addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+}
+__device__ __forceinline__ void sts_v4(u16* p, u32 a, u32 b, u32 c, u32 d) {
+  asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};" ::"r"(smem_u32(p)), "r"(a), "r"(b), "r"(c), "r"(d)
+               : "memory");
+}
+__device__ __forceinline__ void ldg_v4(u32 (&w)[4], const u32* p) {
+  asm volatile("ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(w[0]), "=r"(w[1]), "=r"(w[2]), "=r"(w[3]) : "l"(p));
+}
+
+// The 16-byte pieces of one cache's (K's or V's) key tile that a thread loads: piece c
+// (thread + i * NTHR) is key c % BK, piece c / BK of the key's row (consecutive threads
+// take consecutive keys, so their shared-memory rows are conflict-free).
+template <int D, int BITS, int GS, int NTHR>
+struct FastPieces {
+  static constexpr int BK = PrefillFastShape<D>::BK;
+  static constexpr int EPP = 128 / BITS;  // elements per piece
+  static constexpr int PPK = D / EPP;  // pieces per key
+  static constexpr int NP = BK * PPK;  // pieces per tile
+  static constexpr int PER = (NP + NTHR - 1) / NTHR;  // per thread
+  static_assert(GS % EPP == 0, "a piece must lie inside one quantization group");
+  u32 w[PER][4];
+  float sc[PER], bi[PER];
+
+  __device__ __forceinline__ void load(const TqParams& p, const u32* packed, const void* scales, const void* biases,
+                                       int st_packed, int st_scales, int st_biases, int b, int hkv, int kt) {
+    const u32* pk = packed + b * p.st[st_packed] + hkv * p.st[st_packed + 1];
+    const i64 so = b * p.st[st_scales] + hkv * p.st[st_scales + 1];
+    const i64 bo = b * p.st[st_biases] + hkv * p.st[st_biases + 1];
+#pragma unroll
+    for (int i = 0; i < PER; ++i) {
+      const int c = threadIdx.x + i * NTHR;
+      if (NP % NTHR != 0 && c >= NP) break;
+      const int t = kt + c % BK, pc = c / BK;
+      ldg_v4(w[i], pk + i64(t) * p.st[st_packed + 2] + pc * 4);
+      const int grp = pc * EPP / GS;
+      sc[i] = load_f(scales, so + i64(t) * p.st[st_scales + 2] + grp, p.scale_dtype);
+      bi[i] = load_f(biases, bo + i64(t) * p.st[st_biases + 2] + grp, p.scale_dtype);
+    }
+  }
+
+  // scale * code + bias in float32, rounded once to float16 (the generic kernel's value).
+  __device__ __forceinline__ void store(u16* dst) const {
+    constexpr int HP = 16 / BITS;  // codes per 16-bit half of a word
+    constexpr int KS = PrefillFastShape<D>::KS;
+#pragma unroll
+    for (int i = 0; i < PER; ++i) {
+      const int c = threadIdx.x + i * NTHR;
+      if (NP % NTHR != 0 && c >= NP) break;
+      float scp[HP];
+#pragma unroll
+      for (int k = 0; k < HP; ++k) scp[k] = sc[i] * code_inv<BITS>(k);
+      u32 h[EPP / 2];  // float16 pairs, element order
+#pragma unroll
+      for (int wi = 0; wi < 4; ++wi) {
+        const u32 halves[2] = {w[i][wi] & 0xFFFFu, w[i][wi] >> 16};
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+#pragma unroll
+          for (int k = 0; k < HP; k += 2) {
+            const float v0 = fmaf(scp[k], shifted_code<BITS>(halves[hh], k), bi[i]);
+            const float v1 = fmaf(scp[k + 1], shifted_code<BITS>(halves[hh], k + 1), bi[i]);
+            h[(wi * 2 * HP + hh * HP + k) / 2] = pack2<0>(v0, v1);
+          }
+        }
+      }
+      u16* row = dst + (c % BK) * KS + (c / BK) * EPP;
+#pragma unroll
+      for (int s = 0; s < EPP / 8; ++s) sts_v4(row + 8 * s, h[4 * s], h[4 * s + 1], h[4 * s + 2], h[4 * s + 3]);
+    }
+  }
+};
+
+template <int D, int KB, int VB, int GS, int W>
+__device__ __forceinline__ void prefill_fast_impl(const TqParams& p) {
+  using S = PrefillFastShape<D>;
+  constexpr int BQ = 16 * W, BK = S::BK, KS = S::KS, TILE = S::TILE, NTHR = 32 * W;
+  constexpr int NT8 = BK / 8, DT8 = D / 8, DK16 = D / 16;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  u16* sm = reinterpret_cast<u16*>(smem_raw);  // [stage][K, V][BK][KS]
+
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int tq = lane & 3;
+  const int Hkv = p.Hkv, G = p.G, R = p.R, L = p.L, N = p.N, NT = p.N + p.T;
+  const int b = blockIdx.x / Hkv, hkv = blockIdx.x % Hkv;
+  const int tile = gridDim.y - 1 - blockIdx.y;  // heaviest first under a causal mask
+  const int r0 = tile * BQ;
+  const int r_last = min(r0 + BQ, R) - 1;
+
+  int hq2[2], qpos2[2];
+  bool live2[2];
+  prefill_rows(r0 + warp * 16, hkv, p, hq2, qpos2, live2);
+
+  // q's A fragments for the whole loop: a0 (row g, d 2tq..), a1 (row g + 8), a2/a3 (d + 8).
+  u32 qa[DK16][4];
+  {
+    const i64 qo0 = b * p.st[ST_Q] + hq2[0] * p.st[ST_Q + 1] + i64(qpos2[0]) * p.st[ST_Q + 2];
+    const i64 qo1 = b * p.st[ST_Q] + hq2[1] * p.st[ST_Q + 1] + i64(qpos2[1]) * p.st[ST_Q + 2];
+#pragma unroll
+    for (int kk = 0; kk < DK16; ++kk) {
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        const i64 o = ((r & 1) ? qo1 : qo0) + kk * 16 + 2 * tq + (r >> 1) * 8;
+        qa[kk][r] = pack2<0>(load_f(p.q, o, p.q_dtype), load_f(p.q, o + 1, p.q_dtype));
+      }
+    }
+  }
+
+  const bool causal = p.mask_kind == MK_CAUSAL;
+  const bool array_mask = p.mask_kind == MK_BOOL || p.mask_kind == MK_ADDITIVE;
+  const int diag_first = r0 / G + NT - L;
+  const int diag_last = r_last / G + NT - L;
+  int kend = NT;
+  if (causal && diag_first >= 0) kend = min(NT, diag_last + 1);
+
+  FastPieces<D, KB, GS, NTHR> kp;
+  FastPieces<D, VB, GS, NTHR> vp;
+  // Stage s of a tile: K at sm + s * 2 TILE, V after it. Keys past N: generic loop.
+  auto fill = [&](int stage, int kt, bool loaded) {
+    u16* ks = sm + stage * 2 * TILE;
+    if (loaded) {
+      kp.store(ks);
+      vp.store(ks + TILE);
+    } else {
+      dequant_tile<0, D, KB, GS, false, NTHR>(ks, nullptr, p, p.k_packed, p.k_scales, p.k_biases, p.k_tail,
+                                              ST_K_PACKED, ST_K_SCALES, ST_K_BIASES, ST_K_TAIL, b, hkv, kt);
+      dequant_tile<0, D, VB, GS, false, NTHR>(ks + TILE, nullptr, p, p.v_packed, p.v_scales, p.v_biases, p.v_tail,
+                                              ST_V_PACKED, ST_V_SCALES, ST_V_BIASES, ST_V_TAIL, b, hkv, kt);
+    }
+  };
+  auto issue = [&](int kt) {
+    kp.load(p, p.k_packed, p.k_scales, p.k_biases, ST_K_PACKED, ST_K_SCALES, ST_K_BIASES, b, hkv, kt);
+    vp.load(p, p.v_packed, p.v_scales, p.v_biases, ST_V_PACKED, ST_V_SCALES, ST_V_BIASES, b, hkv, kt);
+  };
+
+  float o[DT8][4];
+#pragma unroll
+  for (int j = 0; j < DT8; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
+  float m2[2] = {-kInf, -kInf}, l2[2] = {0.f, 0.f};
+
+  // ldmatrix lane offsets (bytes): K matrices (keys +0/+8) x (d +0/+8) in the order
+  // b0/b1 of n-tile 2j, b0/b1 of 2j + 1; V (keys +0/+8) x (d +0/+8) transposed likewise.
+  const u32 k_lane = 2u * (((lane & 7) + ((lane >> 4) << 3)) * KS + ((lane >> 3) & 1) * 8);
+  const u32 v_lane = 2u * (((lane & 7) + (((lane >> 3) & 1) << 3)) * KS + (lane >> 4) * 8);
+  const u32 sbase = smem_u32(sm);
+
+  if (kend > 0) {
+    const bool full0 = BK <= N;
+    if (full0) issue(0);
+    fill(0, 0, full0);
+  }
+  __syncthreads();
+
+  int stage = 0;
+  for (int kt = 0; kt < kend; kt += BK, stage ^= 1) {
+    const int kn = kt + BK;
+    const bool has_next = kn < kend;
+    const bool next_full = has_next && kn + BK <= N;
+    if (next_full) issue(kn);  // in flight while this tile is multiplied
+
+    const u32 kaddr = sbase + u32(stage) * (4u * TILE);
+    const u32 vaddr = kaddr + 2u * TILE;
+
+    float s[NT8][4];
+#pragma unroll
+    for (int j = 0; j < NT8; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < DK16; ++kk) {
+#pragma unroll
+      for (int jp = 0; jp < NT8 / 2; ++jp) {
+        u32 bf[4];
+        ldsm_x4(bf, kaddr + k_lane + 2u * (jp * 16 * KS + kk * 16));
+        const u32 b0[2] = {bf[0], bf[1]}, b1[2] = {bf[2], bf[3]};
+        mma16816<0>(s[2 * jp], qa[kk], b0);
+        mma16816<0>(s[2 * jp + 1], qa[kk], b1);
+      }
+    }
+
+    const bool need_mask = array_mask || (causal && (kt + BK - 1 > diag_first)) || kt + BK > NT;
+    u32 pa[1][NT8 / 2][4];
+    prefill_softmax<0, NT8, DT8>(s, o, m2, l2, pa, p, need_mask, kt, b, hq2, qpos2);
+
+#pragma unroll
+    for (int kk = 0; kk < NT8 / 2; ++kk) {
+#pragma unroll
+      for (int jp = 0; jp < DK16; ++jp) {
+        u32 bf[4];
+        ldsm_x4_t(bf, vaddr + v_lane + 2u * (kk * 16 * KS + jp * 16));
+        const u32 b0[2] = {bf[0], bf[1]}, b1[2] = {bf[2], bf[3]};
+        mma16816<0>(o[2 * jp], pa[0][kk], b0);
+        mma16816<0>(o[2 * jp + 1], pa[0][kk], b1);
+      }
+    }
+
+    if (has_next) fill(stage ^ 1, kn, next_full);
+    __syncthreads();
+  }
+
+  prefill_store<DT8>(o, m2, l2, p, b, hq2, qpos2, live2);
+}
+
+template <int D>
+constexpr int prefill_fast_smem_bytes() {
+  return 2 * 2 * PrefillFastShape<D>::TILE * 2;
 }
 
 }  // namespace tqc
