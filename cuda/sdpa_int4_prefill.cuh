@@ -84,10 +84,36 @@ __device__ __forceinline__ u32 lds32(const u16* p) {
   return *reinterpret_cast<const u32*>(p);
 }
 
+// Column order of a tile row in shared memory. PBITS 0: the head dim's order. PBITS 4 or
+// 8 (the fast prefill with float16 scales): within each packed word's 32 / PBITS
+// elements, pairs (j, j + 16 / PBITS) side by side -- the two codes one AND takes from
+// the word's two 16-bit halves -- so column 2k holds element k and column 2k + 1
+// element k + 16 / PBITS. q's columns (K's order) and the output's (V's order) follow.
+template <int PBITS>
+__device__ __forceinline__ int col_of_elem(int e) {
+  if constexpr (PBITS == 0) {
+    return e;
+  } else {
+    constexpr int PER = 32 / PBITS, HP = PER / 2;
+    const int j = e % PER;
+    return e - j + (j < HP ? 2 * j : 2 * (j - HP) + 1);
+  }
+}
+template <int PBITS>
+__device__ __forceinline__ int elem_of_col(int c) {
+  if constexpr (PBITS == 0) {
+    return c;
+  } else {
+    constexpr int PER = 32 / PBITS, HP = PER / 2;
+    const int pos = c % PER;
+    return c - pos + (pos >> 1) + HP * (pos & 1);
+  }
+}
+
 // Dequantizes keys [kt, kt + BK) of one cache (K or V) into shared memory: K as
 // dst[key * QS + d], V transposed as dst[d * VS + key]; `lo` receives the float16
 // remainders when split. Keys past N come from the tail, keys past N + T are zero.
-template <int MT, int D, int BITS, int GS, bool TRANSPOSED, int NTHR = kPrefillWarps * 32>
+template <int MT, int D, int BITS, int GS, bool TRANSPOSED, int NTHR = kPrefillWarps * 32, int PBITS = 0>
 __device__ __forceinline__ void dequant_tile(
     u16* hi, u16* lo, const TqParams& p, const u32* packed, const void* scales, const void* biases,
     const void* tail, int st_packed, int st_scales, int st_biases, int st_tail, int b, int hkv, int kt) {
@@ -117,7 +143,7 @@ __device__ __forceinline__ void dequant_tile(
     }
 #pragma unroll
     for (int j = 0; j < PER; ++j) {
-      const int at = TRANSPOSED ? (e0 + j) * S::VS + key : key * S::QS + e0 + j;
+      const int at = TRANSPOSED ? (e0 + j) * S::VS + key : key * S::QS + col_of_elem<PBITS>(e0 + j);
       const u16 h = to_op<MT>(v[j]);
       hi[at] = h;
       if constexpr (MT == 2) lo[at] = f32_to_f16(v[j] - f16_to_f32(h));
@@ -142,22 +168,29 @@ __device__ __forceinline__ void prefill_rows(int r_base, int hkv, const TqParams
 }
 
 // One key tile's softmax step for a warp's 16 x 8 NT8 raw scores `s` (keys from kt):
-// scale to the log2 domain, mask (keys past N + T and the op's mask, when `need_mask`),
-// update the running max and sum, rescale the output accumulators, and return the
-// probabilities as the A operand of P V (MT 2: float16 hi + lo).
-template <int MT, int NT8, int DT8>
-__device__ __forceinline__ void prefill_softmax(float (&s)[NT8][4], float (&o)[DT8][4], float (&m2)[2], float (&l2)[2],
-                                                u32 (&pa)[MT == 2 ? 2 : 1][NT8 / 2][4], const TqParams& p, bool need_mask,
-                                                int kt, int b, const int (&hq2)[2], const int (&qpos2)[2]) {
+// mask (keys past N + T and the op's mask, when `need_mask`), update the running max
+// and sum in the log2 domain, rescale the output accumulators (only when some row's
+// maximum grew), and return the probabilities as the A operand of P V (MT 2: float16
+// hi + lo). Unmasked tiles with a positive scale keep the raw scores and fold the scale
+// into the exponent (2^(s * scale - max), one fma); masked tiles are scaled first, as the
+// masks add in the log2 domain.
+template <int MT, int NT8, int DT8, bool need_mask>
+__device__ __forceinline__ void prefill_softmax_t(float (&s)[NT8][4], float (&o)[DT8][4], float (&m2)[2], float (&l2)[2],
+                                                  u32 (&pa)[MT == 2 ? 2 : 1][NT8 / 2][4], const TqParams& p, int kt,
+                                                  int b, const int (&hq2)[2], const int (&qpos2)[2]) {
   constexpr int NSPLIT = MT == 2 ? 2 : 1;
   const int tq = threadIdx.x & 3;
   const int NT = p.N + p.T;
+  float mul = p.qscale;
+  if (need_mask || !(mul > 0.f)) {  // (constant per kernel launch)
 #pragma unroll
-  for (int j = 0; j < NT8; ++j) {
+    for (int j = 0; j < NT8; ++j) {
 #pragma unroll
-    for (int c = 0; c < 4; ++c) s[j][c] *= p.qscale;
+      for (int c = 0; c < 4; ++c) s[j][c] *= mul;
+    }
+    mul = 1.f;
   }
-  if (need_mask) {
+  if constexpr (need_mask) {
 #pragma unroll
     for (int j = 0; j < NT8; ++j) {
 #pragma unroll
@@ -168,6 +201,7 @@ __device__ __forceinline__ void prefill_softmax(float (&s)[NT8][4], float (&o)[D
       }
     }
   }
+  float f[2];
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     float mx = -kInf;
@@ -175,8 +209,8 @@ __device__ __forceinline__ void prefill_softmax(float (&s)[NT8][4], float (&o)[D
     for (int j = 0; j < NT8; ++j) mx = fmaxf(mx, fmaxf(s[j][2 * h], s[j][2 * h + 1]));
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-    const float mn = fmaxf(m2[h], mx);
-    const float f = m2[h] == mn ? 1.f : exp2a(m2[h] - mn);
+    const float mn = fmaxf(m2[h], mx * mul);  // mul > 0: the max of the scaled scores
+    f[h] = m2[h] == mn ? 1.f : exp2a(m2[h] - mn);
     m2[h] = mn;
     float rs = 0.f;
 #pragma unroll
@@ -184,16 +218,21 @@ __device__ __forceinline__ void prefill_softmax(float (&s)[NT8][4], float (&o)[D
 #pragma unroll
       for (int c = 0; c < 2; ++c) {
         const float x = s[j][2 * h + c];
-        const float pr = x == -kInf ? 0.f : exp2a(x - mn);
+        float pr = exp2a(fmaf(x, mul, -mn));
+        if constexpr (need_mask) pr = x == -kInf ? 0.f : pr;  // (unmasked tiles: finite scores)
         s[j][2 * h + c] = pr;
         rs += pr;
       }
     }
-    l2[h] = l2[h] * f + rs;
+    l2[h] = l2[h] * f[h] + rs;
+  }
+  if (__any_sync(0xffffffffu, f[0] != 1.f || f[1] != 1.f)) {
 #pragma unroll
     for (int j = 0; j < DT8; ++j) {
-      o[j][2 * h] *= f;
-      o[j][2 * h + 1] *= f;
+      o[j][0] *= f[0];
+      o[j][1] *= f[0];
+      o[j][2] *= f[1];
+      o[j][3] *= f[1];
     }
   }
 #pragma unroll
@@ -212,8 +251,21 @@ __device__ __forceinline__ void prefill_softmax(float (&s)[NT8][4], float (&o)[D
   }
 }
 
-// Normalizes a warp's 16 x D outputs (sinks join here) and writes this lane's elements.
-template <int DT8>
+// prefill_softmax_t with the masked and unmasked tiles as separate code.
+template <int MT, int NT8, int DT8>
+__device__ __forceinline__ void prefill_softmax(float (&s)[NT8][4], float (&o)[DT8][4], float (&m2)[2], float (&l2)[2],
+                                                u32 (&pa)[MT == 2 ? 2 : 1][NT8 / 2][4], const TqParams& p, bool need_mask,
+                                                int kt, int b, const int (&hq2)[2], const int (&qpos2)[2]) {
+  if (need_mask) {
+    prefill_softmax_t<MT, NT8, DT8, true>(s, o, m2, l2, pa, p, kt, b, hq2, qpos2);
+  } else {
+    prefill_softmax_t<MT, NT8, DT8, false>(s, o, m2, l2, pa, p, kt, b, hq2, qpos2);
+  }
+}
+
+// Normalizes a warp's 16 x D outputs (sinks join here) and writes this lane's elements
+// (accumulator column c is element elem_of_col<PBITS>(c) of the head dim).
+template <int DT8, int PBITS = 0>
 __device__ __forceinline__ void prefill_store(const float (&o)[DT8][4], const float (&m2)[2], const float (&l2)[2],
                                               const TqParams& p, int b, const int (&hq2)[2], const int (&qpos2)[2],
                                               const bool (&live2)[2]) {
@@ -230,7 +282,7 @@ __device__ __forceinline__ void prefill_store(const float (&o)[DT8][4], const fl
     for (int j = 0; j < DT8; ++j) {
 #pragma unroll
       for (int c = 0; c < 2; ++c) {
-        const int d = j * 8 + 2 * tq + c;
+        const int d = elem_of_col<PBITS>(j * 8 + 2 * tq + c);
         store_f(p.out, ob + d, p.q_dtype, finish_row(o[j][2 * h + c], m2[h], lsum, p, hq2[h]));
       }
     }
@@ -411,10 +463,19 @@ __device__ __forceinline__ void ldg_v4(u32 (&w)[4], const u32* p) {
   asm volatile("ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(w[0]), "=r"(w[1]), "=r"(w[2]), "=r"(w[3]) : "l"(p));
 }
 
+__device__ __forceinline__ u32 ldg_u16(const void* p) {
+  u16 h;
+  asm volatile("ld.global.nc.u16 %0, [%1];" : "=h"(h) : "l"(p));
+  return u32(h);
+}
+
 // The 16-byte pieces of one cache's (K's or V's) key tile that a thread loads: piece c
 // (thread + i * NTHR) is key c % BK, piece c / BK of the key's row (consecutive threads
-// take consecutive keys, so their shared-memory rows are conflict-free).
-template <int D, int BITS, int GS, int NTHR>
+// take consecutive keys, so their shared-memory rows are conflict-free). H16 (float16
+// scales and biases): codes become exact float16 pairs (0x6400 | code, minus 1024) and
+// one fma.f16x2 gives scale * code + bias rounded once, in the permuted column order
+// of col_of_elem<BITS>; else float32 fma, one rounding, the head dim's order.
+template <int D, int BITS, int GS, int NTHR, bool H16>
 struct FastPieces {
   static constexpr int BK = PrefillFastShape<D>::BK;
   static constexpr int EPP = 128 / BITS;  // elements per piece
@@ -423,7 +484,7 @@ struct FastPieces {
   static constexpr int PER = (NP + NTHR - 1) / NTHR;  // per thread
   static_assert(GS % EPP == 0, "a piece must lie inside one quantization group");
   u32 w[PER][4];
-  float sc[PER], bi[PER];
+  u32 sc[PER], bi[PER];  // H16: float16 bits; else float32 bits
 
   __device__ __forceinline__ void load(const TqParams& p, const u32* packed, const void* scales, const void* biases,
                                        int st_packed, int st_scales, int st_biases, int b, int hkv, int kt) {
@@ -437,12 +498,17 @@ struct FastPieces {
       const int t = kt + c % BK, pc = c / BK;
       ldg_v4(w[i], pk + i64(t) * p.st[st_packed + 2] + pc * 4);
       const int grp = pc * EPP / GS;
-      sc[i] = load_f(scales, so + i64(t) * p.st[st_scales + 2] + grp, p.scale_dtype);
-      bi[i] = load_f(biases, bo + i64(t) * p.st[st_biases + 2] + grp, p.scale_dtype);
+      const i64 si = so + i64(t) * p.st[st_scales + 2] + grp, bj = bo + i64(t) * p.st[st_biases + 2] + grp;
+      if constexpr (H16) {
+        sc[i] = ldg_u16(static_cast<const u16*>(scales) + si);
+        bi[i] = ldg_u16(static_cast<const u16*>(biases) + bj);
+      } else {
+        sc[i] = __float_as_uint(load_f(scales, si, p.scale_dtype));
+        bi[i] = __float_as_uint(load_f(biases, bj, p.scale_dtype));
+      }
     }
   }
 
-  // scale * code + bias in float32, rounded once to float16 (the generic kernel's value).
   __device__ __forceinline__ void store(u16* dst) const {
     constexpr int HP = 16 / BITS;  // codes per 16-bit half of a word
     constexpr int KS = PrefillFastShape<D>::KS;
@@ -450,20 +516,37 @@ struct FastPieces {
     for (int i = 0; i < PER; ++i) {
       const int c = threadIdx.x + i * NTHR;
       if (NP % NTHR != 0 && c >= NP) break;
-      float scp[HP];
+      u32 h[EPP / 2];  // float16 pairs, shared-memory column order
+      if constexpr (H16) {
+        const u32 s2 = sc[i] | (sc[i] << 16), b2 = bi[i] | (bi[i] << 16);
+        constexpr u32 M2 = ((1u << BITS) - 1u) * 0x00010001u;
 #pragma unroll
-      for (int k = 0; k < HP; ++k) scp[k] = sc[i] * code_inv<BITS>(k);
-      u32 h[EPP / 2];  // float16 pairs, element order
+        for (int wi = 0; wi < 4; ++wi) {
 #pragma unroll
-      for (int wi = 0; wi < 4; ++wi) {
-        const u32 halves[2] = {w[i][wi] & 0xFFFFu, w[i][wi] >> 16};
+          for (int k = 0; k < HP; ++k) {
+            const u32 y = ((w[i][wi] >> (BITS * k)) & M2) | 0x64006400u;  // 1024 + code, two halves
+            u32 code, v;
+            asm("sub.f16x2 %0, %1, %2;" : "=r"(code) : "r"(y), "r"(0x64006400u));
+            asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(v) : "r"(code), "r"(s2), "r"(b2));
+            h[wi * HP + k] = v;  // columns 2k, 2k + 1 of word wi: elements k, k + HP
+          }
+        }
+      } else {
+        const float scf = __uint_as_float(sc[i]), bif = __uint_as_float(bi[i]);
+        float scp[HP];
 #pragma unroll
-        for (int hh = 0; hh < 2; ++hh) {
+        for (int k = 0; k < HP; ++k) scp[k] = scf * code_inv<BITS>(k);
 #pragma unroll
-          for (int k = 0; k < HP; k += 2) {
-            const float v0 = fmaf(scp[k], shifted_code<BITS>(halves[hh], k), bi[i]);
-            const float v1 = fmaf(scp[k + 1], shifted_code<BITS>(halves[hh], k + 1), bi[i]);
-            h[(wi * 2 * HP + hh * HP + k) / 2] = pack2<0>(v0, v1);
+        for (int wi = 0; wi < 4; ++wi) {
+          const u32 halves[2] = {w[i][wi] & 0xFFFFu, w[i][wi] >> 16};
+#pragma unroll
+          for (int hh = 0; hh < 2; ++hh) {
+#pragma unroll
+            for (int k = 0; k < HP; k += 2) {
+              const float v0 = fmaf(scp[k], shifted_code<BITS>(halves[hh], k), bif);
+              const float v1 = fmaf(scp[k + 1], shifted_code<BITS>(halves[hh], k + 1), bif);
+              h[(wi * 2 * HP + hh * HP + k) / 2] = pack2<0>(v0, v1);
+            }
           }
         }
       }
@@ -474,11 +557,12 @@ struct FastPieces {
   }
 };
 
-template <int D, int KB, int VB, int GS, int W>
+template <int D, int KB, int VB, int GS, int W, bool H16>
 __device__ __forceinline__ void prefill_fast_impl(const TqParams& p) {
   using S = PrefillFastShape<D>;
   constexpr int BQ = 16 * W, BK = S::BK, KS = S::KS, TILE = S::TILE, NTHR = 32 * W;
   constexpr int NT8 = BK / 8, DT8 = D / 8, DK16 = D / 16;
+  constexpr int PK = H16 ? KB : 0, PV = H16 ? VB : 0;  // column orders of K and V tiles
   extern __shared__ __align__(16) unsigned char smem_raw[];
   u16* sm = reinterpret_cast<u16*>(smem_raw);  // [stage][K, V][BK][KS]
 
@@ -503,8 +587,9 @@ __device__ __forceinline__ void prefill_fast_impl(const TqParams& p) {
     for (int kk = 0; kk < DK16; ++kk) {
 #pragma unroll
       for (int r = 0; r < 4; ++r) {
-        const i64 o = ((r & 1) ? qo1 : qo0) + kk * 16 + 2 * tq + (r >> 1) * 8;
-        qa[kk][r] = pack2<0>(load_f(p.q, o, p.q_dtype), load_f(p.q, o + 1, p.q_dtype));
+        const int col = kk * 16 + 2 * tq + (r >> 1) * 8;  // K's columns: elements elem_of_col<PK>
+        const i64 o = (r & 1) ? qo1 : qo0;
+        qa[kk][r] = pack2<0>(load_f(p.q, o + elem_of_col<PK>(col), p.q_dtype), load_f(p.q, o + elem_of_col<PK>(col + 1), p.q_dtype));
       }
     }
   }
@@ -516,8 +601,8 @@ __device__ __forceinline__ void prefill_fast_impl(const TqParams& p) {
   int kend = NT;
   if (causal && diag_first >= 0) kend = min(NT, diag_last + 1);
 
-  FastPieces<D, KB, GS, NTHR> kp;
-  FastPieces<D, VB, GS, NTHR> vp;
+  FastPieces<D, KB, GS, NTHR, H16> kp;
+  FastPieces<D, VB, GS, NTHR, H16> vp;
   // Stage s of a tile: K at sm + s * 2 TILE, V after it. Keys past N: generic loop.
   auto fill = [&](int stage, int kt, bool loaded) {
     u16* ks = sm + stage * 2 * TILE;
@@ -525,9 +610,9 @@ __device__ __forceinline__ void prefill_fast_impl(const TqParams& p) {
       kp.store(ks);
       vp.store(ks + TILE);
     } else {
-      dequant_tile<0, D, KB, GS, false, NTHR>(ks, nullptr, p, p.k_packed, p.k_scales, p.k_biases, p.k_tail,
+      dequant_tile<0, D, KB, GS, false, NTHR, PK>(ks, nullptr, p, p.k_packed, p.k_scales, p.k_biases, p.k_tail,
                                               ST_K_PACKED, ST_K_SCALES, ST_K_BIASES, ST_K_TAIL, b, hkv, kt);
-      dequant_tile<0, D, VB, GS, false, NTHR>(ks + TILE, nullptr, p, p.v_packed, p.v_scales, p.v_biases, p.v_tail,
+      dequant_tile<0, D, VB, GS, false, NTHR, PV>(ks + TILE, nullptr, p, p.v_packed, p.v_scales, p.v_biases, p.v_tail,
                                               ST_V_PACKED, ST_V_SCALES, ST_V_BIASES, ST_V_TAIL, b, hkv, kt);
     }
   };
@@ -599,7 +684,7 @@ __device__ __forceinline__ void prefill_fast_impl(const TqParams& p) {
     __syncthreads();
   }
 
-  prefill_store<DT8>(o, m2, l2, p, b, hq2, qpos2, live2);
+  prefill_store<DT8, PV>(o, m2, l2, p, b, hq2, qpos2, live2);
 }
 
 template <int D>

@@ -169,7 +169,8 @@ def test_prefill_plan(dtype, mt, D, bk):
         assert plan["rows_per_cta"] == 128 and plan["warps"] == 8
         assert l["grid"] == (8, (R + 127) // 128, 1) and l["block"] == (256, 1, 1)
         assert l["smem_bytes"] == 2 * 2 * 64 * (D + 8) * 2  # two stages of K and V tiles
-        assert f"prefill_fast_impl<{D}, 8, 4, {gs}, 8>" in plan["entry_source"]
+        assert f"prefill_fast_impl<{D}, 8, 4, {gs}, 8, true>" in plan["entry_source"]  # float16 scales
+        assert plan["program"].endswith("_h16")
         assert "__launch_bounds__(256, 1)" in plan["entry_source"]
         return
     assert l["grid"] == (8, (R + 63) // 64, 1) and l["block"] == (128, 1, 1)
@@ -189,6 +190,7 @@ def test_prefill_plan(dtype, mt, D, bk):
     (dict(dtype="float32", sdt="float32"), False),  # float32 q: hi + lo operands (generic kernel)
     (dict(D=256, gs=64), False),
     (dict(D=64, gs=64, N=0, T=40), True),  # only a tail: every tile through the element loop
+    (dict(sdt="bfloat16"), True),  # (float32 dequantize, not the fma.f16x2 one)
 ])
 def test_prefill_fast_path_choice(kw, fast):
     args = dict(L=50, N=3000, mask="causal")
@@ -196,6 +198,10 @@ def test_prefill_fast_path_choice(kw, fast):
     plan = _ext.cuda_plan_sdpa_int4(problem(**args))
     assert plan["path"] == "prefill" and plan["fast_prefill"] == fast
     assert ("prefillfast_w8" in plan["program"]) == fast
+    if fast:
+        h16 = kw.get("sdt", "float16") == "float16"
+        assert plan["program"].endswith("_h16") == h16
+        assert f", 8, {'true' if h16 else 'false'}>(p)" in plan["entry_source"]
 
 
 @pytest.mark.parametrize("env,fast,warps", [("generic", False, 4), ("fast4", True, 4), ("fast8", True, 8)])

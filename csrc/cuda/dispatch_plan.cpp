@@ -327,10 +327,12 @@ Plan plan_sdpa_int4_prefill(const Problem& p) {
   if (choice.fast) {
     // two stages of K and V tiles, [key][D + 8] float16 each
     smem = 2 * 2 * plan.key_tile * (p.D + 8) * 2;
-    plan.program = "prefillfast_w" + std::to_string(choice.warps) + suffix;
+    // float16 scales and biases: codes dequantized with one fma.f16x2 per pair (permuted columns)
+    const bool h16 = p.k_scales.dtype == DType::f16;
+    plan.program = "prefillfast_w" + std::to_string(choice.warps) + suffix + (h16 ? "_h16" : "");
     plan.entry_source = "extern \"C\" __global__ void __launch_bounds__(" + std::to_string(32 * choice.warps) + ", " +
         std::to_string(choice.warps >= 8 ? 1 : 2) + ") tq_prefill(TqParams p) { tqc::prefill_fast_impl<" + tmpl_bits +
-        ", " + std::to_string(choice.warps) + ">(p); }\n" + "static_assert(tqc::prefill_fast_smem_bytes<" +
+        ", " + std::to_string(choice.warps) + ", " + (h16 ? "true" : "false") + ">(p); }\n" + "static_assert(tqc::prefill_fast_smem_bytes<" +
         std::to_string(p.D) + ">() == " + std::to_string(smem) + ", \"host and kernel disagree on shared memory\");\n";
   } else {
     const int nsplit = plan.mma_type == 2 ? 2 : 1;
