@@ -485,26 +485,39 @@ struct FastPieces {
   static_assert(GS % EPP == 0, "a piece must lie inside one quantization group");
   u32 w[PER][4];
   u32 sc[PER], bi[PER];  // H16: float16 bits; else float32 bits
+  const u32* wp[PER];  // this thread's pieces at key tile 0 (token c % BK)
+  i64 si[PER], bj[PER];  // their scale and bias indices at key tile 0
+  i64 st_w, st_s, st_b;  // token strides
 
-  __device__ __forceinline__ void load(const TqParams& p, const u32* packed, const void* scales, const void* biases,
-                                       int st_packed, int st_scales, int st_biases, int b, int hkv, int kt) {
-    const u32* pk = packed + b * p.st[st_packed] + hkv * p.st[st_packed + 1];
-    const i64 so = b * p.st[st_scales] + hkv * p.st[st_scales + 1];
-    const i64 bo = b * p.st[st_biases] + hkv * p.st[st_biases + 1];
+  __device__ __forceinline__ void init(const TqParams& p, const u32* packed, int st_packed, int st_scales,
+                                       int st_biases, int b, int hkv) {
+    st_w = p.st[st_packed + 2];
+    st_s = p.st[st_scales + 2];
+    st_b = p.st[st_biases + 2];
+#pragma unroll
+    for (int i = 0; i < PER; ++i) {
+      const int c = threadIdx.x + i * NTHR;
+      const int t = c % BK, pc = c / BK, grp = pc * EPP / GS;
+      wp[i] = packed + b * p.st[st_packed] + hkv * p.st[st_packed + 1] + i64(t) * st_w + pc * 4;
+      si[i] = b * p.st[st_scales] + hkv * p.st[st_scales + 1] + i64(t) * st_s + grp;
+      bj[i] = b * p.st[st_biases] + hkv * p.st[st_biases + 1] + i64(t) * st_b + grp;
+    }
+  }
+
+  // Issues the loads of key tile kt (keys kt .. kt + BK - 1, all below N).
+  __device__ __forceinline__ void load(const TqParams& p, const void* scales, const void* biases, int kt) {
+    const i64 ow = i64(kt) * st_w, os = i64(kt) * st_s, ob = i64(kt) * st_b;
 #pragma unroll
     for (int i = 0; i < PER; ++i) {
       const int c = threadIdx.x + i * NTHR;
       if (NP % NTHR != 0 && c >= NP) break;
-      const int t = kt + c % BK, pc = c / BK;
-      ldg_v4(w[i], pk + i64(t) * p.st[st_packed + 2] + pc * 4);
-      const int grp = pc * EPP / GS;
-      const i64 si = so + i64(t) * p.st[st_scales + 2] + grp, bj = bo + i64(t) * p.st[st_biases + 2] + grp;
+      ldg_v4(w[i], wp[i] + ow);
       if constexpr (H16) {
-        sc[i] = ldg_u16(static_cast<const u16*>(scales) + si);
-        bi[i] = ldg_u16(static_cast<const u16*>(biases) + bj);
+        sc[i] = ldg_u16(static_cast<const u16*>(scales) + si[i] + os);
+        bi[i] = ldg_u16(static_cast<const u16*>(biases) + bj[i] + ob);
       } else {
-        sc[i] = __float_as_uint(load_f(scales, si, p.scale_dtype));
-        bi[i] = __float_as_uint(load_f(biases, bj, p.scale_dtype));
+        sc[i] = __float_as_uint(load_f(scales, si[i] + os, p.scale_dtype));
+        bi[i] = __float_as_uint(load_f(biases, bj[i] + ob, p.scale_dtype));
       }
     }
   }
@@ -616,9 +629,11 @@ __device__ __forceinline__ void prefill_fast_impl(const TqParams& p) {
                                               ST_V_PACKED, ST_V_SCALES, ST_V_BIASES, ST_V_TAIL, b, hkv, kt);
     }
   };
+  kp.init(p, p.k_packed, ST_K_PACKED, ST_K_SCALES, ST_K_BIASES, b, hkv);
+  vp.init(p, p.v_packed, ST_V_PACKED, ST_V_SCALES, ST_V_BIASES, b, hkv);
   auto issue = [&](int kt) {
-    kp.load(p, p.k_packed, p.k_scales, p.k_biases, ST_K_PACKED, ST_K_SCALES, ST_K_BIASES, b, hkv, kt);
-    vp.load(p, p.v_packed, p.v_scales, p.v_biases, ST_V_PACKED, ST_V_SCALES, ST_V_BIASES, b, hkv, kt);
+    kp.load(p, p.k_scales, p.k_biases, kt);
+    vp.load(p, p.v_scales, p.v_biases, kt);
   };
 
   float o[DT8][4];
