@@ -17,7 +17,8 @@ independent caches (total > 4x the 50 MB L2), as a model's layers do, so the fig
 are HBM-cold; `reps` calls are queued in one graph and evaluated together (MLX-CUDA
 builds one CUDA graph), so per-call host overhead is amortized as in a model's decode
 step. GB/s counts the bytes each method must read (and write, for dequantize).
-Prefill (causal, bottom-right): L queries over N cached keys, int4 cache vs fp16 K/V.
+Prefill (causal, bottom-right): L queries over N cached keys, int4 cache vs fp16 K/V;
+tq_int4 is the kernel the plan picks, tq_int4_<variant> the others (TQMETAL_CUDA_PREFILL).
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ def parse_args(argv=None):
     p.add_argument("--decode-n", default="4096,16384,65536,131072,524288")
     p.add_argument("--prefill", default="4096x32768,16384x131072")
     p.add_argument("--methods", default="tq_int4,sdpa_fp16,deq_fp16,mlxlm_q4")
+    p.add_argument("--prefill-variants", default="generic,fast4",
+                   help="other prefill kernels timed in the same run (TQMETAL_CUDA_PREFILL values)")
     p.add_argument("--json", metavar="PATH")
     p.add_argument("--txt", metavar="PATH")
     return p.parse_args(argv)
@@ -165,7 +168,7 @@ def decode_case(N: int, methods, reps: int, rounds: int, qsdpa, hbm: float) -> d
     return res
 
 
-def prefill_case(L: int, N: int, methods, rounds: int) -> dict:
+def prefill_case(L: int, N: int, methods, rounds: int, variants=()) -> dict:
     scale = D ** -0.5
     q = mx.random.normal((B, H_Q, L, D)).astype(mx.float16)
     k = mx.random.normal((B, H_KV, N, D)).astype(mx.float16)
@@ -211,6 +214,15 @@ def prefill_case(L: int, N: int, methods, rounds: int) -> dict:
                                                 "peak_GB": mx.get_peak_memory() / 1e9, "chunk": 2048}
                 except Exception as e2:
                     res["sdpa_fp16_chunked"] = {"error": f"{type(e2).__name__}: {e2}"[:300]}
+    for v in variants:  # the other prefill kernels (the plan's choice overridden), same inputs
+        os.environ["TQMETAL_CUDA_PREFILL"] = v
+        try:
+            t = timeit(tq, 1, rounds)
+            res[f"tq_int4_{v}"] = {"ms": t * 1e3, "TFLOPs": flops / t / 1e12}
+        except Exception as e:
+            res[f"tq_int4_{v}"] = {"error": f"{type(e).__name__}: {e}"[:300]}
+        finally:
+            del os.environ["TQMETAL_CUDA_PREFILL"]
     base = res.get("sdpa_fp16", {}).get("ms") or res.get("sdpa_fp16_chunked", {}).get("ms")
     if base and "ms" in res.get("tq_int4", {}):
         res["ratio_fp16_over_tq"] = base / res["tq_int4"]["ms"]
@@ -270,12 +282,16 @@ def main(argv=None):
     say("\nPrefill, causal (ms; TFLOP/s on the causal FLOPs; peak GB)")
     for spec in [s for s in args.prefill.split(",") if s]:
         L, N = (int(x) for x in spec.lower().split("x"))
-        r = prefill_case(L, N, methods, 3 if args.quick else 5)
+        r = prefill_case(L, N, methods, 3 if args.quick else 5,
+                         [v for v in args.prefill_variants.split(",") if v])
         out["prefill"].append(r)
         say(f"L={L} N={N}: " + "; ".join(
             f"{m}: {r[m]['ms']:.2f} ms {r[m]['TFLOPs']:.0f} TF/s peak {r[m]['peak_GB']:.1f} GB"
             if "ms" in r[m] else f"{m}: {r[m]['error']}"
             for m in ("tq_int4", "sdpa_fp16", "sdpa_fp16_chunked") if m in r))
+        say("        other tq kernels: " + "; ".join(
+            f"{m}: {x['ms']:.2f} ms {x['TFLOPs']:.0f} TF/s" if "ms" in x else f"{m}: {x['error']}"
+            for m, x in r.items() if m.startswith("tq_int4_")))
         if "ratio_fp16_over_tq" in r:
             say(f"        fp16 time / tq time = {r['ratio_fp16_over_tq']:.2f} (goal >= 0.8)")
         if "nmse_vs_deq_sdpa" in r:

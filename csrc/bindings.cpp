@@ -162,6 +162,7 @@ nb::dict cuda_plan_to_dict(const tqmetal::cuda::Plan& plan) {
   r["min_ctas"] = plan.min_ctas;
   r["pipeline"] = plan.pipeline;
   r["mma_type"] = plan.mma_type;
+  r["fast_prefill"] = plan.fast_prefill;
   r["program"] = plan.program;
   r["entry_source"] = plan.entry_source;
   nb::dict scratch;

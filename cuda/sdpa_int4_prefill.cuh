@@ -84,10 +84,36 @@ __device__ __forceinline__ u32 lds32(const u16* p) {
   return *reinterpret_cast<const u32*>(p);
 }
 
+// Column order of a tile row in shared memory. PBITS 0: the head dim's order. PBITS 4 or
+// 8 (the fast prefill with float16 scales): within each packed word's 32 / PBITS
+// elements, pairs (j, j + 16 / PBITS) side by side -- the two codes one AND takes from
+// the word's two 16-bit halves -- so column 2k holds element k and column 2k + 1
+// element k + 16 / PBITS. q's columns (K's order) and the output's (V's order) follow.
+template <int PBITS>
+__device__ __forceinline__ int col_of_elem(int e) {
+  if constexpr (PBITS == 0) {
+    return e;
+  } else {
+    constexpr int PER = 32 / PBITS, HP = PER / 2;
+    const int j = e % PER;
+    return e - j + (j < HP ? 2 * j : 2 * (j - HP) + 1);
+  }
+}
+template <int PBITS>
+__device__ __forceinline__ int elem_of_col(int c) {
+  if constexpr (PBITS == 0) {
+    return c;
+  } else {
+    constexpr int PER = 32 / PBITS, HP = PER / 2;
+    const int pos = c % PER;
+    return c - pos + (pos >> 1) + HP * (pos & 1);
+  }
+}
+
 // Dequantizes keys [kt, kt + BK) of one cache (K or V) into shared memory: K as
 // dst[key * QS + d], V transposed as dst[d * VS + key]; `lo` receives the float16
 // remainders when split. Keys past N come from the tail, keys past N + T are zero.
-template <int MT, int D, int BITS, int GS, bool TRANSPOSED>
+template <int MT, int D, int BITS, int GS, bool TRANSPOSED, int NTHR = kPrefillWarps * 32, int PBITS = 0>
 __device__ __forceinline__ void dequant_tile(
     u16* hi, u16* lo, const TqParams& p, const u32* packed, const void* scales, const void* biases,
     const void* tail, int st_packed, int st_scales, int st_biases, int st_tail, int b, int hkv, int kt) {
@@ -95,7 +121,7 @@ __device__ __forceinline__ void dequant_tile(
   constexpr int PER = 32 / BITS;  // elements per word
   constexpr int WPR = D / PER;  // words per key
   const int N = p.N, NT = p.N + p.T;
-  for (int i = threadIdx.x; i < S::BK * WPR; i += kPrefillWarps * 32) {
+  for (int i = threadIdx.x; i < S::BK * WPR; i += NTHR) {
     const int key = i / WPR, wi = i % WPR;
     const int t = kt + key;
     const int e0 = wi * PER;
@@ -117,10 +143,148 @@ __device__ __forceinline__ void dequant_tile(
     }
 #pragma unroll
     for (int j = 0; j < PER; ++j) {
-      const int at = TRANSPOSED ? (e0 + j) * S::VS + key : key * S::QS + e0 + j;
+      const int at = TRANSPOSED ? (e0 + j) * S::VS + key : key * S::QS + col_of_elem<PBITS>(e0 + j);
       const u16 h = to_op<MT>(v[j]);
       hi[at] = h;
       if constexpr (MT == 2) lo[at] = f32_to_f16(v[j] - f16_to_f32(h));
+    }
+  }
+}
+
+// This lane's two query rows (g and g + 8 of the 16 rows from `r_base`): query head,
+// position, and whether the row exists (rows past R are computed from row R - 1 and
+// never stored).
+__device__ __forceinline__ void prefill_rows(int r_base, int hkv, const TqParams& p, int (&hq2)[2], int (&qpos2)[2],
+                                             bool (&live2)[2]) {
+  const int g = (threadIdx.x & 31) >> 2;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int row = r_base + g + 8 * h;
+    live2[h] = row < p.R;
+    const int rr = min(row, p.R - 1);
+    hq2[h] = hkv * p.G + rr % p.G;
+    qpos2[h] = rr / p.G;
+  }
+}
+
+// One key tile's softmax step for a warp's 16 x 8 NT8 raw scores `s` (keys from kt):
+// mask (keys past N + T and the op's mask, when `need_mask`), update the running max
+// and sum in the log2 domain, rescale the output accumulators (only when some row's
+// maximum grew), and return the probabilities as the A operand of P V (MT 2: float16
+// hi + lo). Unmasked tiles with a positive scale keep the raw scores and fold the scale
+// into the exponent (2^(s * scale - max), one fma); masked tiles are scaled first, as the
+// masks add in the log2 domain.
+template <int MT, int NT8, int DT8, bool need_mask>
+__device__ __forceinline__ void prefill_softmax_t(float (&s)[NT8][4], float (&o)[DT8][4], float (&m2)[2], float (&l2)[2],
+                                                  u32 (&pa)[MT == 2 ? 2 : 1][NT8 / 2][4], const TqParams& p, int kt,
+                                                  int b, const int (&hq2)[2], const int (&qpos2)[2]) {
+  constexpr int NSPLIT = MT == 2 ? 2 : 1;
+  const int tq = threadIdx.x & 3;
+  const int NT = p.N + p.T;
+  float mul = p.qscale;
+  if (need_mask || !(mul > 0.f)) {  // (constant per kernel launch)
+#pragma unroll
+    for (int j = 0; j < NT8; ++j) {
+#pragma unroll
+      for (int c = 0; c < 4; ++c) s[j][c] *= mul;
+    }
+    mul = 1.f;
+  }
+  if constexpr (need_mask) {
+#pragma unroll
+    for (int j = 0; j < NT8; ++j) {
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        const int h = c >> 1;
+        const int t = kt + j * 8 + 2 * tq + (c & 1);
+        s[j][c] = t >= NT ? -kInf : apply_mask(s[j][c], p, b, hq2[h], qpos2[h], t);
+      }
+    }
+  }
+  float f[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    float mx = -kInf;
+#pragma unroll
+    for (int j = 0; j < NT8; ++j) mx = fmaxf(mx, fmaxf(s[j][2 * h], s[j][2 * h + 1]));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    const float mn = fmaxf(m2[h], mx * mul);  // mul > 0: the max of the scaled scores
+    f[h] = m2[h] == mn ? 1.f : exp2a(m2[h] - mn);
+    m2[h] = mn;
+    float rs = 0.f;
+#pragma unroll
+    for (int j = 0; j < NT8; ++j) {
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        const float x = s[j][2 * h + c];
+        float pr = exp2a(fmaf(x, mul, -mn));
+        if constexpr (need_mask) pr = x == -kInf ? 0.f : pr;  // (unmasked tiles: finite scores)
+        s[j][2 * h + c] = pr;
+        rs += pr;
+      }
+    }
+    l2[h] = l2[h] * f[h] + rs;
+  }
+  if (__any_sync(0xffffffffu, f[0] != 1.f || f[1] != 1.f)) {
+#pragma unroll
+    for (int j = 0; j < DT8; ++j) {
+      o[j][0] *= f[0];
+      o[j][1] *= f[0];
+      o[j][2] *= f[1];
+      o[j][3] *= f[1];
+    }
+  }
+#pragma unroll
+  for (int kk = 0; kk < NT8 / 2; ++kk) {
+    // A fragment of keys [16 kk, 16 kk + 16): score tiles 2 kk (cols 0-7) and 2 kk + 1.
+    pa[0][kk][0] = pack2<MT>(s[2 * kk][0], s[2 * kk][1]);
+    pa[0][kk][1] = pack2<MT>(s[2 * kk][2], s[2 * kk][3]);
+    pa[0][kk][2] = pack2<MT>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+    pa[0][kk][3] = pack2<MT>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+    if constexpr (MT == 2) {
+      pa[NSPLIT - 1][kk][0] = pack2_rest(s[2 * kk][0], s[2 * kk][1]);
+      pa[NSPLIT - 1][kk][1] = pack2_rest(s[2 * kk][2], s[2 * kk][3]);
+      pa[NSPLIT - 1][kk][2] = pack2_rest(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+      pa[NSPLIT - 1][kk][3] = pack2_rest(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+    }
+  }
+}
+
+// prefill_softmax_t with the masked and unmasked tiles as separate code.
+template <int MT, int NT8, int DT8>
+__device__ __forceinline__ void prefill_softmax(float (&s)[NT8][4], float (&o)[DT8][4], float (&m2)[2], float (&l2)[2],
+                                                u32 (&pa)[MT == 2 ? 2 : 1][NT8 / 2][4], const TqParams& p, bool need_mask,
+                                                int kt, int b, const int (&hq2)[2], const int (&qpos2)[2]) {
+  if (need_mask) {
+    prefill_softmax_t<MT, NT8, DT8, true>(s, o, m2, l2, pa, p, kt, b, hq2, qpos2);
+  } else {
+    prefill_softmax_t<MT, NT8, DT8, false>(s, o, m2, l2, pa, p, kt, b, hq2, qpos2);
+  }
+}
+
+// Normalizes a warp's 16 x D outputs (sinks join here) and writes this lane's elements
+// (accumulator column c is element elem_of_col<PBITS>(c) of the head dim).
+template <int DT8, int PBITS = 0>
+__device__ __forceinline__ void prefill_store(const float (&o)[DT8][4], const float (&m2)[2], const float (&l2)[2],
+                                              const TqParams& p, int b, const int (&hq2)[2], const int (&qpos2)[2],
+                                              const bool (&live2)[2]) {
+  constexpr int D = DT8 * 8;
+  const int tq = threadIdx.x & 3;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    float lsum = l2[h];
+    lsum += __shfl_xor_sync(0xffffffffu, lsum, 1);
+    lsum += __shfl_xor_sync(0xffffffffu, lsum, 2);
+    if (!live2[h]) continue;
+    const i64 ob = ((i64(b) * p.Hq + hq2[h]) * p.L + qpos2[h]) * D;
+#pragma unroll
+    for (int j = 0; j < DT8; ++j) {
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        const int d = elem_of_col<PBITS>(j * 8 + 2 * tq + c);
+        store_f(p.out, ob + d, p.q_dtype, finish_row(o[j][2 * h + c], m2[h], lsum, p, hq2[h]));
+      }
     }
   }
 }
@@ -169,17 +333,9 @@ __device__ __forceinline__ void prefill_impl(const TqParams& p) {
   int kend = NT;
   if (causal && diag_first >= 0) kend = min(NT, diag_last + 1);
 
-  // This lane's two rows (g and g + 8 of its warp's 16).
   int hq2[2], qpos2[2];
   bool live2[2];
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int row = r0 + warp * 16 + g + 8 * h;
-    live2[h] = row < R;
-    const int rr = min(row, R - 1);
-    hq2[h] = hkv * G + rr % G;
-    qpos2[h] = rr / G;
-  }
+  prefill_rows(r0 + warp * 16, hkv, p, hq2, qpos2, live2);
 
   float o[DT8][4];
 #pragma unroll
@@ -227,70 +383,10 @@ __device__ __forceinline__ void prefill_impl(const TqParams& p) {
       }
     }
 
-#pragma unroll
-    for (int j = 0; j < NT8; ++j) {
-#pragma unroll
-      for (int c = 0; c < 4; ++c) s[j][c] *= p.qscale;
-    }
-
-    // Masks and padding.
+    // Masks and padding, online softmax; the probabilities become the A operand of P V.
     const bool need_mask = array_mask || (causal && (kt + BK - 1 > diag_first)) || kt + BK > NT;
-    if (need_mask) {
-#pragma unroll
-      for (int j = 0; j < NT8; ++j) {
-#pragma unroll
-        for (int c = 0; c < 4; ++c) {
-          const int h = c >> 1;
-          const int t = kt + j * 8 + 2 * tq + (c & 1);
-          s[j][c] = t >= NT ? -kInf : apply_mask(s[j][c], p, b, hq2[h], qpos2[h], t);
-        }
-      }
-    }
-
-    // Online softmax; the probabilities become the A operand of P V.
     u32 pa[NSPLIT][NT8 / 2][4];
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      float mx = -kInf;
-#pragma unroll
-      for (int j = 0; j < NT8; ++j) mx = fmaxf(mx, fmaxf(s[j][2 * h], s[j][2 * h + 1]));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float mn = fmaxf(m2[h], mx);
-      const float f = m2[h] == mn ? 1.f : exp2a(m2[h] - mn);
-      m2[h] = mn;
-      float rs = 0.f;
-#pragma unroll
-      for (int j = 0; j < NT8; ++j) {
-#pragma unroll
-        for (int c = 0; c < 2; ++c) {
-          const float x = s[j][2 * h + c];
-          const float pr = x == -kInf ? 0.f : exp2a(x - mn);
-          s[j][2 * h + c] = pr;
-          rs += pr;
-        }
-      }
-      l2[h] = l2[h] * f + rs;
-#pragma unroll
-      for (int j = 0; j < DT8; ++j) {
-        o[j][2 * h] *= f;
-        o[j][2 * h + 1] *= f;
-      }
-    }
-#pragma unroll
-    for (int kk = 0; kk < NT8 / 2; ++kk) {
-      // A fragment of keys [16 kk, 16 kk + 16): score tiles 2 kk (cols 0-7) and 2 kk + 1.
-      pa[0][kk][0] = pack2<MT>(s[2 * kk][0], s[2 * kk][1]);
-      pa[0][kk][1] = pack2<MT>(s[2 * kk][2], s[2 * kk][3]);
-      pa[0][kk][2] = pack2<MT>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-      pa[0][kk][3] = pack2<MT>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-      if constexpr (MT == 2) {
-        pa[NSPLIT - 1][kk][0] = pack2_rest(s[2 * kk][0], s[2 * kk][1]);
-        pa[NSPLIT - 1][kk][1] = pack2_rest(s[2 * kk][2], s[2 * kk][3]);
-        pa[NSPLIT - 1][kk][2] = pack2_rest(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-        pa[NSPLIT - 1][kk][3] = pack2_rest(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-      }
-    }
+    prefill_softmax<MT, NT8, DT8>(s, o, m2, l2, pa, p, need_mask, kt, b, hq2, qpos2);
 
     // O += P V.
 #pragma unroll
@@ -313,23 +409,7 @@ __device__ __forceinline__ void prefill_impl(const TqParams& p) {
     }
   }
 
-  // Normalize (sinks join here) and write this lane's elements.
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    float lsum = l2[h];
-    lsum += __shfl_xor_sync(0xffffffffu, lsum, 1);
-    lsum += __shfl_xor_sync(0xffffffffu, lsum, 2);
-    if (!live2[h]) continue;
-    const i64 ob = ((i64(b) * p.Hq + hq2[h]) * L + qpos2[h]) * D;
-#pragma unroll
-    for (int j = 0; j < DT8; ++j) {
-#pragma unroll
-      for (int c = 0; c < 2; ++c) {
-        const int d = j * 8 + 2 * tq + c;
-        store_f(p.out, ob + d, p.q_dtype, finish_row(o[j][2 * h + c], m2[h], lsum, p, hq2[h]));
-      }
-    }
-  }
+  prefill_store<DT8>(o, m2, l2, p, b, hq2, qpos2, live2);
 }
 
 // Dynamic shared memory of one prefill CTA (bytes); the host plan computes the same.
@@ -337,6 +417,294 @@ template <int MT, int D>
 constexpr int prefill_smem_bytes() {
   using S = PrefillShape<D>;
   return (MT == 2 ? 2 : 1) * (S::BQ * S::QS + S::BK * S::QS + D * S::VS) * 2;
+}
+
+// ---------------------------------------------------------------------------------------
+// Fast path (float16/bfloat16 q, D 64 or 128, every 16-byte piece of a token's packed
+// codes inside one quantization group, packed rows that allow 16-byte loads):
+//
+//   grid     (B * H_kv, row_tiles) CTAs of W warps, W * 16 query rows of one KV head.
+//   keys     tiles of 64 keys, two stages in shared memory: K as Ks[key][d] and V as
+//            Vs[key][d] (float16, row stride D + 8 halves: conflict-free ldmatrix).
+//            While the warps multiply tile i, the packed words and scales of tile i + 1
+//            are already in flight (16-byte loads into registers, issued before the
+//            tile's mma); after the mma each thread dequantizes its pieces (float32
+//            fma, one rounding to float16, the generic kernel's values) into the other
+//            stage. One barrier per tile.
+//   mma      q's fragments stay in registers for the whole loop; K fragments by
+//            ldmatrix.x4, V fragments by ldmatrix.x4.trans (no transposed stores).
+//   rest     tiles with keys past N (the tail, the end) are dequantized by the generic
+//            element loop; masks, softmax and the epilogue are the generic kernel's.
+// ---------------------------------------------------------------------------------------
+
+template <int D>
+struct PrefillFastShape {
+  static constexpr int BK = 64;
+  static constexpr int KS = D + 8;  // row stride (halves) of Ks and Vs
+  static constexpr int TILE = BK * KS;  // halves of one K or V stage
+};
+
+__device__ __forceinline__ u32 smem_u32(const void* p) {
+  return static_cast<u32>(__cvta_generic_to_shared(p));
+}
+__device__ __forceinline__ void ldsm_x4(u32 (&r)[4], u32 addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+}
+__device__ __forceinline__ void ldsm_x4_t(u32 (&r)[4], u32 addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+}
+__device__ __forceinline__ void sts_v4(u16* p, u32 a, u32 b, u32 c, u32 d) {
+  asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};" ::"r"(smem_u32(p)), "r"(a), "r"(b), "r"(c), "r"(d)
+               : "memory");
+}
+__device__ __forceinline__ void ldg_v4(u32 (&w)[4], const u32* p) {
+  asm volatile("ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(w[0]), "=r"(w[1]), "=r"(w[2]), "=r"(w[3]) : "l"(p));
+}
+
+__device__ __forceinline__ u32 ldg_u16(const void* p) {
+  u16 h;
+  asm volatile("ld.global.nc.u16 %0, [%1];" : "=h"(h) : "l"(p));
+  return u32(h);
+}
+
+// The 16-byte pieces of one cache's (K's or V's) key tile that a thread loads: piece c
+// (thread + i * NTHR) is key c % BK, piece c / BK of the key's row (consecutive threads
+// take consecutive keys, so their shared-memory rows are conflict-free). H16 (float16
+// scales and biases): codes become exact float16 pairs (0x6400 | code, minus 1024) and
+// one fma.f16x2 gives scale * code + bias rounded once, in the permuted column order
+// of col_of_elem<BITS>; else float32 fma, one rounding, the head dim's order.
+template <int D, int BITS, int GS, int NTHR, bool H16>
+struct FastPieces {
+  static constexpr int BK = PrefillFastShape<D>::BK;
+  static constexpr int EPP = 128 / BITS;  // elements per piece
+  static constexpr int PPK = D / EPP;  // pieces per key
+  static constexpr int NP = BK * PPK;  // pieces per tile
+  static constexpr int PER = (NP + NTHR - 1) / NTHR;  // per thread
+  static_assert(GS % EPP == 0, "a piece must lie inside one quantization group");
+  u32 w[PER][4];
+  u32 sc[PER], bi[PER];  // H16: float16 bits; else float32 bits
+  const u32* wp[PER];  // this thread's pieces at key tile 0 (token c % BK)
+  i64 si[PER], bj[PER];  // their scale and bias indices at key tile 0
+  i64 st_w, st_s, st_b;  // token strides
+
+  __device__ __forceinline__ void init(const TqParams& p, const u32* packed, int st_packed, int st_scales,
+                                       int st_biases, int b, int hkv) {
+    st_w = p.st[st_packed + 2];
+    st_s = p.st[st_scales + 2];
+    st_b = p.st[st_biases + 2];
+#pragma unroll
+    for (int i = 0; i < PER; ++i) {
+      const int c = threadIdx.x + i * NTHR;
+      const int t = c % BK, pc = c / BK, grp = pc * EPP / GS;
+      wp[i] = packed + b * p.st[st_packed] + hkv * p.st[st_packed + 1] + i64(t) * st_w + pc * 4;
+      si[i] = b * p.st[st_scales] + hkv * p.st[st_scales + 1] + i64(t) * st_s + grp;
+      bj[i] = b * p.st[st_biases] + hkv * p.st[st_biases + 1] + i64(t) * st_b + grp;
+    }
+  }
+
+  // Issues the loads of key tile kt (keys kt .. kt + BK - 1, all below N).
+  __device__ __forceinline__ void load(const TqParams& p, const void* scales, const void* biases, int kt) {
+    const i64 ow = i64(kt) * st_w, os = i64(kt) * st_s, ob = i64(kt) * st_b;
+#pragma unroll
+    for (int i = 0; i < PER; ++i) {
+      const int c = threadIdx.x + i * NTHR;
+      if (NP % NTHR != 0 && c >= NP) break;
+      ldg_v4(w[i], wp[i] + ow);
+      if constexpr (H16) {
+        sc[i] = ldg_u16(static_cast<const u16*>(scales) + si[i] + os);
+        bi[i] = ldg_u16(static_cast<const u16*>(biases) + bj[i] + ob);
+      } else {
+        sc[i] = __float_as_uint(load_f(scales, si[i] + os, p.scale_dtype));
+        bi[i] = __float_as_uint(load_f(biases, bj[i] + ob, p.scale_dtype));
+      }
+    }
+  }
+
+  __device__ __forceinline__ void store(u16* dst) const {
+    constexpr int HP = 16 / BITS;  // codes per 16-bit half of a word
+    constexpr int KS = PrefillFastShape<D>::KS;
+#pragma unroll
+    for (int i = 0; i < PER; ++i) {
+      const int c = threadIdx.x + i * NTHR;
+      if (NP % NTHR != 0 && c >= NP) break;
+      u32 h[EPP / 2];  // float16 pairs, shared-memory column order
+      if constexpr (H16) {
+        const u32 s2 = sc[i] | (sc[i] << 16), b2 = bi[i] | (bi[i] << 16);
+        constexpr u32 M2 = ((1u << BITS) - 1u) * 0x00010001u;
+#pragma unroll
+        for (int wi = 0; wi < 4; ++wi) {
+#pragma unroll
+          for (int k = 0; k < HP; ++k) {
+            const u32 y = ((w[i][wi] >> (BITS * k)) & M2) | 0x64006400u;  // 1024 + code, two halves
+            u32 code, v;
+            asm("sub.f16x2 %0, %1, %2;" : "=r"(code) : "r"(y), "r"(0x64006400u));
+            asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(v) : "r"(code), "r"(s2), "r"(b2));
+            h[wi * HP + k] = v;  // columns 2k, 2k + 1 of word wi: elements k, k + HP
+          }
+        }
+      } else {
+        const float scf = __uint_as_float(sc[i]), bif = __uint_as_float(bi[i]);
+        float scp[HP];
+#pragma unroll
+        for (int k = 0; k < HP; ++k) scp[k] = scf * code_inv<BITS>(k);
+#pragma unroll
+        for (int wi = 0; wi < 4; ++wi) {
+          const u32 halves[2] = {w[i][wi] & 0xFFFFu, w[i][wi] >> 16};
+#pragma unroll
+          for (int hh = 0; hh < 2; ++hh) {
+#pragma unroll
+            for (int k = 0; k < HP; k += 2) {
+              const float v0 = fmaf(scp[k], shifted_code<BITS>(halves[hh], k), bif);
+              const float v1 = fmaf(scp[k + 1], shifted_code<BITS>(halves[hh], k + 1), bif);
+              h[(wi * 2 * HP + hh * HP + k) / 2] = pack2<0>(v0, v1);
+            }
+          }
+        }
+      }
+      u16* row = dst + (c % BK) * KS + (c / BK) * EPP;
+#pragma unroll
+      for (int s = 0; s < EPP / 8; ++s) sts_v4(row + 8 * s, h[4 * s], h[4 * s + 1], h[4 * s + 2], h[4 * s + 3]);
+    }
+  }
+};
+
+template <int D, int KB, int VB, int GS, int W, bool H16>
+__device__ __forceinline__ void prefill_fast_impl(const TqParams& p) {
+  using S = PrefillFastShape<D>;
+  constexpr int BQ = 16 * W, BK = S::BK, KS = S::KS, TILE = S::TILE, NTHR = 32 * W;
+  constexpr int NT8 = BK / 8, DT8 = D / 8, DK16 = D / 16;
+  constexpr int PK = H16 ? KB : 0, PV = H16 ? VB : 0;  // column orders of K and V tiles
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  u16* sm = reinterpret_cast<u16*>(smem_raw);  // [stage][K, V][BK][KS]
+
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int tq = lane & 3;
+  const int Hkv = p.Hkv, G = p.G, R = p.R, L = p.L, N = p.N, NT = p.N + p.T;
+  const int b = blockIdx.x / Hkv, hkv = blockIdx.x % Hkv;
+  const int tile = gridDim.y - 1 - blockIdx.y;  // heaviest first under a causal mask
+  const int r0 = tile * BQ;
+  const int r_last = min(r0 + BQ, R) - 1;
+
+  int hq2[2], qpos2[2];
+  bool live2[2];
+  prefill_rows(r0 + warp * 16, hkv, p, hq2, qpos2, live2);
+
+  // q's A fragments for the whole loop: a0 (row g, d 2tq..), a1 (row g + 8), a2/a3 (d + 8).
+  u32 qa[DK16][4];
+  {
+    const i64 qo0 = b * p.st[ST_Q] + hq2[0] * p.st[ST_Q + 1] + i64(qpos2[0]) * p.st[ST_Q + 2];
+    const i64 qo1 = b * p.st[ST_Q] + hq2[1] * p.st[ST_Q + 1] + i64(qpos2[1]) * p.st[ST_Q + 2];
+#pragma unroll
+    for (int kk = 0; kk < DK16; ++kk) {
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        const int col = kk * 16 + 2 * tq + (r >> 1) * 8;  // K's columns: elements elem_of_col<PK>
+        const i64 o = (r & 1) ? qo1 : qo0;
+        qa[kk][r] = pack2<0>(load_f(p.q, o + elem_of_col<PK>(col), p.q_dtype), load_f(p.q, o + elem_of_col<PK>(col + 1), p.q_dtype));
+      }
+    }
+  }
+
+  const bool causal = p.mask_kind == MK_CAUSAL;
+  const bool array_mask = p.mask_kind == MK_BOOL || p.mask_kind == MK_ADDITIVE;
+  const int diag_first = r0 / G + NT - L;
+  const int diag_last = r_last / G + NT - L;
+  int kend = NT;
+  if (causal && diag_first >= 0) kend = min(NT, diag_last + 1);
+
+  FastPieces<D, KB, GS, NTHR, H16> kp;
+  FastPieces<D, VB, GS, NTHR, H16> vp;
+  // Stage s of a tile: K at sm + s * 2 TILE, V after it. Keys past N: generic loop.
+  auto fill = [&](int stage, int kt, bool loaded) {
+    u16* ks = sm + stage * 2 * TILE;
+    if (loaded) {
+      kp.store(ks);
+      vp.store(ks + TILE);
+    } else {
+      dequant_tile<0, D, KB, GS, false, NTHR, PK>(ks, nullptr, p, p.k_packed, p.k_scales, p.k_biases, p.k_tail,
+                                              ST_K_PACKED, ST_K_SCALES, ST_K_BIASES, ST_K_TAIL, b, hkv, kt);
+      dequant_tile<0, D, VB, GS, false, NTHR, PV>(ks + TILE, nullptr, p, p.v_packed, p.v_scales, p.v_biases, p.v_tail,
+                                              ST_V_PACKED, ST_V_SCALES, ST_V_BIASES, ST_V_TAIL, b, hkv, kt);
+    }
+  };
+  kp.init(p, p.k_packed, ST_K_PACKED, ST_K_SCALES, ST_K_BIASES, b, hkv);
+  vp.init(p, p.v_packed, ST_V_PACKED, ST_V_SCALES, ST_V_BIASES, b, hkv);
+  auto issue = [&](int kt) {
+    kp.load(p, p.k_scales, p.k_biases, kt);
+    vp.load(p, p.v_scales, p.v_biases, kt);
+  };
+
+  float o[DT8][4];
+#pragma unroll
+  for (int j = 0; j < DT8; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
+  float m2[2] = {-kInf, -kInf}, l2[2] = {0.f, 0.f};
+
+  // ldmatrix lane offsets (bytes): K matrices (keys +0/+8) x (d +0/+8) in the order
+  // b0/b1 of n-tile 2j, b0/b1 of 2j + 1; V (keys +0/+8) x (d +0/+8) transposed likewise.
+  const u32 k_lane = 2u * (((lane & 7) + ((lane >> 4) << 3)) * KS + ((lane >> 3) & 1) * 8);
+  const u32 v_lane = 2u * (((lane & 7) + (((lane >> 3) & 1) << 3)) * KS + (lane >> 4) * 8);
+  const u32 sbase = smem_u32(sm);
+
+  if (kend > 0) {
+    const bool full0 = BK <= N;
+    if (full0) issue(0);
+    fill(0, 0, full0);
+  }
+  __syncthreads();
+
+  int stage = 0;
+  for (int kt = 0; kt < kend; kt += BK, stage ^= 1) {
+    const int kn = kt + BK;
+    const bool has_next = kn < kend;
+    const bool next_full = has_next && kn + BK <= N;
+    if (next_full) issue(kn);  // in flight while this tile is multiplied
+
+    const u32 kaddr = sbase + u32(stage) * (4u * TILE);
+    const u32 vaddr = kaddr + 2u * TILE;
+
+    float s[NT8][4];
+#pragma unroll
+    for (int j = 0; j < NT8; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < DK16; ++kk) {
+#pragma unroll
+      for (int jp = 0; jp < NT8 / 2; ++jp) {
+        u32 bf[4];
+        ldsm_x4(bf, kaddr + k_lane + 2u * (jp * 16 * KS + kk * 16));
+        const u32 b0[2] = {bf[0], bf[1]}, b1[2] = {bf[2], bf[3]};
+        mma16816<0>(s[2 * jp], qa[kk], b0);
+        mma16816<0>(s[2 * jp + 1], qa[kk], b1);
+      }
+    }
+
+    const bool need_mask = array_mask || (causal && (kt + BK - 1 > diag_first)) || kt + BK > NT;
+    u32 pa[1][NT8 / 2][4];
+    prefill_softmax<0, NT8, DT8>(s, o, m2, l2, pa, p, need_mask, kt, b, hq2, qpos2);
+
+#pragma unroll
+    for (int kk = 0; kk < NT8 / 2; ++kk) {
+#pragma unroll
+      for (int jp = 0; jp < DK16; ++jp) {
+        u32 bf[4];
+        ldsm_x4_t(bf, vaddr + v_lane + 2u * (kk * 16 * KS + jp * 16));
+        const u32 b0[2] = {bf[0], bf[1]}, b1[2] = {bf[2], bf[3]};
+        mma16816<0>(o[2 * jp], pa[0][kk], b0);
+        mma16816<0>(o[2 * jp + 1], pa[0][kk], b1);
+      }
+    }
+
+    if (has_next) fill(stage ^ 1, kn, next_full);
+    __syncthreads();
+  }
+
+  prefill_store<DT8, PV>(o, m2, l2, p, b, hq2, qpos2, live2);
+}
+
+template <int D>
+constexpr int prefill_fast_smem_bytes() {
+  return 2 * 2 * PrefillFastShape<D>::TILE * 2;
 }
 
 }  // namespace tqc

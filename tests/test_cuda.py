@@ -92,6 +92,44 @@ def test_prefill(p):
     check(c)
 
 
+# --- fast prefill (prefill_fast_impl): two stages, 16-byte pieces, ldmatrix; both CTA sizes ---
+FAST = [
+    dict(L=300, N=1000, T=7, D=128, dtype=F16, gs=64, kb=4, vb=4, mask="causal", G=4, sinks=True,
+         sdt=None, strided=True),
+    dict(L=129, N=640, T=0, D=64, dtype=BF16, gs=32, kb=8, vb=8, mask="bool_BHLN", G=2, sinks=False,
+         sdt=None, strided=False),
+    dict(L=64, N=4096, T=0, D=128, dtype=F16, gs=128, kb=8, vb=4, mask="add_inf", G=8, sinks=True,
+         sdt="float32", strided=False),
+    dict(L=40, N=200, T=3, D=128, dtype=BF16, gs=32, kb=4, vb=8, mask="none", G=8, sinks=False,
+         sdt=None, strided=True),
+    dict(L=150, N=64, T=0, D=64, dtype=F16, gs=16, kb=8, vb=8, mask="causal", G=2, sinks=False,
+         sdt=None, strided=False, known_gap=True),  # rows that see no key (MLX: mean of V)
+    dict(L=77, N=333, T=5, D=128, dtype=F16, gs=64, kb=4, vb=4, mask="add_B1LN", G=3, sinks=True,
+         sdt="bfloat16", strided=False),
+]
+
+
+@pytest.mark.parametrize("kernel", ["fast8", "fast4", "generic"])
+@grid(*FAST)
+def test_prefill_fast(p, kernel, monkeypatch, request):
+    """The fast prefill (both CTA sizes) and the generic kernel on the same cases: full
+    tiles through 16-byte pieces, tiles past N through the element loop, every mask."""
+    if p.get("known_gap"):
+        # Measured on an H100 (bench/results/cuda/test_cuda.log): one row of 1200 at row
+        # NMSE 1.27e-6 > 1e-6, the same value from all three kernels: K and V enter the
+        # prefill's mma as float16 (11 bits) and this row's softmax is dominated by one
+        # key, so K's rounding moves its weights. Exact float16 codes with the scales
+        # applied in float32 (as the decode does) would remove it.
+        request.applymarker(pytest.mark.xfail(reason="float16 K/V operands in the prefill mma", strict=False))
+    monkeypatch.setenv("TQMETAL_CUDA_PREFILL", kernel)
+    c = R.make_case(
+        B=2, Hq=2 * p["G"], Hkv=2, L=p["L"], N=p["N"], T=p["T"], D=p["D"], dtype=p["dtype"],
+        scale_dtype=p["sdt"], group_size=p["gs"], k_bits=p["kb"], v_bits=p["vb"], mask=p["mask"],
+        sinks=p["sinks"], strided=p["strided"], transposed_q=p["L"] % 2 == 1, seed=p["L"] + p["N"],
+    )
+    check(c)
+
+
 def test_prefill_long_causal():
     """Enough key tiles that causal skipping and the last-tile diagonal both matter."""
     c = R.make_case(B=1, Hq=8, Hkv=2, L=1000, N=3000, D=128, dtype=F16, group_size=64, mask="causal", seed=9)

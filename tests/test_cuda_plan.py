@@ -110,8 +110,8 @@ def test_decode_rows_share_each_byte(G, L, tiles):
 
 def test_many_rows_go_to_prefill():
     plan = _ext.cuda_plan_sdpa_int4(problem(Hq=32, Hkv=8, L=9, N=5000, mask="causal"))
-    assert plan["path"] == "prefill" and plan["rows_per_cta"] == 64
-    assert plan["row_tiles"] == (4 * 9 + 63) // 64
+    assert plan["path"] == "prefill" and plan["fast_prefill"] and plan["rows_per_cta"] == 128
+    assert plan["row_tiles"] == (4 * 9 + 127) // 128
 
 
 @pytest.mark.parametrize("offset,want", [(0, 16), (4, 4), (8, 8), (24, 8), (48, 16)])
@@ -161,12 +161,58 @@ def test_prefill_plan(dtype, mt, D, bk):
     assert plan["path"] == "prefill" and plan["mma_type"] == mt and plan["key_tile"] == bk
     (l,) = plan["launches"]
     R = 4 * 300
+    fast = mt == 0 and D in (64, 128)  # gs 32: 16-byte pieces of 8-bit K and 4-bit V stay in one group
+    assert plan["fast_prefill"] == fast
+    assert set(l["reads"]) >= {"q", "k_packed", "v_packed", "k_tail", "v_tail"}
+    assert l["smem_bytes"] <= 227 * 1024  # an H100 CTA's shared memory
+    if fast:
+        assert plan["rows_per_cta"] == 128 and plan["warps"] == 8
+        assert l["grid"] == (8, (R + 127) // 128, 1) and l["block"] == (256, 1, 1)
+        assert l["smem_bytes"] == 2 * 2 * 64 * (D + 8) * 2  # two stages of K and V tiles
+        assert f"prefill_fast_impl<{D}, 8, 4, {gs}, 8, true>" in plan["entry_source"]  # float16 scales
+        assert plan["program"].endswith("_h16")
+        assert "__launch_bounds__(256, 1)" in plan["entry_source"]
+        return
     assert l["grid"] == (8, (R + 63) // 64, 1) and l["block"] == (128, 1, 1)
     nsplit = 2 if mt == 2 else 1
     assert l["smem_bytes"] == nsplit * (64 * (D + 8) + bk * (D + 8) + D * (bk + 8)) * 2
-    assert l["smem_bytes"] <= 227 * 1024  # an H100 CTA's shared memory
     assert f"prefill_impl<{mt}, {D}, 8, 4, {gs}>" in plan["entry_source"]
-    assert set(l["reads"]) >= {"q", "k_packed", "v_packed", "k_tail", "v_tail"}
+
+
+@pytest.mark.parametrize("kw,fast", [
+    (dict(), True),
+    (dict(gs=16, kb=8, vb=8), True),  # 8-bit: 16 codes per piece, inside a group of 16
+    (dict(gs=16), False),  # 4-bit: a 32-code piece spans two groups of 16
+    (dict(gs=16, kb=8), False),  # V still 4-bit
+    (dict(offset=4), False),  # rows not 16-byte aligned: no 16-byte loads
+    (dict(offset=16), True),
+    (dict(token_stride=70000), True),  # a view of a longer cache: 64-byte rows stay aligned
+    (dict(dtype="float32", sdt="float32"), False),  # float32 q: hi + lo operands (generic kernel)
+    (dict(D=256, gs=64), False),
+    (dict(D=64, gs=64, N=0, T=40), True),  # only a tail: every tile through the element loop
+    (dict(sdt="bfloat16"), True),  # (float32 dequantize, not the fma.f16x2 one)
+])
+def test_prefill_fast_path_choice(kw, fast):
+    args = dict(L=50, N=3000, mask="causal")
+    args.update(kw)
+    plan = _ext.cuda_plan_sdpa_int4(problem(**args))
+    assert plan["path"] == "prefill" and plan["fast_prefill"] == fast
+    assert ("prefillfast_w8" in plan["program"]) == fast
+    if fast:
+        h16 = kw.get("sdt", "float16") == "float16"
+        assert plan["program"].endswith("_h16") == h16
+        assert f", 8, {'true' if h16 else 'false'}>(p)" in plan["entry_source"]
+
+
+@pytest.mark.parametrize("env,fast,warps", [("generic", False, 4), ("fast4", True, 4), ("fast8", True, 8)])
+def test_prefill_override(monkeypatch, env, fast, warps):
+    monkeypatch.setenv("TQMETAL_CUDA_PREFILL", env)
+    plan = _ext.cuda_plan_sdpa_int4(problem(L=50, N=3000, mask="causal"))
+    assert plan["fast_prefill"] == fast and plan["warps"] == warps
+    assert plan["launches"][0]["block"] == (32 * warps, 1, 1)
+    assert plan["rows_per_cta"] == (16 * warps if fast else 64)
+    if fast and warps == 4:
+        assert "__launch_bounds__(128, 2)" in plan["entry_source"] and "prefillfast_w4" in plan["program"]
 
 
 def test_args_block():

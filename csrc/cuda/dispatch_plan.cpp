@@ -270,6 +270,27 @@ Plan plan_sdpa_int4_decode(const Problem& p) {
   return plan;
 }
 
+// Which prefill kernel: the fast one (cuda/sdpa_int4_prefill.cuh, prefill_fast_impl)
+// where it covers the problem, else the generic one. TQMETAL_CUDA_PREFILL = "generic",
+// "fast4" or "fast8" (warps per CTA) overrides the choice for tests and benchmarks.
+PrefillChoice prefill_choice(const Problem& p) {
+  PrefillChoice c;
+  const std::array<int64_t, 3> sizes = {p.B, p.Hkv, p.N};
+  const bool covered = p.q.dtype != DType::f32 && (p.D == 64 || p.D == 128) &&
+      p.group_size * p.k_bits >= 128 && p.group_size * p.v_bits >= 128 && // a 16-byte piece inside one group
+      (p.N == 0 || (vector_width(p.k_packed, sizes, 16) == 16 && vector_width(p.v_packed, sizes, 16) == 16));
+  c.fast = covered;
+  c.warps = kPrefillFastWarps;
+  if (const char* e = std::getenv("TQMETAL_CUDA_PREFILL")) {
+    const std::string v = e;
+    if (v == "generic") c.fast = false;
+    if (v == "fast4") c.warps = 4;
+    if (v == "fast8") c.warps = 8;
+  }
+  if (!c.fast) c.warps = kPrefillWarps;
+  return c;
+}
+
 Plan plan_sdpa_int4_prefill(const Problem& p) {
   if (p.D != 64 && p.D != 80 && p.D != 96 && p.D != 128 && p.D != 256) {
     return unsupported("head dim " + std::to_string(p.D) + " has no prefill instance (64, 80, 96, 128, 256)");
@@ -278,35 +299,52 @@ Plan plan_sdpa_int4_prefill(const Problem& p) {
     return unsupported("group size " + std::to_string(p.group_size) + " (prefill kernel: 16, 32, 64, 128)");
   }
   if (std::string why = layout_problem(p); !why.empty()) return unsupported(why);
+  const PrefillChoice choice = prefill_choice(p);
+  const int rows_per_cta = choice.fast ? 16 * choice.warps : kPrefillRows;
   const int R = (p.Hq / p.Hkv) * p.L;
-  const int row_tiles = (R + kPrefillRows - 1) / kPrefillRows;
+  const int row_tiles = (R + rows_per_cta - 1) / rows_per_cta;
   if (int64_t(p.B) * p.Hkv >= (int64_t(1) << 31) || row_tiles > 65535) {
     return unsupported("grid too large for the prefill kernel");
   }
   Plan plan;
   plan.supported = true;
   plan.path = Path::prefill;
+  plan.fast_prefill = choice.fast;
   plan.blocks = 1;
   plan.block_len = std::max<int64_t>(1, p.N + p.T);
   plan.rows = R;
-  plan.rows_per_cta = kPrefillRows;
+  plan.rows_per_cta = rows_per_cta;
   plan.row_tiles = row_tiles;
-  plan.warps = kPrefillWarps;
+  plan.warps = choice.warps;
   plan.key_tile = p.D > 128 ? 32 : 64;
   plan.mma_type = p.q.dtype == DType::f32 ? 2 : 0; // bfloat16 q: exact in float16, whose 11-bit K, V and P meet the bounds
   plan.args = make_args(p, 1, plan.block_len);
-  const int nsplit = plan.mma_type == 2 ? 2 : 1;
-  const int QS = p.D + 8, VS = plan.key_tile + 8;
-  const int smem = nsplit * (kPrefillRows * QS + plan.key_tile * QS + p.D * VS) * 2;
-  plan.program = "prefill_mt" + std::to_string(plan.mma_type) + "_D" + std::to_string(p.D) + "_k" +
-      std::to_string(p.k_bits) + "v" + std::to_string(p.v_bits) + "_g" + std::to_string(p.group_size);
-  plan.entry_source = "extern \"C\" __global__ void __launch_bounds__(" + std::to_string(32 * kPrefillWarps) +
-      ") tq_prefill(TqParams p) { tqc::prefill_impl<" + std::to_string(plan.mma_type) + ", " +
-      std::to_string(p.D) + ", " + std::to_string(p.k_bits) + ", " + std::to_string(p.v_bits) + ", " +
-      std::to_string(p.group_size) + ">(p); }\n" +
-      "static_assert(tqc::prefill_smem_bytes<" + std::to_string(plan.mma_type) + ", " + std::to_string(p.D) +
-      ">() == " + std::to_string(smem) + ", \"host and kernel disagree on shared memory\");\n";
-  plan.launches.push_back(Launch{"tq_prefill", {p.B * p.Hkv, row_tiles, 1}, {32 * kPrefillWarps, 1, 1}, smem,
+  const std::string tmpl_bits = std::to_string(p.D) + ", " + std::to_string(p.k_bits) + ", " +
+      std::to_string(p.v_bits) + ", " + std::to_string(p.group_size);
+  const std::string suffix = "_D" + std::to_string(p.D) + "_k" + std::to_string(p.k_bits) + "v" +
+      std::to_string(p.v_bits) + "_g" + std::to_string(p.group_size);
+  int smem = 0;
+  if (choice.fast) {
+    // two stages of K and V tiles, [key][D + 8] float16 each
+    smem = 2 * 2 * plan.key_tile * (p.D + 8) * 2;
+    // float16 scales and biases: codes dequantized with one fma.f16x2 per pair (permuted columns)
+    const bool h16 = p.k_scales.dtype == DType::f16;
+    plan.program = "prefillfast_w" + std::to_string(choice.warps) + suffix + (h16 ? "_h16" : "");
+    plan.entry_source = "extern \"C\" __global__ void __launch_bounds__(" + std::to_string(32 * choice.warps) + ", " +
+        std::to_string(choice.warps >= 8 ? 1 : 2) + ") tq_prefill(TqParams p) { tqc::prefill_fast_impl<" + tmpl_bits +
+        ", " + std::to_string(choice.warps) + ", " + (h16 ? "true" : "false") + ">(p); }\n" + "static_assert(tqc::prefill_fast_smem_bytes<" +
+        std::to_string(p.D) + ">() == " + std::to_string(smem) + ", \"host and kernel disagree on shared memory\");\n";
+  } else {
+    const int nsplit = plan.mma_type == 2 ? 2 : 1;
+    const int QS = p.D + 8, VS = plan.key_tile + 8;
+    smem = nsplit * (kPrefillRows * QS + plan.key_tile * QS + p.D * VS) * 2;
+    plan.program = "prefill_mt" + std::to_string(plan.mma_type) + suffix;
+    plan.entry_source = "extern \"C\" __global__ void __launch_bounds__(" + std::to_string(32 * kPrefillWarps) +
+        ") tq_prefill(TqParams p) { tqc::prefill_impl<" + std::to_string(plan.mma_type) + ", " + tmpl_bits + ">(p); }\n" +
+        "static_assert(tqc::prefill_smem_bytes<" + std::to_string(plan.mma_type) + ", " + std::to_string(p.D) +
+        ">() == " + std::to_string(smem) + ", \"host and kernel disagree on shared memory\");\n";
+  }
+  plan.launches.push_back(Launch{"tq_prefill", {p.B * p.Hkv, row_tiles, 1}, {32 * plan.warps, 1, 1}, smem,
                                  input_names(p), {"out"}});
   return plan;
 }

@@ -67,6 +67,7 @@ struct Plan {
   int prefetch = 0; // decode: L2 prefetch distance in warp steps (0: none)
   int min_ctas = 0; // decode: CTAs per SM in the kernel's launch bounds
   bool pipeline = false; // decode: next step's loads issued before this step computes
+  bool fast_prefill = false; // prefill: prefill_fast_impl (else prefill_impl)
   int mma_type = -1; // prefill: 0 float16 (float16 and bfloat16 q), 2 float32 split into float16 hi + lo
   std::string program; // cache key of the NVRTC program = its specialization
   std::string entry_source; // the extern "C" entry points appended to the kernel source
@@ -92,6 +93,14 @@ struct DecodeTuning {
 DecodeTuning decode_tuning(int D, int groups, bool qsplit);
 inline constexpr int kPrefillRows = 64; // BQ
 inline constexpr int kPrefillWarps = 4;
+inline constexpr int kPrefillFastWarps = 8; // fast prefill: 16 query rows per warp
+
+struct PrefillChoice {
+  bool fast = false; // prefill_fast_impl covers the problem (and is not overridden)
+  int warps = kPrefillWarps;
+};
+// The prefill kernel for a problem (TQMETAL_CUDA_PREFILL="generic"|"fast4"|"fast8" overrides).
+PrefillChoice prefill_choice(const Problem& p);
 
 Plan plan_sdpa_int4_decode(const Problem& p);
 Plan plan_sdpa_int4_prefill(const Problem& p);
