@@ -6,9 +6,14 @@
 #include <cstdlib>
 #include <utility>
 
+#include "gpu/layout_checks.h"
+
 namespace tqmetal::cuda {
 
 namespace {
+
+using gpu::array_mask;
+using gpu::stride_or0;
 
 // Codes of cuda/sdpa_int4_params.h (tqc::DT_*, tqc::MK_*, tqc::ST_*).
 enum { DT_F32 = 0, DT_F16 = 1, DT_BF16 = 2, DT_BOOL = 3 };
@@ -23,55 +28,10 @@ int dtype_code(DType d) {
   return d == DType::f16 ? DT_F16 : d == DType::bf16 ? DT_BF16 : d == DType::boolean ? DT_BOOL : DT_F32;
 }
 
-int64_t stride_or0(const TensorRef& t, size_t i) {
-  return i < t.strides.size() ? t.strides[i] : 0;
-}
-
 Plan unsupported(std::string why) {
   Plan p;
   p.reason = std::move(why);
   return p;
-}
-
-bool array_mask(const Problem& p) {
-  return p.mask_kind == MaskKind::boolean || p.mask_kind == MaskKind::additive;
-}
-
-// Checks both paths share; empty when the layout is one the kernels read.
-std::string layout_problem(const Problem& p) {
-  if ((p.k_bits != 4 && p.k_bits != 8) || (p.v_bits != 4 && p.v_bits != 8)) {
-    return "bits k" + std::to_string(p.k_bits) + "v" + std::to_string(p.v_bits) +
-        " (CUDA kernels: 4 or 8 bits for K and V)";
-  }
-  if (p.group_size <= 0 || p.D % p.group_size != 0) return "group size does not divide the head dim";
-  if (p.Hkv <= 0 || p.Hq % p.Hkv != 0) return "H_q must be a multiple of H_kv";
-  const std::pair<const char*, const TensorRef*> quant[] = {
-      {"q", &p.q}, {"k_packed", &p.k_packed}, {"k_scales", &p.k_scales}, {"k_biases", &p.k_biases},
-      {"v_packed", &p.v_packed}, {"v_scales", &p.v_scales}, {"v_biases", &p.v_biases}};
-  for (const auto& [name, t] : quant) {
-    if (p.N == 0 && t != &p.q) continue; // an empty cache (only a tail) is never read
-    if (t->strides.size() != 4 || t->strides[3] != 1) {
-      return std::string(name) + ": last axis must be contiguous (eval_gpu copies it first)";
-    }
-  }
-  if (p.has_tail) {
-    for (const TensorRef* t : {&p.k_tail, &p.v_tail}) {
-      if (t->strides.size() != 4 || t->strides[3] != 1) {
-        return "tails: last axis must be contiguous (eval_gpu copies it first)";
-      }
-    }
-    if (p.k_tail.dtype != p.v_tail.dtype) return "k_tail and v_tail dtypes differ";
-  }
-  if (p.k_scales.dtype != p.k_biases.dtype || p.k_scales.dtype != p.v_scales.dtype ||
-      p.k_scales.dtype != p.v_biases.dtype) {
-    return "scales and biases of k and v must share one dtype";
-  }
-  if (array_mask(p) && p.mask.strides.size() != 4) {
-    return "mask strides must be right-aligned on [B, Hq, L, N + T]";
-  }
-  if (p.N + p.T >= (int64_t(1) << 31)) return "context too long for 32-bit token indices";
-  if (int64_t(p.Hq / p.Hkv) * p.L >= (int64_t(1) << 31)) return "too many query rows for 32-bit row indices";
-  return {};
 }
 
 Args make_args(const Problem& p, int64_t blocks, int64_t block_len) {
@@ -176,7 +136,7 @@ Plan plan_sdpa_int4_decode(const Problem& p) {
   if (p.group_size != 32 && p.group_size != 64 && p.group_size != 128) {
     return unsupported("group size " + std::to_string(p.group_size) + " (decode kernels: 32, 64, 128)");
   }
-  if (std::string why = layout_problem(p); !why.empty()) return unsupported(why);
+  if (std::string why = gpu::layout_problem(p, "CUDA"); !why.empty()) return unsupported(why);
   for (const TensorRef* t : {&p.k_packed, &p.v_packed, &p.k_scales, &p.k_biases, &p.v_scales, &p.v_biases}) {
     if (p.N > 0 && stride_or0(*t, 2) >= (int64_t(1) << 24)) return unsupported("token stride too large for the decode kernel");
   }
@@ -298,7 +258,7 @@ Plan plan_sdpa_int4_prefill(const Problem& p) {
   if (p.group_size != 16 && p.group_size != 32 && p.group_size != 64 && p.group_size != 128) {
     return unsupported("group size " + std::to_string(p.group_size) + " (prefill kernel: 16, 32, 64, 128)");
   }
-  if (std::string why = layout_problem(p); !why.empty()) return unsupported(why);
+  if (std::string why = gpu::layout_problem(p, "CUDA"); !why.empty()) return unsupported(why);
   const PrefillChoice choice = prefill_choice(p);
   const int rows_per_cta = choice.fast ? 16 * choice.warps : kPrefillRows;
   const int R = (p.Hq / p.Hkv) * p.L;

@@ -7,10 +7,14 @@
 #include <utility>
 
 #include "../../metal/sdpa_int4_params.h"
+#include "gpu/layout_checks.h"
 
 namespace tqmetal::metal {
 
 namespace {
+
+using gpu::array_mask;
+using gpu::stride_or0;
 
 using namespace tqmetal_decode;
 
@@ -29,68 +33,10 @@ int dtype_code(DType d) {
   return d == DType::f16 ? DT_F16 : d == DType::bf16 ? DT_BF16 : DT_F32;
 }
 
-int64_t stride_or0(const TensorRef& t, size_t i) {
-  return i < t.strides.size() ? t.strides[i] : 0;
-}
-
 Plan unsupported(std::string why) {
   Plan p;
   p.reason = std::move(why);
   return p;
-}
-
-bool array_mask(const Problem& p) {
-  return p.mask_kind == MaskKind::boolean || p.mask_kind == MaskKind::additive;
-}
-
-// Checks both paths share; empty when the layout is one the kernels read.
-std::string layout_problem(const Problem& p) {
-  if ((p.k_bits != 4 && p.k_bits != 8) || (p.v_bits != 4 && p.v_bits != 8)) {
-    return "bits k" + std::to_string(p.k_bits) + "v" + std::to_string(p.v_bits) +
-        " (Metal kernels: 4 or 8 bits for K and V)";
-  }
-  if (p.group_size <= 0 || p.D % p.group_size != 0) {
-    return "group size does not divide the head dim";
-  }
-  if (p.Hkv <= 0 || p.Hq % p.Hkv != 0) {
-    return "H_q must be a multiple of H_kv";
-  }
-  // Last axes must be contiguous (MLX's quantize output and its N-slices are). An
-  // empty cache (N = 0, only a tail) is never read.
-  const std::pair<const char*, const TensorRef*> quant[] = {
-      {"q", &p.q}, {"k_packed", &p.k_packed}, {"k_scales", &p.k_scales}, {"k_biases", &p.k_biases},
-      {"v_packed", &p.v_packed}, {"v_scales", &p.v_scales}, {"v_biases", &p.v_biases}};
-  for (const auto& [name, t] : quant) {
-    if (p.N == 0 && t != &p.q) continue;
-    if (t->strides.size() != 4 || t->strides[3] != 1) {
-      return std::string(name) + ": expected 4 strides with a contiguous last axis";
-    }
-  }
-  if (p.has_tail) {
-    const std::pair<const char*, const TensorRef*> tails[] = {{"k_tail", &p.k_tail}, {"v_tail", &p.v_tail}};
-    for (const auto& [name, t] : tails) {
-      if (t->strides.size() != 4 || t->strides[3] != 1) {
-        return std::string(name) + ": expected 4 strides with a contiguous last axis";
-      }
-    }
-    if (p.k_tail.dtype != p.v_tail.dtype) {
-      return "k_tail and v_tail dtypes differ";
-    }
-  }
-  if (p.k_scales.dtype != p.k_biases.dtype || p.k_scales.dtype != p.v_scales.dtype ||
-      p.k_scales.dtype != p.v_biases.dtype) {
-    return "scales and biases of k and v must share one dtype";
-  }
-  if (array_mask(p) && p.mask.strides.size() != 4) {
-    return "mask strides must be right-aligned on [B, Hq, L, N + T]";
-  }
-  if (p.N + p.T >= (int64_t(1) << 31)) {
-    return "context too long for 32-bit token indices";
-  }
-  if (int64_t(p.Hq / p.Hkv) * p.L >= (int64_t(1) << 31)) {
-    return "too many query rows for 32-bit row indices";
-  }
-  return {};
 }
 
 // The arguments every kernel of both paths takes, laid out as sdpa_int4_params.h says.
@@ -188,7 +134,7 @@ Plan decode_core(const Problem& p) {
   if (p.group_size != 32 && p.group_size != 64 && p.group_size != 128) {
     return unsupported("group size " + std::to_string(p.group_size) + " (decode kernels: 32, 64, 128)");
   }
-  if (std::string why = layout_problem(p); !why.empty()) return unsupported(why);
+  if (std::string why = gpu::layout_problem(p, "Metal"); !why.empty()) return unsupported(why);
   const int G = p.Hq / p.Hkv;
   const int R = G * p.L;
   const int ROWS = p.D == 256 ? 4 : 8; // the instances' ROWS (registers: 2 * ROWS * D / 32 floats)
@@ -278,7 +224,7 @@ Plan prefill_core(const Problem& p) {
   if (p.group_size != 16 && p.group_size != 32 && p.group_size != 64 && p.group_size != 128) {
     return unsupported("group size " + std::to_string(p.group_size) + " (prefill kernel: 16, 32, 64, 128)");
   }
-  if (std::string why = layout_problem(p); !why.empty()) return unsupported(why);
+  if (std::string why = gpu::layout_problem(p, "Metal"); !why.empty()) return unsupported(why);
   const int R = (p.Hq / p.Hkv) * p.L;
   const int row_tiles = (R + kPrefillRowTile - 1) / kPrefillRowTile;
   if (int64_t(p.B) * p.Hkv >= (int64_t(1) << 31) || row_tiles >= 65536) {
