@@ -780,7 +780,14 @@ class BatchInt4KVCache(_mlc._BaseCache):
 
     @property
     def state(self):
-        arrays = () if self._f is None else (*self._q[0], *self._q[1], *self._f)
+        # the slots in use, as mlx-lm's BatchKVCache.state gives them (rows' left padding
+        # included, spare capacity not); the stores grow back as updates need
+        arrays = ()
+        if self._f is not None:
+            nq = max(0, self._idx - self._qbase)
+            nf = self.num_sinks + max(0, self._idx - self._fbase)
+            arrays = (*(x[..., :nq, :] for t in self._q for x in t),
+                      *(x[..., :nf, :] for x in self._f))
         meta = {k: getattr(self, k, None) for k in self._META}
         meta.update({k: list(getattr(self, k)) for k in self._ROWS})
         meta["options"] = dict(self._opts)
