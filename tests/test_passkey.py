@@ -49,7 +49,9 @@ def test_grid_scores_key_from_a_copy(model, config):
         passkey.prefill(model, ids, fresh, 128)
         logp, rank = passkey.key_score(model, ids[-1], fresh, key_ids)
         # and the answer from a fresh cache: the copy did not disturb the original
-        answer = passkey.greedy_answer(model, ids, cfg.make_cache(model), 4, 128)
+        again = cfg.make_cache(model)
+        passkey.prefill(model, ids, again, 128)
+        answer = passkey.greedy_answer(model, ids[-1], again, 4)
     assert row["key_logprob"] == pytest.approx(logp, abs=1e-3)
     assert row["key_rank"] == rank
     assert row["answer"] == tok.decode(answer)
@@ -72,7 +74,7 @@ def test_copy_cache_gemma3(config):
         passkey.prefill(model, ids, cache, 128)
         copied = passkey.copy_cache(cache)
         before = [[np.array(a) for a in _arrays(c.state)] for c in copied]
-        passkey.greedy_answer(model, ids, cache, 3, 128, prefilled=True)
+        passkey.greedy_answer(model, ids[-1], cache, 3)
         after = [[np.array(a) for a in _arrays(c.state)] for c in copied]
         got = passkey.key_score(model, ids[-1], copied, key_ids)
         fresh = cfg.make_cache(model)

@@ -98,12 +98,10 @@ def key_score(model, last_id: int, cache, key_ids: Sequence[int]) -> tuple:
     return float(total.item()), int(rank.item())
 
 
-def greedy_answer(model, ids: Sequence[int], cache, n: int, chunk: int,
-                  prefilled: bool = False) -> List[int]:
-    """Prefill ``ids`` (unless ``prefilled``), then ``n`` greedy tokens."""
-    if not prefilled:
-        prefill(model, ids, cache, chunk)
-    y = mx.array([ids[-1]], dtype=mx.int32)
+def greedy_answer(model, last_id: int, cache, n: int) -> List[int]:
+    """``n`` greedy tokens after the prompt's last token, from a cache that
+    :func:`prefill` filled with the rest of the prompt."""
+    y = mx.array([last_id], dtype=mx.int32)
     out = []
     for _ in range(n):
         logits = model(y[None], cache=cache)[0, -1]
@@ -138,7 +136,7 @@ def run_grid(model, tokenizer, lengths, depths, configs, answer_tokens=8, chunk=
                 # the answer and the score each extend a cache: the score gets a copy
                 # (MLX arrays are values: the copy shares buffers until one is written)
                 scored = copy_cache(cache)
-                answer = greedy_answer(model, ids, cache, answer_tokens, chunk, prefilled=True)
+                answer = greedy_answer(model, ids[-1], cache, answer_tokens)
                 logp, rank = key_score(model, ids[-1], scored, key_ids)
                 del cache, scored
                 text = tokenizer.decode(answer)
@@ -156,30 +154,33 @@ def run_grid(model, tokenizer, lengths, depths, configs, answer_tokens=8, chunk=
     return rows
 
 
+def _length_label(n: int) -> str:
+    return f"{n // 1024}K" if n % 1024 == 0 else str(n)
+
+
 def format_grid(rows: list) -> str:
-    """Per config, a depth x length table of retrieved (Y) / missed (n)."""
+    """Per config, a depth x length table of retrieved (Y) / missed (n), and one of
+    the key's log-probability where the rows have it."""
     configs = list(dict.fromkeys(r["config"] for r in rows))
     lengths = sorted({r["length"] for r in rows})
     depths = sorted({r["depth"] for r in rows})
-    cell = {(r["config"], r["length"], r["depth"]): r["retrieved"] for r in rows}
-    head = "config".ljust(max(len(c) for c in configs)) + "  depth  " + "  ".join(
-        (f"{L // 1024}K" if L % 1024 == 0 else str(L)).rjust(4) for L in lengths)
-    lines = [head, "-" * len(head)]
-    for c in configs:
-        for d in depths:
-            marks = ["   Y" if cell.get((c, L, d)) else
-                     ("   n" if (c, L, d) in cell else "   -") for L in lengths]
-            lines.append(c.ljust(max(len(x) for x in configs)) + f"  {d:5.2f}  " + "  ".join(marks))
-    if all("key_logprob" in r for r in rows):
-        lp = {(r["config"], r["length"], r["depth"]): r["key_logprob"] for r in rows}
-        w = max(len(x) for x in configs)
-        lp_head = "log P(key), nats".ljust(w) + "  depth  " + " ".join(
-            (f"{L // 1024}K" if L % 1024 == 0 else str(L)).rjust(7) for L in lengths)
-        lines += ["", lp_head, "-" * len(lp_head)]
+    w = max(len(c) for c in configs)
+
+    def table(title, width, sep, value):
+        head = title.ljust(w) + "  depth  " + sep.join(_length_label(L).rjust(width) for L in lengths)
+        out = [head, "-" * len(head)]
         for c in configs:
             for d in depths:
-                vals = [f"{lp[(c, L, d)]:7.2f}" if (c, L, d) in lp else "      -" for L in lengths]
-                lines.append(c.ljust(max(len(x) for x in configs)) + f"  {d:5.2f}  " + " ".join(vals))
+                out.append(c.ljust(w) + f"  {d:5.2f}  " + sep.join(value((c, L, d)) for L in lengths))
+        return out
+
+    cell = {(r["config"], r["length"], r["depth"]): r["retrieved"] for r in rows}
+    lines = table("config", 4, "  ",
+                  lambda k: "   Y" if cell.get(k) else ("   n" if k in cell else "   -"))
+    if all("key_logprob" in r for r in rows):
+        lp = {(r["config"], r["length"], r["depth"]): r["key_logprob"] for r in rows}
+        lines += [""] + table("log P(key), nats", 7, " ",
+                              lambda k: f"{lp[k]:7.2f}" if k in lp else "      -")
     return "\n".join(lines)
 
 
