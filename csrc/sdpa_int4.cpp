@@ -35,9 +35,18 @@ bool is_float(Dtype t) {
   return t == float16 || t == bfloat16 || t == float32;
 }
 
-void check_bits(const std::string& arg, int bits) {
-  if (bits != 4 && bits != 8) {
-    fail(arg, "expected 4 or 8, got " + std::to_string(bits));
+// mx.quantize's affine widths. 4 and 8 bits pack whole codes per byte; the others
+// are one little-endian bit stream in which a code may straddle two words, so a
+// group (and a kernel's chunk) starts on a word only for groups of 32 or more.
+void check_bits(const std::string& arg, int bits, int group_size) {
+  if (bits != 2 && bits != 3 && bits != 4 && bits != 5 && bits != 6 && bits != 8) {
+    fail(arg, "expected 2, 3, 4, 5, 6 or 8 (as mx.quantize), got " + std::to_string(bits));
+  }
+  if (bits != 4 && bits != 8 && group_size < 32) {
+    fail(
+        "group_size",
+        "group_size=" + std::to_string(group_size) + " supports 4 and 8 bits only; " + arg + "=" +
+            std::to_string(bits) + " needs group_size 32, 64 or 128");
   }
 }
 
@@ -110,8 +119,8 @@ array sdpa_int4(
   if (group_size != 16 && group_size != 32 && group_size != 64 && group_size != 128) {
     fail("group_size", "expected 16, 32, 64 or 128, got " + std::to_string(group_size));
   }
-  check_bits("k_bits", k_bits);
-  check_bits("v_bits", v_bits);
+  check_bits("k_bits", k_bits, group_size);
+  check_bits("v_bits", v_bits, group_size);
   const int B = q.shape(0), Hq = q.shape(1), L = q.shape(2), D = q.shape(3);
   if (D <= 0 || D % group_size != 0) {
     fail(
@@ -277,10 +286,10 @@ array sdpa_int4(
 }
 
 std::tuple<array, array, array> quantize(const array& x, int group_size, int bits, StreamOrDevice s) {
-  if (bits != 4 && bits != 8) fail("bits", "expected 4 or 8, got " + std::to_string(bits));
   if (group_size != 16 && group_size != 32 && group_size != 64 && group_size != 128) {
     fail("group_size", "expected 16, 32, 64 or 128, got " + std::to_string(group_size));
   }
+  check_bits("bits", bits, group_size);
   if (x.ndim() < 1 || x.shape(-1) % group_size != 0) {
     fail("x", "last dimension must be a multiple of group_size=" + std::to_string(group_size));
   }

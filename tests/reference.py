@@ -119,32 +119,34 @@ def to_f64(x) -> np.ndarray:
 
 
 def unpack_codes(packed, bits: int) -> np.ndarray:
-    """uint32 [..., W] -> integer codes [..., W * 32 // bits] (int64)."""
-    if bits <= 0 or 32 % bits:
-        raise ValueError(f"reference unpacker supports bits dividing 32, got {bits}")
+    """uint32 [..., W] -> integer codes [..., W * 32 // bits] (int64).
+
+    The words are one little-endian bit stream (mx.quantize's layout for every
+    width): code j sits at bits [j * bits, (j + 1) * bits) of the stream, so a
+    3-, 5- or 6-bit code may straddle two words."""
+    if bits not in (2, 3, 4, 5, 6, 8):
+        raise ValueError(f"reference unpacker supports bits 2, 3, 4, 5, 6 or 8, got {bits}")
     p = to_numpy(packed)
     if p.dtype != np.uint32:
         raise TypeError(f"packed must be uint32, got {p.dtype}")
-    per_word = 32 // bits
-    shifts = (np.arange(per_word, dtype=np.uint64) * bits).astype(np.uint64)
-    mask = np.uint64((1 << bits) - 1)
-    codes = (p.astype(np.uint64)[..., None] >> shifts) & mask
-    return codes.reshape(*p.shape[:-1], p.shape[-1] * per_word).astype(np.int64)
+    stream = np.unpackbits(np.ascontiguousarray(p).view(np.uint8), axis=-1, bitorder="little")
+    D = p.shape[-1] * 32 // bits
+    fields = stream[..., : D * bits].reshape(*p.shape[:-1], D, bits).astype(np.int64)
+    return (fields << np.arange(bits, dtype=np.int64)).sum(-1)
 
 
 def pack_codes(codes, bits: int) -> np.ndarray:
     """integer codes [..., D] (0 <= c < 2**bits) -> uint32 [..., D * bits // 32]."""
-    c = np.asarray(codes).astype(np.uint64)
-    per_word = 32 // bits
+    c = np.asarray(codes).astype(np.int64)
     D = c.shape[-1]
-    if D % per_word:
-        raise ValueError(f"D={D} not a multiple of {per_word}")
-    if c.size and (c.max() >= (1 << bits)):
-        raise ValueError("code out of range")
-    c = c.reshape(*c.shape[:-1], D // per_word, per_word)
-    shifts = (np.arange(per_word, dtype=np.uint64) * bits).astype(np.uint64)
-    words = np.bitwise_or.reduce(c << shifts, axis=-1) if per_word > 1 else c[..., 0]
-    return words.astype(np.uint32)
+    if (D * bits) % 32:
+        raise ValueError(f"D={D} codes of {bits} bits do not fill whole 32-bit words")
+    if c.size and (c.max() >= (1 << bits) or c.min() < 0):
+        raise ValueError(f"codes out of range for {bits} bits")
+    fields = ((c[..., None] >> np.arange(bits, dtype=np.int64)) & 1).astype(np.uint8)
+    stream = fields.reshape(*c.shape[:-1], D * bits)
+    return np.packbits(stream, axis=-1, bitorder="little").view(np.uint32).reshape(
+        *c.shape[:-1], D * bits // 32)
 
 
 def dequantize_ref(packed, scales, biases, group_size: int, bits: int) -> np.ndarray:

@@ -115,12 +115,32 @@ def test_unsupported_group_size(gs):
         call(group_size=gs)
 
 
-@pytest.mark.parametrize("arg,val", [("bits", 3), ("bits", 2), ("bits", 6), ("bits", 16),
-                                     ("k_bits", 3), ("v_bits", 5), ("bits", 0)])
+@pytest.mark.parametrize("arg,val", [("bits", 7), ("bits", 1), ("bits", 16),
+                                     ("k_bits", 7), ("v_bits", 9), ("bits", 0)])
 def test_unsupported_bits(arg, val):
     # the message must name the argument the caller passed: "bits" itself, not "k_bits"
     with pytest.raises(ValueError, match=rf"(?<![A-Za-z_]){arg}\b"):
         call(**{arg: val})
+
+
+@pytest.mark.parametrize("arg,val", [("k_bits", 3), ("v_bits", 5), ("bits", 6)])
+def test_bit_stream_widths_name_the_packed_shape(arg, val):
+    # mx.quantize's 2/3/5/6-bit widths are accepted; 4-bit packed rows then have the
+    # wrong word count, and the message names the tensor and the shape it expects
+    with pytest.raises(ValueError, match=r"packed must have shape"):
+        call(**{arg: val})
+
+
+@pytest.mark.parametrize("bits", [2, 3, 5, 6])
+def test_bit_stream_widths_need_groups_of_32(bits):
+    x = mx.zeros((1, 1, 4, 64))
+    with pytest.raises(ValueError, match=r"group_size=16 supports 4 and 8 bits only"):
+        tqmetal.quantize(x, 16, bits)
+    p = mx.zeros((1, 1, 4, 64 * bits // 32), mx.uint32)
+    s = mx.ones((1, 1, 4, 4), mx.float16)
+    q = mx.zeros((1, 1, 1, 64), mx.float16)
+    with pytest.raises(ValueError, match=r"group_size.*k_bits=%d" % bits):
+        tqmetal.sdpa_int4(q, (p, s, s), (p, s, s), scale=0.1, group_size=16, k_bits=bits, v_bits=4)
 
 
 @pytest.mark.parametrize("name", ["k", "v"])

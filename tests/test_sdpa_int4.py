@@ -49,7 +49,7 @@ def grid(*dicts):
 
 
 class TestReference:
-    @pytest.mark.parametrize("bits", [4, 8])
+    @pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
     @pytest.mark.parametrize("gs", [32, 64, 128])
     @pytest.mark.parametrize("dtype", [F16, BF16, F32])
     def test_unpacker_matches_mx_dequantize(self, bits, gs, dtype):
@@ -159,7 +159,7 @@ class TestReference:
 @pytest.mark.parametrize(
     "D,gs,bits",
     [(80, 16, 4), (80, 16, 8), (64, 16, 4), (128, 16, 8), (128, 32, 4), (96, 32, 8),
-     (128, 64, 4), (256, 128, 8)],
+     (128, 64, 4), (256, 128, 8), (64, 32, 2), (96, 32, 3), (128, 64, 5), (256, 128, 6)],
 )
 @pytest.mark.parametrize("dtype", [F16, BF16, F32])
 def test_quantize_format(D, gs, bits, dtype):
@@ -192,7 +192,7 @@ def test_quantize_format(D, gs, bits, dtype):
 
 
 @pytest.mark.parametrize("gs", [32, 64, 128])
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
 @pytest.mark.parametrize("dtype", [F16, BF16, F32])
 def test_quantize_identical_to_mx_quantize(gs, bits, dtype):
     """tqmetal.quantize documents being identical to mx.quantize for group sizes 32..128."""
@@ -213,7 +213,12 @@ def test_quantize_identical_to_mx_quantize(gs, bits, dtype):
 DTYPE_BITS = [
     dict(dtype=dt, sdt=dt, kb=kb, vb=vb)
     for dt in (F16, BF16, F32)
-    for kb, vb in ((4, 4), (8, 8), (8, 4), (4, 8))
+    for kb, vb in ((4, 4), (8, 8), (8, 4), (4, 8), (5, 3))
+] + [
+    # mx.quantize's bit-stream widths (codes straddle words), with and without 4/8
+    dict(dtype=dt, sdt=dt, kb=kb, vb=vb)
+    for dt, (kb, vb) in zip((F16, BF16, F32, F16, BF16, F32, F16),
+                            ((3, 5), (2, 6), (6, 2), (5, 4), (4, 3), (8, 5), (3, 8)))
 ] + [
     dict(dtype=F16, sdt=F32, kb=4, vb=4),
     dict(dtype=BF16, sdt=F32, kb=8, vb=4),
@@ -638,8 +643,10 @@ def cases(draw, long_decode: bool = False):
     B = draw(st.sampled_from([1, 2]))
     D = draw(st.sampled_from([64, 80, 96, 128, 256]))
     gs = draw(st.sampled_from(R.valid_group_sizes(D)))
-    k_bits = draw(st.sampled_from([4, 8]))
-    v_bits = draw(st.sampled_from([4, 8]))
+    # mx.quantize's bit-stream widths (2, 3, 5, 6) need groups of 32 or more
+    widths = [4, 8] if gs < 32 else [4, 8, 4, 8, 2, 3, 5, 6]
+    k_bits = draw(st.sampled_from(widths))
+    v_bits = draw(st.sampled_from(widths))
     Hq = ratio * Hkv
     if long_decode:
         L = draw(st.integers(1, 4))

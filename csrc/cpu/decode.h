@@ -195,7 +195,7 @@ void process_unit(const Problem& P, const Plan& plan, const Unit& u, float* part
         vnni_token_scores<KB, RT>(kr, kq16, D, gs, kseg_g0, ks, t, accs);
 #endif
       } else {
-        float_token_scores<W, KB, RT>(kr, qk, D, ng, cpg, ks, t, accs);
+        float_token_scores<W, KB, RT>(kr, qk, D, ng, cpg, ks, t, accs, P.k.bits);
       }
     }
     if constexpr (AMX) {
@@ -316,7 +316,7 @@ void process_unit(const Problem& P, const Plan& plan, const Unit& u, float* part
           // VNNI multiplies the weights by centred codes (n - 8, or n - 128 for
           // 8 bits) so their rounding error does not add up coherently over the
           // all-positive nibbles; the centre moves into the bias term.
-          const f16v vb = VNNI ? loadv<f16v>(vbias + g * TB) + float(1 << (VB - 1)) * loadv<f16v>(vs + g * TB)
+          const f16v vb = VNNI ? loadv<f16v>(vbias + g * TB) + float(1 << ((VB > 0 ? VB : 1) - 1)) * loadv<f16v>(vs + g * TB)
                                : loadv<f16v>(vbias + g * TB);
           storev(ob, loadv<f16v>(ob) + pr * vb);
         }
@@ -332,7 +332,7 @@ void process_unit(const Problem& P, const Plan& plan, const Unit& u, float* part
       vnni_v_update<VB, RT>(vbase + t0 * vrow, vrow, nq, D, gs, wq, winv, o);
 #endif
     } else {
-      float_v_update<W, VB, RT>(vbase + t0 * vrow, vrow, nq, D, cpg, wts, o);
+      float_v_update<W, VB, RT>(vbase + t0 * vrow, vrow, nq, D, cpg, wts, o, P.v.bits);
     }
     for (int t = nq; t < nt; ++t) { // tail values, and the exact path's
       token_row(P, P.v, P.v_tail, u.b, u.hkv, t0 + t, rowbuf);

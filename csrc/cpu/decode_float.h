@@ -12,7 +12,7 @@ namespace TQ_CAT(isa_, TQMETAL_ISA) {
 // accs[r * TB + t] holds W lane partial sums of scale_g * q_perm . codes.
 template <int W, int KB, int RT>
 TQ_INLINE inline void float_token_scores(const uint8_t* kr, const float* qk, int D, int ng, int cpg, const float* ks,
-                                         int t, typename Vec<W>::f* accs) {
+                                         int t, typename Vec<W>::f* accs, int bits) {
   using VF = typename Vec<W>::f;
   constexpr int CH = 2 * W;
   VF acc[RT];
@@ -21,7 +21,7 @@ TQ_INLINE inline void float_token_scores(const uint8_t* kr, const float* qk, int
     const float gsc = ks[g * TB + t];
     for (int c = g * cpg; c < (g + 1) * cpg; ++c) {
       VF a, bb;
-      unpack_chunk<W, KB>(kr + c * CH * KB / 8, a, bb);
+      unpack_chunk<W, KB>(kr + c * chunk_bytes<W, KB>(bits), a, bb, bits);
       a *= gsc;
       bb *= gsc;
       for (int r = 0; r < RT; ++r) {
@@ -38,14 +38,14 @@ TQ_INLINE inline void float_token_scores(const uint8_t* kr, const float* qk, int
 // token-inner: a row sub-tile's accumulators stay in registers.
 template <int W, int VB, int RT>
 TQ_INLINE inline void float_v_update(const uint8_t* vblock, int64_t vrow, int nq, int D, int cpg, const float* wts,
-                                     float* o) {
+                                     float* o, int bits) {
   using VF = typename Vec<W>::f;
   constexpr int CH = 2 * W;
   constexpr int RS = RT < 4 ? RT : 4;
   const int nch = D / CH;
   for (int c = 0; c < nch && nq > 0; ++c) {
     const int g = c / cpg;
-    const uint8_t* vc = vblock + c * CH * VB / 8;
+    const uint8_t* vc = vblock + c * chunk_bytes<W, VB>(bits);
     for (int r0 = 0; r0 < RT; r0 += RS) {
       VF oa[RS], ob[RS];
       for (int r = 0; r < RS; ++r) {
@@ -54,7 +54,7 @@ TQ_INLINE inline void float_v_update(const uint8_t* vblock, int64_t vrow, int nq
       }
       for (int t = 0; t < nq; ++t) {
         VF a, bb;
-        unpack_chunk<W, VB>(vc + t * vrow, a, bb);
+        unpack_chunk<W, VB>(vc + t * vrow, a, bb, bits);
         const float* w = wts + (g * RT + r0) * TB + t;
         for (int r = 0; r < RS; ++r) {
           oa[r] += w[r * TB] * a;

@@ -211,6 +211,18 @@ inline void load_row(const void* base, int64_t off, int64_t stride, int n, DType
   }
 }
 
+// The KB / VB template value of mx.quantize's other widths (2, 3, 5 and 6 bits):
+// one little-endian bit stream whose codes may straddle words, the width read at
+// run time (QuantView::bits). Only for groups of 32 or more (W = 16), where every
+// chunk of 32 codes is `bits` whole words. Natural element order.
+constexpr int kBitStream = 0;
+
+// Bytes of one chunk (2W codes) of a packed row.
+template <int W, int BITS>
+constexpr int chunk_bytes(int bits) {
+  return 2 * W * (BITS == kBitStream ? bits : BITS) / 8;
+}
+
 // Position of element e of a chunk (2W elements) in the permuted chunk layout.
 template <int W, int BITS>
 constexpr int perm_pos(int e) {
@@ -255,11 +267,37 @@ inline typename Vec<W>::i widen_bytes(const uint8_t* p) {
   return r;
 }
 
+// Eight codes of `bits` bits each from the low 8 * bits bits of x, as int32 lanes.
+inline Vec<8>::i stream_codes8(uint64_t x, int bits) {
+  typedef uint64_t u64x8 __attribute__((vector_size(64)));
+  const u64x8 lane = {0, 1, 2, 3, 4, 5, 6, 7};
+  const u64x8 codes = (u64x8{} + x) >> (lane * uint64_t(bits)) & uint64_t((1u << bits) - 1);
+  return __builtin_convertvector(codes, Vec<8>::i);
+}
+
 // Unpack one chunk (2W elements) of a packed row into float halves a, b.
+// `bits` is read only for BITS == kBitStream.
 template <int W, int BITS>
-inline void unpack_chunk(const uint8_t* bytes, typename Vec<W>::f& a, typename Vec<W>::f& b) {
+inline void unpack_chunk(const uint8_t* bytes, typename Vec<W>::f& a, typename Vec<W>::f& b, int bits = BITS) {
   using VF = typename Vec<W>::f;
-  if constexpr (BITS == 4) {
+  if constexpr (BITS == kBitStream) {
+    static_assert(W == 16, "bit-stream widths need chunks of 32 codes (groups of 32 or more)");
+    // The chunk is `bits` words; eight codes are `bits` bytes. Copy it into a
+    // zero-padded buffer so that each piece is one 8-byte load that never reads
+    // past the row.
+    uint8_t buf[4 * 8 + 8] = {};
+    std::memcpy(buf, bytes, size_t(4) * bits);
+    Vec<8>::i c[4];
+    for (int i = 0; i < 4; ++i) {
+      uint64_t x;
+      std::memcpy(&x, buf + i * bits, 8);
+      c[i] = stream_codes8(x, bits);
+    }
+    const Vec<16>::i lo = __builtin_shufflevector(c[0], c[1], 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const Vec<16>::i hi = __builtin_shufflevector(c[2], c[3], 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    a = __builtin_convertvector(lo, VF);
+    b = __builtin_convertvector(hi, VF);
+  } else if constexpr (BITS == 4) {
     const auto w = widen_bytes<W>(bytes);
     a = __builtin_convertvector(w & 15, VF);
     b = __builtin_convertvector(w >> 4, VF);

@@ -15,12 +15,36 @@ UnitFn pick_rt(const Problem& p, const Plan& plan) {
   return pick_rt_decode<W, KB, VB, false>(plan);
 }
 
+// Template value of one width: 4 and 8 bits have their own unpack, the others
+// share the bit-stream unpack (kernel_common.h).
+constexpr int bits_kind(int bits) {
+  return bits == 4 || bits == 8 ? bits : kBitStream;
+}
+
+template <int W, int KB>
+UnitFn pick_v_bits(const Problem& p, const Plan& plan) {
+  switch (bits_kind(p.v.bits)) {
+    case 4:
+      return pick_rt<W, KB, 4>(p, plan);
+    case 8:
+      return pick_rt<W, KB, 8>(p, plan);
+    default:
+      if constexpr (W == 16) return pick_rt<W, KB, kBitStream>(p, plan);
+      return nullptr; // group 16: the host checks the widths first
+  }
+}
+
 template <int W>
 UnitFn pick_bits(const Problem& p, const Plan& plan) {
-  if (p.k.bits == 4) {
-    return p.v.bits == 4 ? pick_rt<W, 4, 4>(p, plan) : pick_rt<W, 4, 8>(p, plan);
+  switch (bits_kind(p.k.bits)) {
+    case 4:
+      return pick_v_bits<W, 4>(p, plan);
+    case 8:
+      return pick_v_bits<W, 8>(p, plan);
+    default:
+      if constexpr (W == 16) return pick_v_bits<W, kBitStream>(p, plan);
+      return nullptr;
   }
-  return p.v.bits == 4 ? pick_rt<W, 8, 4>(p, plan) : pick_rt<W, 8, 8>(p, plan);
 }
 
 } // namespace TQ_CAT(isa_, TQMETAL_ISA)

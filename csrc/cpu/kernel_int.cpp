@@ -40,6 +40,9 @@ UnitFn TQ_CAT(unit_fn_, TQMETAL_ISA)(const Problem& p, const Plan& plan) {
 #if TQ_HAVE_VNNI_PATH
   using namespace TQ_CAT(isa_, TQMETAL_ISA);
   if (p.group_size < 32) return nullptr;
+  // The integer kernels read whole bytes (4 and 8 bits); the bit-stream widths
+  // take the float kernels.
+  if ((p.k.bits != 4 && p.k.bits != 8) || (p.v.bits != 4 && p.v.bits != 8)) return nullptr;
   if (p.k.bits == 4) {
     return p.v.bits == 4 ? pick_int_decode<4, 4>(p, plan) : pick_int_decode<4, 8>(p, plan);
   }

@@ -19,7 +19,7 @@ static_assert(PROWS % 16 == 0, "prefill rows come in 16-lane vectors");
 // Dequantize nq quantized tokens of one head into dst[t][D] (chunk-permuted order).
 template <int BITS>
 inline void dequant_tile(const uint8_t* base, int64_t row_bytes, int64_t t0, int nq, int D, int gs,
-                         const float* sc, const float* bi, float* dst) {
+                         const float* sc, const float* bi, float* dst, int bits) {
   constexpr int W = 16, CH = 32;
   const int nch = D / CH;
   const int cpg = gs / CH;
@@ -30,7 +30,7 @@ inline void dequant_tile(const uint8_t* base, int64_t row_bytes, int64_t t0, int
       const int g = c / cpg;
       const float s = sc[g * TB + t], b = bi[g * TB + t];
       Vec<16>::f a, bb;
-      unpack_chunk<W, BITS>(r + c * CH * BITS / 8, a, bb);
+      unpack_chunk<W, BITS>(r + c * chunk_bytes<W, BITS>(bits), a, bb, bits);
       storev(out + c * CH, a * s + b);
       storev(out + c * CH + W, bb * s + b);
     }
@@ -131,7 +131,7 @@ void process_unit_prefill(const Problem& P, const Plan& plan, const Unit& u, flo
     if (nq > 0) {
       load_group_params(P.k.scales, u.b, u.hkv, t0, nq, ng, ks);
       load_group_params(P.k.biases, u.b, u.hkv, t0, nq, ng, kbias);
-      dequant_tile<KB>(kbase, krow, t0, nq, D, gs, ks, kbias, kf);
+      dequant_tile<KB>(kbase, krow, t0, nq, D, gs, ks, kbias, kf, P.k.bits);
     }
     if (nq < nt) tail_tile<KB>(P.k_tail, u.b, u.hkv, t0 + nq - N, nt - nq, D, rowbuf2, kf + nq * D);
     for (int t = nt; t < TB; ++t) std::fill(kf + t * D, kf + (t + 1) * D, 0.f);
@@ -211,7 +211,7 @@ void process_unit_prefill(const Problem& P, const Plan& plan, const Unit& u, flo
     if (nq > 0) {
       load_group_params(P.v.scales, u.b, u.hkv, t0, nq, ng, vs);
       load_group_params(P.v.biases, u.b, u.hkv, t0, nq, ng, vbias);
-      dequant_tile<VB>(vbase, vrow, t0, nq, D, gs, vs, vbias, vf);
+      dequant_tile<VB>(vbase, vrow, t0, nq, D, gs, vs, vbias, vf, P.v.bits);
     }
     if (nq < nt) tail_tile<VB>(P.v_tail, u.b, u.hkv, t0 + nq - N, nt - nq, D, rowbuf2, vf + nq * D);
     for (int d0 = 0; d0 < D; d0 += 8) {

@@ -105,9 +105,13 @@ void store_out(void* out, int64_t idx, DType dt, float x) {
 // Dequantized element d of token n of a quantized tensor (slow path only).
 static float dequant_at(const Problem& p, const QuantView& q, int b, int h, int64_t n, int d) {
   const uint32_t* row = q.packed + b * q.p_st[0] + h * q.p_st[1] + n * q.p_st[2];
-  const int per_word = 32 / q.bits;
-  const uint32_t word = row[d / per_word];
-  const uint32_t val = (word >> (q.bits * (d % per_word))) & ((1u << q.bits) - 1);
+  // Codes form one little-endian bit stream (mx.quantize): 3-, 5- and 6-bit
+  // codes may straddle two words.
+  const int64_t bit = int64_t(d) * q.bits;
+  const int shift = int(bit % 32);
+  uint64_t pair = row[bit / 32];
+  if (shift + q.bits > 32) pair |= uint64_t(row[bit / 32 + 1]) << 32;
+  const uint32_t val = uint32_t(pair >> shift) & ((1u << q.bits) - 1);
   const int g = d / p.group_size;
   const float s = to_float(
       q.scales.ptr, b * q.scales.st[0] + h * q.scales.st[1] + n * q.scales.st[2] + g * q.scales.st[3],

@@ -136,7 +136,8 @@ Plan plan_sdpa_int4_decode(const Problem& p) {
   if (p.group_size != 32 && p.group_size != 64 && p.group_size != 128) {
     return unsupported("group size " + std::to_string(p.group_size) + " (decode kernels: 32, 64, 128)");
   }
-  if (std::string why = gpu::layout_problem(p, "CUDA"); !why.empty()) return unsupported(why);
+  if (std::string why = gpu::bits_problem(p, false, "CUDA"); !why.empty()) return unsupported(why);
+  if (std::string why = gpu::layout_problem(p); !why.empty()) return unsupported(why);
   for (const TensorRef* t : {&p.k_packed, &p.v_packed, &p.k_scales, &p.k_biases, &p.v_scales, &p.v_biases}) {
     if (p.N > 0 && stride_or0(*t, 2) >= (int64_t(1) << 24)) return unsupported("token stride too large for the decode kernel");
   }
@@ -258,7 +259,8 @@ Plan plan_sdpa_int4_prefill(const Problem& p) {
   if (p.group_size != 16 && p.group_size != 32 && p.group_size != 64 && p.group_size != 128) {
     return unsupported("group size " + std::to_string(p.group_size) + " (prefill kernel: 16, 32, 64, 128)");
   }
-  if (std::string why = gpu::layout_problem(p, "CUDA"); !why.empty()) return unsupported(why);
+  if (std::string why = gpu::bits_problem(p, false, "CUDA"); !why.empty()) return unsupported(why);
+  if (std::string why = gpu::layout_problem(p); !why.empty()) return unsupported(why);
   const PrefillChoice choice = prefill_choice(p);
   const int rows_per_cta = choice.fast ? 16 * choice.warps : kPrefillRows;
   const int R = (p.Hq / p.Hkv) * p.L;

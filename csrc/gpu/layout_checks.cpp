@@ -14,11 +14,19 @@ bool array_mask(const Problem& p) {
   return p.mask_kind == MaskKind::boolean || p.mask_kind == MaskKind::additive;
 }
 
-std::string layout_problem(const Problem& p, const char* backend) {
-  if ((p.k_bits != 4 && p.k_bits != 8) || (p.v_bits != 4 && p.v_bits != 8)) {
+std::string bits_problem(const Problem& p, bool bit_stream, const char* backend) {
+  auto whole = [](int b) { return b == 4 || b == 8; };
+  auto stream = [](int b) { return b == 2 || b == 3 || b == 5 || b == 6; };
+  auto ok = [&](int b) { return whole(b) || (bit_stream && stream(b) && p.group_size >= 32); };
+  if (!ok(p.k_bits) || !ok(p.v_bits)) {
     return "bits k" + std::to_string(p.k_bits) + "v" + std::to_string(p.v_bits) + " (" + backend +
-        " kernels: 4 or 8 bits for K and V)";
+        (bit_stream ? " kernels: 2, 3, 4, 5, 6 or 8 bits, widths other than 4 and 8 with groups of 32 or more)"
+                    : " kernels: 4 or 8 bits for K and V)");
   }
+  return "";
+}
+
+std::string layout_problem(const Problem& p) {
   if (p.group_size <= 0 || p.D % p.group_size != 0) {
     return "group size does not divide the head dim";
   }

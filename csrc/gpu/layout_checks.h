@@ -19,8 +19,13 @@ int64_t stride_or0(const TensorRef& t, size_t i);
 // The mask is an array (boolean or additive), not none or causal.
 bool array_mask(const Problem& p);
 
-// Empty when the GPU kernels read p's layout as it is, else why not. `backend`
-// ("Metal", "CUDA") names the kernels in the message on bits.
-std::string layout_problem(const Problem& p, const char* backend);
+// Empty when a backend's kernels read p's bit widths, else why not. 4 and 8 bits
+// always; with `bit_stream`, also mx.quantize's 2, 3, 5 and 6 bits (codes in one
+// little-endian bit stream, straddling words) for groups of 32 or more, where
+// every group starts on a word. `backend` ("Metal", "CUDA") names the kernels.
+std::string bits_problem(const Problem& p, bool bit_stream, const char* backend);
+
+// Empty when the GPU kernels read p's layout as it is, else why not.
+std::string layout_problem(const Problem& p);
 
 } // namespace tqmetal::gpu

@@ -134,7 +134,8 @@ Plan decode_core(const Problem& p) {
   if (p.group_size != 32 && p.group_size != 64 && p.group_size != 128) {
     return unsupported("group size " + std::to_string(p.group_size) + " (decode kernels: 32, 64, 128)");
   }
-  if (std::string why = gpu::layout_problem(p, "Metal"); !why.empty()) return unsupported(why);
+  if (std::string why = gpu::bits_problem(p, false, "Metal"); !why.empty()) return unsupported(why);
+  if (std::string why = gpu::layout_problem(p); !why.empty()) return unsupported(why);
   const int G = p.Hq / p.Hkv;
   const int R = G * p.L;
   const int ROWS = p.D == 256 ? 4 : 8; // the instances' ROWS (registers: 2 * ROWS * D / 32 floats)
@@ -224,7 +225,8 @@ Plan prefill_core(const Problem& p) {
   if (p.group_size != 16 && p.group_size != 32 && p.group_size != 64 && p.group_size != 128) {
     return unsupported("group size " + std::to_string(p.group_size) + " (prefill kernel: 16, 32, 64, 128)");
   }
-  if (std::string why = gpu::layout_problem(p, "Metal"); !why.empty()) return unsupported(why);
+  if (std::string why = gpu::bits_problem(p, false, "Metal"); !why.empty()) return unsupported(why);
+  if (std::string why = gpu::layout_problem(p); !why.empty()) return unsupported(why);
   const int R = (p.Hq / p.Hkv) * p.L;
   const int row_tiles = (R + kPrefillRowTile - 1) / kPrefillRowTile;
   if (int64_t(p.B) * p.Hkv >= (int64_t(1) << 31) || row_tiles >= 65536) {

@@ -54,7 +54,9 @@ def sdpa_int4(
         mask: None, ``"causal"`` (bottom-right aligned), or a boolean (True =
             attend) or additive array broadcastable to ``[B, H_q, L, N + T]``.
         group_size: 16, 32, 64 or 128 (16 comes from :func:`quantize` only).
-        bits: 4 or 8 for both K and V unless ``k_bits`` / ``v_bits`` say otherwise.
+        bits: 2, 3, 4, 5, 6 or 8 (mx.quantize's widths) for both K and V unless
+            ``k_bits`` / ``v_bits`` say otherwise; widths other than 4 and 8 need
+            ``group_size`` >= 32.
         sinks: optional ``[H_q]`` logits that join the softmax with no value.
         k_tail, v_tail: optional unquantized ``[B, H_kv, T, D]`` tokens attended
             after the quantized ones (the cache's recent-token window).
@@ -84,8 +86,8 @@ def sdpa_int4(
     for name, x in (("sinks", sinks), ("k_tail", k_tail), ("v_tail", v_tail)):
         if x is not None and not isinstance(x, mx.array):
             raise ValueError(f"[tqmetal.sdpa_int4] {name}: expected an mx.array or None")
-    if bits not in (4, 8):
-        raise ValueError(f"[tqmetal.sdpa_int4] bits: expected 4 or 8, got {bits}")
+    if bits not in (2, 3, 4, 5, 6, 8):
+        raise ValueError(f"[tqmetal.sdpa_int4] bits: expected 2, 3, 4, 5, 6 or 8, got {bits}")
     k_bits = bits if k_bits is None else k_bits
     v_bits = bits if v_bits is None else v_bits
     return _ext.sdpa_int4(
