@@ -51,6 +51,16 @@ _SCRIPT = textwrap.dedent(
                     mask="bool_few", seed=9),
         R.make_case(B=1, Hq=2, Hkv=1, L=2, N=531, D=128, dtype="bfloat16", group_size=128,
                     mask="add_inf", strided=True, seed=10),
+        # bit-stream widths (codes straddle words): the float kernels' run-time unpack,
+        # and with VNNI rows expanded to bytes by AVX512-VBMI where the CPU has it
+        R.make_case(B=1, Hq=8, Hkv=2, L=1, N=1500, T=4, D=128, dtype="float16", group_size=64,
+                    k_bits=5, v_bits=3, mask="causal", seed=11),
+        R.make_case(B=1, Hq=4, Hkv=1, L=2, N=333, D=256, dtype="float32", group_size=32,
+                    k_bits=3, v_bits=6, mask="bool_few", sinks=True, strided=True, seed=12),
+        R.make_case(B=1, Hq=4, Hkv=2, L=40, N=200, T=9, D=64, dtype="bfloat16", group_size=32,
+                    k_bits=6, v_bits=2, mask="causal", seed=13),
+        R.make_case(B=2, Hq=3, Hkv=3, L=1, N=700, D=64, dtype="float32", group_size=64,
+                    k_bits=2, v_bits=5, seed=14),
     ]
     for c in cases:
         out = tqmetal.sdpa_int4(c.q, c.k, c.v, **c.kwargs())

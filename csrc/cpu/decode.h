@@ -28,6 +28,12 @@ void process_unit(const Problem& P, const Plan& plan, const Unit& u, float* part
   const int R = u.nrows;
   const float log2e = 1.4426950408889634f;
   const float qscale = P.scale * log2e; // scores live in the log2 domain
+  // The VNNI path reads bit-stream rows (kBitStream) expanded to one byte per
+  // code (StreamExpander, L1-resident): the 8-bit path's layout, with the codes'
+  // own centre for V.
+  constexpr int KX = VNNI && KB == kBitStream ? 8 : KB;
+  constexpr int VX = VNNI && VB == kBitStream ? 8 : VB;
+  const int vcentre = 1 << ((VB == kBitStream ? P.v.bits : VB) - 1);
 
   const size_t accn = size_t(RT) * TB; // score accumulators, [RT][TB] vectors
   const size_t need = size_t(RT) * D * 3 + size_t(RT) * ng * (1 + TB) + size_t(TB) * ng * 4 +
@@ -57,7 +63,7 @@ void process_unit(const Problem& P, const Plan& plan, const Unit& u, float* part
   float* sc2 = reinterpret_cast<float*>(accs2 + accn); // [RT][TB]
   float* ks2 = sc2 + RT * TB; // [TB][ng]
   float* kbias2 = ks2 + TB * ng;
-  for (int e = 0; e < D; ++e) vpos[e] = v_slot<W, VB, VNNI>(e);
+  for (int e = 0; e < D; ++e) vpos[e] = v_slot<W, VX, VNNI>(e);
   // VNNI: queries as int16 in the K unpack's word order (in qk's space), with
   // per-row factors back to float.
   int16_t* kq16 = reinterpret_cast<int16_t*>(qk);
@@ -112,7 +118,7 @@ void process_unit(const Problem& P, const Plan& plan, const Unit& u, float* part
         qf[r] = qinv[r] = 0.f;
         std::fill(qsum + r * ng, qsum + (r + 1) * ng, 0.f);
       } else {
-        vnni_query_row<KB>(dst, D, gs, ng, kQ16Max, kq16 + r * D, qsum + r * ng, qf[r], qinv[r]);
+        vnni_query_row<KX>(dst, D, gs, ng, kQ16Max, kq16 + r * D, qsum + r * ng, qf[r], qinv[r]);
       }
 #endif
     } else {
@@ -154,7 +160,12 @@ void process_unit(const Problem& P, const Plan& plan, const Unit& u, float* part
   // VNNI K: the group of each 32-byte segment's first lane, as a table (an
   // integer division per token and segment showed up in profiles). D <= 512.
   int kseg_g0[kVnniMaxD / 32];
-  for (int sg = 0; sg < kVnniMaxD / 32; ++sg) kseg_g0[sg] = sg * (KB == 4 ? 64 : 32) / gs;
+  for (int sg = 0; sg < kVnniMaxD / 32; ++sg) kseg_g0[sg] = sg * (KX == 4 ? 64 : 32) / gs;
+#if TQ_HAVE_VNNI_PATH
+  const StreamExpander kx(KB == kBitStream ? P.k.bits : 4), vx(VB == kBitStream ? P.v.bits : 4);
+  alignas(64) uint8_t kexp[VNNI && KB == kBitStream ? kVnniMaxD : 1];
+  alignas(64) uint8_t vexp[VNNI && VB == kBitStream ? TB * kVnniMaxD : 1];
+#endif
 
   // The block loop is software-pipelined: block j+1's scores are computed
   // between block j's softmax and its V update. The softmax is a short serial
@@ -192,7 +203,12 @@ void process_unit(const Problem& P, const Plan& plan, const Unit& u, float* part
 #endif
       } else if constexpr (VNNI) {
 #if TQ_HAVE_VNNI_PATH
-        vnni_token_scores<KB, RT>(kr, kq16, D, gs, kseg_g0, ks, t, accs);
+        if constexpr (KB == kBitStream) {
+          kx.row(kr, D, kexp);
+          vnni_token_scores<KX, RT>(kexp, kq16, D, gs, kseg_g0, ks, t, accs);
+        } else {
+          vnni_token_scores<KB, RT>(kr, kq16, D, gs, kseg_g0, ks, t, accs);
+        }
 #endif
       } else {
         float_token_scores<W, KB, RT>(kr, qk, D, ng, cpg, ks, t, accs, P.k.bits);
@@ -271,7 +287,7 @@ void process_unit(const Problem& P, const Plan& plan, const Unit& u, float* part
     nqv = nq;
 #if TQ_HAVE_VNNI_PATH
     if constexpr (VNNI && RT % 4 == 0) {
-      vnni_softmax_rows4<RT, VB>(sc, nq, ng, D, m4, lv, o, obias, vs, vbias, wq, winv);
+      vnni_softmax_rows4<RT, VX>(sc, nq, ng, D, m4, lv, o, obias, vs, vbias, wq, winv, vcentre);
       return;
     }
 #endif
@@ -316,7 +332,7 @@ void process_unit(const Problem& P, const Plan& plan, const Unit& u, float* part
           // VNNI multiplies the weights by centred codes (n - 8, or n - 128 for
           // 8 bits) so their rounding error does not add up coherently over the
           // all-positive nibbles; the centre moves into the bias term.
-          const f16v vb = VNNI ? loadv<f16v>(vbias + g * TB) + float(1 << ((VB > 0 ? VB : 1) - 1)) * loadv<f16v>(vs + g * TB)
+          const f16v vb = VNNI ? loadv<f16v>(vbias + g * TB) + float(vcentre) * loadv<f16v>(vs + g * TB)
                                : loadv<f16v>(vbias + g * TB);
           storev(ob, loadv<f16v>(ob) + pr * vb);
         }
@@ -329,7 +345,12 @@ void process_unit(const Problem& P, const Plan& plan, const Unit& u, float* part
     if constexpr (VNNI) {
 #if TQ_HAVE_VNNI_PATH
       if (nq > 0 && RT % 4 != 0) vnni_v_weights(wts, ng * RT, wq, winv); // (else softmax made them)
-      vnni_v_update<VB, RT>(vbase + t0 * vrow, vrow, nq, D, gs, wq, winv, o);
+      if constexpr (VB == kBitStream) {
+        for (int t = 0; t < nq; ++t) vx.row(vbase + (t0 + t) * vrow, D, vexp + t * D);
+        vnni_v_update<VX, RT>(vexp, D, nq, D, gs, wq, winv, o, vcentre);
+      } else {
+        vnni_v_update<VB, RT>(vbase + t0 * vrow, vrow, nq, D, gs, wq, winv, o);
+      }
 #endif
     } else {
       float_v_update<W, VB, RT>(vbase + t0 * vrow, vrow, nq, D, cpg, wts, o, P.v.bits);

@@ -51,6 +51,49 @@ inline void vnni_query_row(const float* q, int D, int gs, int ng, float q_max, i
   }
 }
 
+// vpermb and vpmultishiftqb (AVX512-VBMI) as inline asm, as dpwssd: the CPU
+// check (cpu_use_vbmi) gates every path that runs them.
+inline __m512i permb(__m512i idx, __m512i table) {
+  __m512i r;
+  asm("vpermb %2, %1, %0" : "=v"(r) : "v"(idx), "vm"(table));
+  return r;
+}
+inline __m512i multishiftqb(__m512i ctrl, __m512i data) {
+  __m512i r;
+  asm("vpmultishiftqb %2, %1, %0" : "=v"(r) : "v"(ctrl), "vm"(data));
+  return r;
+}
+
+// Packed rows of a bit-stream width (2, 3, 5, 6 bits; kernel_common.h) as one
+// byte per code, the 8-bit layout the VNNI path reads, 64 codes at a time:
+// byte 8j+i of the permuted source is stream byte j*bits+i, so qword j starts
+// at code 8j and code 8j+i sits at bit i*bits of it. Built once per unit.
+struct StreamExpander {
+  __m512i idx, ctl, mask;
+  __mmask64 load; // 8 * bits <= 48 source bytes per 64 codes: never past the row
+  int bits;
+  explicit StreamExpander(int b) : bits(b) {
+    alignas(64) uint8_t ix[64], ct[64];
+    for (int j = 0; j < 8; ++j) {
+      for (int i = 0; i < 8; ++i) {
+        ix[8 * j + i] = uint8_t(j * b + i);
+        ct[8 * j + i] = uint8_t(i * b);
+      }
+    }
+    idx = _mm512_load_si512(ix);
+    ctl = _mm512_load_si512(ct);
+    mask = _mm512_set1_epi8(char((1 << b) - 1));
+    load = (uint64_t(1) << (8 * b)) - 1;
+  }
+  // One row of D codes (D % 64 == 0) into dst[D].
+  TQ_INLINE void row(const uint8_t* src, int D, uint8_t* dst) const {
+    for (int c = 0; c < D / 64; ++c) {
+      const __m512i raw = _mm512_maskz_loadu_epi8(load, src + c * 8 * bits);
+      _mm512_storeu_si512(dst + 64 * c, _mm512_and_si512(multishiftqb(ctl, permb(idx, raw)), mask));
+    }
+  }
+};
+
 // Scores of token t (packed row kr) for RT rows, before the per-row factor and
 // the bias term: accs[r * TB + t] holds 16 lane partial sums.
 template <int KB, int RT>
@@ -93,7 +136,8 @@ TQ_INLINE inline void vnni_token_scores(const uint8_t* kr, const int16_t* kq16, 
 // tokens whose V update takes this path (0: none).
 template <int RT, int VB>
 TQ_INLINE inline void vnni_softmax_rows4(float* sc, int nq, int ng, int D, __m512* m4, f16v* lv, float* o,
-                                         float* obias, const float* vs, float* vbias, int32_t* wq, float* winv) {
+                                         float* obias, const float* vs, float* vbias, int32_t* wq, float* winv,
+                                         int vcentre = 1 << (VB - 1)) {
   const __m512 vninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   float vsmax[kVnniMaxD / 32];
   if (nq > 0) {
@@ -101,7 +145,7 @@ TQ_INLINE inline void vnni_softmax_rows4(float* sc, int nq, int ng, int D, __m51
       const __m512 vsg = _mm512_loadu_ps(vs + g * TB);
       vsmax[g] = _mm512_reduce_max_ps(_mm512_abs_ps(vsg));
       // Centred codes (n - 8, or n - 128): the centre moves into the bias term.
-      _mm512_storeu_ps(vbias + g * TB, _mm512_fmadd_ps(_mm512_set1_ps(float(1 << (VB - 1))), vsg,
+      _mm512_storeu_ps(vbias + g * TB, _mm512_fmadd_ps(_mm512_set1_ps(float(vcentre)), vsg,
                                                        _mm512_loadu_ps(vbias + g * TB)));
     }
   }
@@ -186,15 +230,16 @@ inline void vnni_v_weights(const float* wts, int n /* ng * RT */, int32_t* wq, f
 // o += w . (codes - centre) for the block's first nq tokens (vseg rows vrow
 // bytes apart), with the int16 weight pairs wq [ng][RT][TB/2] and their
 // factors winv [ng][RT]. o is in the order v_slot<.., VNNI = true> gives.
+// vcentre: the codes' centre (bit-stream rows expanded to bytes keep their own).
 template <int VB, int RT>
 TQ_INLINE inline void vnni_v_update(const uint8_t* vblock, int64_t vrow, int nq, int D, int gs, const int32_t* wq,
-                                    const float* winv, float* o) {
+                                    const float* winv, float* o, int vcentre = 1 << (VB - 1)) {
   constexpr int RS = RT < 4 ? RT : 4;
   constexpr int SE = VB == 4 ? 64 : 32; // elements per 32-byte segment
   constexpr int NV = VB == 4 ? 4 : 2; // int32 vectors per segment
   const bool split = VB == 4 && gs == 32; // lanes 8-15 are the next group
   const __m512i lo4 = _mm512_set1_epi16(15);
-  const __m512i centre = _mm512_set1_epi16(1 << (VB - 1));
+  const __m512i centre = _mm512_set1_epi16(int16_t(vcentre));
   for (int sg = 0; sg < D / SE && nq > 0; ++sg) {
     const int g0 = sg * SE / gs, g1 = split ? g0 + 1 : g0;
     const uint8_t* vseg = vblock + 32 * sg;

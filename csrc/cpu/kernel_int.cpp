@@ -40,13 +40,30 @@ UnitFn TQ_CAT(unit_fn_, TQMETAL_ISA)(const Problem& p, const Plan& plan) {
 #if TQ_HAVE_VNNI_PATH
   using namespace TQ_CAT(isa_, TQMETAL_ISA);
   if (p.group_size < 32) return nullptr;
-  // The integer kernels read whole bytes (4 and 8 bits); the bit-stream widths
-  // take the float kernels.
-  if ((p.k.bits != 4 && p.k.bits != 8) || (p.v.bits != 4 && p.v.bits != 8)) return nullptr;
-  if (p.k.bits == 4) {
-    return p.v.bits == 4 ? pick_int_decode<4, 4>(p, plan) : pick_int_decode<4, 8>(p, plan);
+  // Bit-stream widths (2, 3, 5, 6 bits) are expanded to bytes with AVX512-VBMI;
+  // without it they take the float kernels.
+  auto kind = [](int bits) { return bits == 4 || bits == 8 ? bits : kBitStream; };
+  const int kb = kind(p.k.bits), vb = kind(p.v.bits);
+  if ((kb == kBitStream || vb == kBitStream) && !cpu_use_vbmi()) return nullptr;
+  auto with_v = [&](auto k) -> UnitFn {
+    constexpr int K = decltype(k)::value;
+    switch (vb) {
+      case 4:
+        return pick_int_decode<K, 4>(p, plan);
+      case 8:
+        return pick_int_decode<K, 8>(p, plan);
+      default:
+        return pick_int_decode<K, kBitStream>(p, plan);
+    }
+  };
+  switch (kb) {
+    case 4:
+      return with_v(std::integral_constant<int, 4>{});
+    case 8:
+      return with_v(std::integral_constant<int, 8>{});
+    default:
+      return with_v(std::integral_constant<int, kBitStream>{});
   }
-  return p.v.bits == 4 ? pick_int_decode<8, 4>(p, plan) : pick_int_decode<8, 8>(p, plan);
 #else
   // Built without AVX-512 (another architecture, or the macOS checks): no integer kernels.
   return nullptr;

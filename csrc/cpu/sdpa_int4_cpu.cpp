@@ -252,6 +252,18 @@ bool cpu_use_vnni() {
   return isa_level() >= 3;
 }
 
+bool cpu_use_vbmi() {
+#if defined(TQMETAL_HAVE_X86_VARIANTS)
+  static const bool vbmi = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512vbmi");
+  }();
+  return vbmi && cpu_use_vnni();
+#else
+  return false;
+#endif
+}
+
 bool cpu_use_amx() {
   return isa_level() == 4;
 }

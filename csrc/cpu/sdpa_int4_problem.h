@@ -122,6 +122,9 @@ void token_row(const Problem& p, const QuantView& q, const View4& tail, int b, i
 // Whether decode may use the AVX512-VNNI integer path (the CPU has it and
 // TQMETAL_CPU_ISA does not ask for plain avx512 or lower).
 bool cpu_use_vnni();
+// Whether the VNNI decode may expand bit-stream rows with AVX512-VBMI (the CPU
+// has it and may use the VNNI path).
+bool cpu_use_vbmi();
 // Whether decode may use AMX tiles for the K scores (the CPU has AMX-INT8, the
 // kernel granted this process the tile state, TQMETAL_CPU_ISA allows it).
 bool cpu_use_amx();
