@@ -54,7 +54,7 @@ const std::vector<Layout> kPresets = {
 // ---------------------------------------------------------------------------
 // Methods. `kind` is the cache a method reads; methods of one kind share one set of
 // per-layer caches (and its cold cursor), built once per shape.
-enum class Kind { Q4, K8V4, F16, F32, Llama };
+enum class Kind { Q4, K8V4, K5V3, F16, F32, Llama };
 
 struct Method {
   std::string key, label;
@@ -73,6 +73,7 @@ struct Options {
   std::vector<int> groups;
   std::set<std::string> only;  // --methods filter (keys or key prefixes)
   bool k8v4 = true;
+  bool k5v3 = true;
   bool warm = false;
   bool quick = false;
   std::string json_path;
@@ -109,7 +110,8 @@ shapes
   --prefill-contexts L  prefill cache lengths incl. the new rows (default 16K; quick 1K)
   --groups LIST         int4 group sizes (default 64; 32, 64, 128)
   --no-k8v4             leave out the K int8 / V int4 method
-  --methods LIST        only these methods (keys or prefixes: tq_int4, tq_k8v4,
+  --no-k5v3             leave out the K 5-bit / V 3-bit method (int4's bytes)
+  --methods LIST        only these methods (keys or prefixes: tq_int4, tq_k8v4, tq_k5v3,
                         sdpa_fp16, sdpa_fp32, deq_fp16, mlxlm_q4, llama)
 timing
   --warm                time decode on one layer repeatedly (cache-resident where it fits);
@@ -185,6 +187,8 @@ Options parse_args(int argc, char** argv) {
       groups = next();
     } else if (a == "--no-k8v4") {
       o.k8v4 = false;
+    } else if (a == "--no-k5v3") {
+      o.k5v3 = false;
     } else if (a == "--methods") {
       for (const auto& m : split(next(), ',')) o.only.insert(m);
     } else if (a == "--warm") {
@@ -366,6 +370,11 @@ std::vector<Method> Bench::methods_for(const Layout& l) const {
     const int g = o_.groups[0];
     const std::string gs = "g" + std::to_string(g);
     add({"tq_k8v4_" + gs, "tqmetal K8V4 " + gs, Kind::K8V4, false, g, 8, 4});
+  }
+  if (o_.k5v3) {  // the default cache format for models without k_norm: int4's bytes
+    const int g = std::max(o_.groups[0], 32);
+    const std::string gs = "g" + std::to_string(g);
+    add({"tq_k5v3_" + gs, "tqmetal K5V3 " + gs, Kind::K5V3, false, g, 5, 3});
   }
   add({"sdpa_fp16", "mx.fast SDPA fp16", Kind::F16, true});
   add({"sdpa_fp32", "mx.fast SDPA fp32", Kind::F32, true});
@@ -704,7 +713,7 @@ void Bench::run_shape(const Shape& s) {
     const double e = estimate(m.key, s);
     if (m.baseline && e >= 0) best_est = std::min(best_est, e);
   }
-  for (Kind kind : {Kind::Q4, Kind::K8V4, Kind::F16, Kind::F32, Kind::Llama}) {
+  for (Kind kind : {Kind::Q4, Kind::K8V4, Kind::K5V3, Kind::F16, Kind::F32, Kind::Llama}) {
     // Methods of one kind and group share a cache set.
     std::map<std::string, std::vector<const Method*>> by_group;
     for (const auto& m : methods) {

@@ -96,8 +96,10 @@ def test_protocol_basics():
 
 
 def test_rejects_bad_config():
-    with pytest.raises(ValueError):
-        Int4KVCache(bits=3)
+    with pytest.raises(ValueError, match="k_bits must be one of"):
+        Int4KVCache(bits=7)
+    with pytest.raises(ValueError, match="v_bits=3 needs group_size 32"):
+        Int4KVCache(group_size=16, k_bits=4, v_bits=3)
     with pytest.raises(ValueError):
         Int4KVCache(group_size=48)
     c = Int4KVCache(group_size=64)
@@ -108,14 +110,15 @@ def test_rejects_bad_config():
         c.update_and_fetch(mx.zeros((1, 1, 2, 144)), mx.zeros((1, 1, 2, 144)))
 
 
+@pytest.mark.parametrize("bits", [(4, 4), (5, 3)], ids=["k4v4", "k5v3"])
 @pytest.mark.parametrize("rotate", [False, True])
 @pytest.mark.parametrize("chunks", [[1] * 70, [300, 1, 1, 100, 1], [3, 200, 1, 64, 63, 2]])
-def test_stored_values_and_layout(rotate, chunks):
+def test_stored_values_and_layout(rotate, chunks, bits):
     """Sinks and window exact, the rest equal to per-token quantize/dequantize."""
     W, S, C = 16, 4, 8
     c = Int4KVCache(
-        bits=4, window=W, sinks=S, chunk_size=C, rotate_keys=rotate, rotate_values=rotate,
-        center_keys=False,
+        k_bits=bits[0], v_bits=bits[1], window=W, sinks=S, chunk_size=C, rotate_keys=rotate,
+        rotate_values=rotate, center_keys=False,
     )
     mx.random.seed(2)
     ks = mx.random.normal((1, 2, sum(chunks), 64))
@@ -135,16 +138,17 @@ def test_stored_values_and_layout(rotate, chunks):
         assert c.fp.keys.shape[2] in (S + W, S + W + C)
         assert c.fp.ns + c.fp.nw <= c.fp.keys.shape[2]
 
-    def stored(x, quantized):
+    def stored(x, quantized, nbits):
         # float16 storage: the (rotated) input rounded to float16, then for the
         # quantized tokens quantized with float16 scales, dequantized in float32
         if rotate:
             x = mx.hadamard_transform(x)
         x = x.astype(mx.float16)
         if quantized:
-            w, s, b = mx.quantize(x, 64, 4)
+            w, s, b = mx.quantize(x, 64, nbits)
             assert s.dtype == mx.float16
-            x = mx.dequantize(w, s.astype(mx.float32), b.astype(mx.float32), group_size=64, bits=4)
+            x = mx.dequantize(w, s.astype(mx.float32), b.astype(mx.float32), group_size=64,
+                              bits=nbits)
         x = x.astype(mx.float32)
         return mx.hadamard_transform(x) if rotate else x
 
@@ -152,8 +156,8 @@ def test_stored_values_and_layout(rotate, chunks):
     exact[:S] = True
     exact[i - c.fp.nw :] = True
     assert all(a.dtype == mx.float16 for a in c.quantized.keys[1:] + c.quantized.values[1:])  # scales, biases
-    for got, x in ((kk, ks), (vv, vs)):
-        want = mx.where(exact[:, None], stored(x, False), stored(x, True))
+    for got, x, nbits in ((kk, ks, bits[0]), (vv, vs, bits[1])):
+        want = mx.where(exact[:, None], stored(x, False, nbits), stored(x, True, nbits))
         assert mx.allclose(got, want, atol=1e-4), float(mx.abs(got - want).max())
 
 
@@ -188,6 +192,8 @@ CONFIGS = [
     dict(window=16, sinks=4, center_keys=True),
     dict(window=16, sinks=4, attend_before_quantizing=True),
     dict(window=0, sinks=0, attend_before_quantizing=True),
+    dict(window=16, k_bits=5, v_bits=3),  # the default format: codes straddle words
+    dict(window=0, sinks=4, chunk_size=1, k_bits=3, v_bits=6, group_size=32),
 ]
 
 
@@ -279,6 +285,11 @@ def test_logits_close_to_fp16_cache(model, tokens):
     # the argmax token mostly survives 4-bit keys and values
     agree = mx.mean(mx.argmax(int4, -1) == mx.argmax(ref, -1)).item()
     assert agree > 0.8
+    # 5-bit keys and 3-bit values (both rotated): the same bytes, closer keys
+    k5v3 = run(model, [Int4KVCache(window=16, k_bits=5, v_bits=3) for _ in model.layers], tokens,
+               CHUNKS)
+    assert rel_err(k5v3, ref) < 0.1
+    assert mx.mean(mx.argmax(k5v3, -1) == mx.argmax(ref, -1)).item() > 0.8
 
 
 def _attention_error(center, offset):
@@ -590,9 +601,31 @@ class _SlidingModel:
         return [mlc.KVCache(), mlc.RotatingKVCache(512, 0), mlc.ArraysCache(2), mlc.KVCache()]
 
 
+class _KeyNormModel:
+    """Stands in for a model whose attention has a k_norm (Gemma 3, Qwen 3)."""
+
+    class _Layer:
+        class self_attn:  # noqa: N801
+            k_norm = None
+
+    layers = [_Layer()] * 2
+
+
 def test_make_prompt_cache(model):
+    # "auto" (the default): 5-bit keys, 3-bit values, both rotated, for a model
+    # without k_norm; int4 with key channel scaling for one with k_norm
     c = tqcache.make_prompt_cache(model)
+    assert all(type(x) is Int4KVCache and (x.k_bits, x.v_bits) == (5, 3) for x in c)
+    assert all(x.rotate_keys is None and x.rotate_values is None for x in c)
+    c[0].update_and_fetch(mx.zeros((1, 2, 3, 64)), mx.zeros((1, 2, 3, 64)))
+    assert c[0]._rot_k and c[0]._rot_v and not c[0].channel_scale
+    assert tqcache.resolve_kv(model, "auto") == "k5v3"
+    assert tqcache.resolve_kv(_KeyNormModel(), "auto") == "int4"
+    assert tqcache.resolve_kv(_KeyNormModel(), "k5v3") == "k5v3"
+    c = tqcache.make_prompt_cache(model, kv="int4")
     assert all(type(x) is Int4KVCache and (x.k_bits, x.v_bits) == (4, 4) for x in c)
+    c[0].update_and_fetch(mx.zeros((1, 2, 3, 64)), mx.zeros((1, 2, 3, 64)))
+    assert c[0]._rot_k and not c[0]._rot_v  # 4-bit values are not rotated by default
     c = tqcache.make_prompt_cache(
         model, kv="k8v4", window=32, sinks=0, group_size=32, full_precision_layers=(-1,)
     )
@@ -636,11 +669,17 @@ def test_nbytes_at_2k_tokens():
     assert int4.nbytes_allocated == fp_buf + 2 * B * H * N * (D // 2 + 2 * 2 * D // 64) + mean
     assert int8.nbytes_allocated == fp_buf + 2 * B * H * N * (D + 2 * 2 * D // 64) + mean
     assert int4.nbytes == fp_buf + 2 * B * H * (N - 132) * (D // 2 + 2 * 2 * D // 64) + mean
+    # 5-bit keys and 3-bit values hold exactly int4's bytes
+    k5v3 = Int4KVCache(k_bits=5, v_bits=3)
+    k5v3.update_and_fetch(k, k)
+    mx.eval(k5v3.state)
+    assert k5v3.nbytes == int4.nbytes and k5v3.nbytes_allocated == int4.nbytes_allocated
     assert int4.nbytes < int4.nbytes_allocated < 0.4 * fp16.nbytes
     assert int8.nbytes_allocated < 0.65 * fp16.nbytes
 
 
 @pytest.mark.parametrize("opts", [{}, {"bits": 8}, {"k_bits": 8, "v_bits": 4, "rotate_values": True},
+                                  {"k_bits": 5, "v_bits": 3},
                                   {"channel_scale": True}, {"center_keys": False, "sinks": 0}])
 @pytest.mark.parametrize("n", [1, 100, 700])
 def test_nbytes_is_what_state_holds(opts, n):
@@ -758,3 +797,6 @@ def test_gguf_greedy_matches_fp16_cache():
     cache = [Int4KVCache(window=0, sinks=0, chunk_size=1) for _ in model.layers]
     assert greedy(cache) == ref  # "The capital of France is"
     assert cache[0].quantized.n == len(prompt) + 5 and cache[0].fp.nw == 0
+    # the default format (5-bit keys, 3-bit values) likewise
+    cache = [Int4KVCache(window=0, sinks=0, chunk_size=1, k_bits=5, v_bits=3) for _ in model.layers]
+    assert greedy(cache) == ref

@@ -208,11 +208,14 @@ def test_generate_per_layer_key_bits_and_centering(use_tiny, capsys, monkeypatch
     rc = tqgen.main(["--prompt", "hi", "--max-tokens", "3", "--kv-k8-layers", "-1",
                      "--no-center-keys", "--kv-channel-scale"])
     assert rc == 0 and made
-    assert [c.k_bits for c in made[0]][-1] == 8 and made[0][0].k_bits == 4
+    # --kv auto on a model without k_norm: 5-bit keys (8 in the layer asked), 3-bit values
+    assert [c.k_bits for c in made[0]][-1] == 8 and made[0][0].k_bits == 5
+    assert all(c.v_bits == 3 for c in made[0])
     assert not any(c.center_keys for c in made[0])
     assert all(c.channel_scale and c._kscale is not None for c in made[0])
     out = capsys.readouterr().out
     assert "8-bit keys in layers -1" in out and "key channel scaling on" in out
+    assert "(k5v3 g64," in out  # the format auto chose, named
     with pytest.raises(SystemExit):
         tqgen.main(["--kv-k8-layers", "1,x"])
     assert "--kv-k8-layers" in capsys.readouterr().err
@@ -238,12 +241,15 @@ def test_generate_default_gguf_model(capsys):
 KV_OPTION_CASES = [
     # (command line options, expected (k_bits, v_bits, group_size, window, num_sinks, rotate_keys,
     #  max_size, keep) of every layer's cache; None = not an Int4KVCache)
-    ([], (4, 4, 64, 128, 4, None, None, None)),
+    ([], (5, 3, 64, 128, 4, None, None, None)),  # auto: k5v3 for a model without k_norm
+    (["--kv", "k5v3", "--kv-group-size", "32"], (5, 3, 32, 128, 4, None, None, None)),
+    (["--kv", "int4"], (4, 4, 64, 128, 4, None, None, None)),
     (["--kv", "int8", "--kv-group-size", "32"], (8, 8, 32, 128, 4, None, None, None)),
     (["--kv", "k8v4", "--kv-window", "16", "--kv-sinks", "0"], (8, 4, 64, 16, 0, None, None, None)),
     (["--kv", "k4v8", "--kv-group-size", "32", "--no-rotate-keys"], (4, 8, 32, 128, 4, False, None, None)),
+    # auto with group 16: int4 (k5v3 needs groups of 32 or more)
     (["--kv-group-size", "16", "--rotate-keys", "--kv-sinks", "2"], (4, 4, 16, 128, 2, True, None, None)),
-    (["--max-kv-size", "96", "--kv-sinks", "3", "--kv-window", "8"], (4, 4, 64, 8, 3, None, 96, 3)),
+    (["--max-kv-size", "96", "--kv-sinks", "3", "--kv-window", "8"], (5, 3, 64, 8, 3, None, 96, 3)),
     (["--kv", "fp16", "--max-kv-size", "64"], None),
 ]
 

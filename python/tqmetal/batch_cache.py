@@ -47,7 +47,8 @@ from mlx_lm.models import cache as _mlc
 from mlx_lm.models.base import create_causal_mask
 
 from .cache_storage import STORAGE_DTYPE, dequantize
-from .key_transforms import channel_scales, hadamard_kind, to_model_space, unrotate
+from .key_transforms import (channel_scales, default_rotation, hadamard_kind, to_model_space,
+                             unrotate)
 from .ops import fused_op_available, quantize, sdpa_int4
 
 __all__ = ["BatchInt4KVCache", "BatchRotatingInt4KVCache", "cache_options", "merge_caches"]
@@ -89,7 +90,7 @@ def _resolve_rotation(want, d, bits, what):
     ok = hadamard_kind(d) is not None
     if want and not ok:
         raise ValueError(f"Int4KVCache: no Hadamard transform of size {d} ({what})")
-    return bool(bits == 4 and ok) if want is None else bool(want)
+    return bool(default_rotation(bits, what) and ok) if want is None else bool(want)
 
 
 def _round_up(n: int, step: int) -> int:

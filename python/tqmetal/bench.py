@@ -247,6 +247,8 @@ E2E_CACHES = {
     "mlxlm_q4": "mlx-lm QuantizedKVCache 4-bit g64, mlx-lm's quantized attention",
     "mlxlm_q4_fused": "mlx-lm QuantizedKVCache 4-bit g64 read by tqmetal's fused op (patched)",
     "tq_int4": "tqmetal Int4KVCache g64 (window 128, 4 sinks), fused op (patched)",
+    "tq_k5v3": "tqmetal Int4KVCache 5-bit keys, 3-bit values g64 (window 128, 4 sinks), "
+               "fused op (patched)",
 }
 
 
@@ -269,8 +271,8 @@ def _make_cache(model, kind: str):
         return make_prompt_cache(model, kv="fp16")
     if kind in ("mlxlm_q4", "mlxlm_q4_fused"):
         return [mlc.QuantizedKVCache(group_size=64, bits=4) for _ in model.layers]
-    if kind == "tq_int4":
-        return make_prompt_cache(model, kv="int4", group_size=64)
+    if kind in ("tq_int4", "tq_k5v3"):
+        return make_prompt_cache(model, kv=kind[3:], group_size=64)
     raise ValueError(f"caches: unknown cache {kind!r}; choose from {', '.join(E2E_CACHES)}")
 
 
@@ -292,7 +294,7 @@ def run_e2e(model_spec: Optional[str], contexts: list, gen_tokens: int, caches: 
     for n, kind in tqdm(cells, unit="run", file=sys.stderr, disable=not show_progress):
         prompt = mx.array(_prompt_tokens(tokenizer, n))
         cache = _make_cache(model, kind)
-        use_fused = kind in ("tq_int4", "mlxlm_q4_fused")
+        use_fused = kind in ("tq_int4", "tq_k5v3", "mlxlm_q4_fused")
         mx.clear_cache()
         mx.reset_peak_memory()
         last = None

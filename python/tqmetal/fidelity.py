@@ -31,6 +31,9 @@ Config names (``--configs``, comma-separated): a format, then options joined by
 ``-``:
 
     int4 | int8 | k8v4 | k4v8      tqmetal.cache.Int4KVCache (K bits, V bits)
+    k<a>v<b>                       the same with a-bit keys and b-bit values, any of
+                                   mx.quantize's widths 2, 3, 4, 5, 6, 8 (k5v3: the
+                                   default for models without k_norm)
     mlx4 | mlx8                    mlx-lm's QuantizedKVCache (everything quantized,
                                    no window or sinks), attended by the fused op
     fp16                           the reference cache itself (a sanity row)
@@ -39,7 +42,8 @@ Config names (``--configs``, comma-separated): a format, then options joined by
               s<N>                 sink tokens kept full precision (default 4)
               rot | norot          Hadamard key rotation
     (every option defaults to off, unlike Int4KVCache, so that a name says what it
-    measures: Int4KVCache's defaults are ``int4-g64-rot-center-abq``)
+    measures: make_prompt_cache's default is ``k5v3-g64-rot-vrot-center-abq``, and
+    ``int4-g64-rot-center-abq-chs-fpw`` for models with k_norm)
               vrot                 Hadamard value rotation
               center               key centering (Int4KVCache's center_keys)
               abq                  attend_before_quantizing: a chunk attends the
@@ -83,9 +87,10 @@ from .blas import numpy_matmuls  # noqa: F401 (used by main and the bench script
 from .corpus import TEXT_KINDS, load_text, load_text_kind, tokenize_text
 from .provenance import package_versions
 
-# The cache's defaults (int4-g64-rot-center-abq), what each part buys, and the baselines.
-DEFAULT_CONFIGS = ("int4-g64-rot-center-abq,int4-g64-rot-center,int4-g64-rot,"
-                   "k8v4-vrot-center-abq,int8,mlx4-g64")
+# The default cache (k5v3-g64-rot-vrot-center-abq), int4 with what each part buys, and
+# the baselines.
+DEFAULT_CONFIGS = ("k5v3-g64-rot-vrot-center-abq,int4-g64-rot-center-abq,int4-g64-rot-center,"
+                   "int4-g64-rot,k8v4-vrot-center-abq,int8,mlx4-g64")
 DEFAULT_TOKENS = 2048
 DEFAULT_CHUNK = 128
 DEFAULT_MARGIN = 0.05
@@ -94,6 +99,20 @@ _FORMATS = {
     "int4": ("tq", 4, 4), "int8": ("tq", 8, 8), "k8v4": ("tq", 8, 4), "k4v8": ("tq", 4, 8),
     "mlx4": ("mlx", 4, 4), "mlx8": ("mlx", 8, 8), "fp16": ("fp", 16, 16),
 }
+
+
+
+
+def _bit_format(word: str):
+    """("tq", k_bits, v_bits) for a name k<a>v<b> with mx.quantize widths, else None."""
+    import re
+
+    from .cache_storage import BIT_WIDTHS
+
+    m = re.fullmatch(r"k(\d)v(\d)", word)
+    if m and int(m[1]) in BIT_WIDTHS and int(m[2]) in BIT_WIDTHS:
+        return ("tq", int(m[1]), int(m[2]))
+    return None
 
 
 # ---------------------------------------------------------------------------
@@ -171,9 +190,10 @@ def parse_config(name: str) -> CacheConfig:
     """A :class:`CacheConfig` from a compact name (see the module docstring)."""
     text = name.strip().lower()
     parts = text.split("-")
-    if not parts or parts[0] not in _FORMATS:
-        raise ValueError(f"config {name!r}: the format must be one of {', '.join(_FORMATS)}")
-    kind, k_bits, v_bits = _FORMATS[parts[0]]
+    if not parts or (parts[0] not in _FORMATS and _bit_format(parts[0]) is None):
+        raise ValueError(f"config {name!r}: the format must be one of {', '.join(_FORMATS)} "
+                         "or k<bits>v<bits> (bits 2, 3, 4, 5, 6, 8)")
+    kind, k_bits, v_bits = _FORMATS[parts[0]] if parts[0] in _FORMATS else _bit_format(parts[0])
     opts = {}
     for p in parts[1:]:
         key = None

@@ -28,9 +28,11 @@ from typing import Optional
 
 import mlx.core as mx
 
+# make_prompt_cache's formats (tqmetal.cache: "auto" resolves per model family).
+KV_FORMATS = ("auto", "int4", "k5v3", "int8", "k8v4", "k4v8", "fp16")
+
 DEFAULT_MAX_TOKENS = 100
 DEFAULT_PREFILL_STEP_SIZE = 2048
-KV_FORMATS = ("int4", "int8", "k8v4", "k4v8", "fp16")
 # A prompt at least this long gets a progress bar on stderr while it is prefilled.
 PROGRESS_MIN_TOKENS = 1024
 
@@ -68,9 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-p", type=float, default=0.0, help="sampling min-p")
     p.add_argument("--top-k", type=int, default=0, help="sampling top-k (0: off)")
     p.add_argument("--seed", type=int, default=None, help="PRNG seed")
-    p.add_argument("--kv", choices=KV_FORMATS, default="int4",
-                   help="KV cache format (default int4; k8v4 = 8-bit keys, 4-bit values; "
-                        "fp16 = mlx-lm's own cache, in the model's dtype)")
+    p.add_argument("--kv", choices=KV_FORMATS, default="auto",
+                   help="KV cache format (default auto: k5v3 = 5-bit keys, 3-bit values, or "
+                        "int4 with key channel scaling for models with k_norm such as Gemma 3; "
+                        "k8v4 = 8-bit keys, 4-bit values; fp16 = mlx-lm's own cache, in the "
+                        "model's dtype)")
     p.add_argument("--kv-group-size", type=int, choices=(16, 32, 64, 128), default=64,
                    help="quantization group along the head dim (default 64)")
     p.add_argument("--kv-window", type=int, default=128,
@@ -78,8 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-sinks", type=int, default=4,
                    help="first tokens kept in full precision (default 4)")
     p.add_argument("--rotate-keys", action=argparse.BooleanOptionalAction, default=None,
-                   help="Hadamard-rotate keys before quantizing (default: on for 4-bit keys "
-                        "when the head dim allows)")
+                   help="Hadamard-rotate keys before quantizing (default: on for keys below "
+                        "8 bits when the head dim allows)")
     p.add_argument("--center-keys", action=argparse.BooleanOptionalAction, default=None,
                    help="subtract a per-channel key mean before quantizing (exact without "
                         "attention sinks; default: make_prompt_cache's)")
@@ -306,7 +310,7 @@ def main(argv=None) -> int:
     from mlx_lm.sample_utils import make_sampler
 
     from . import demo
-    from .cache import make_prompt_cache
+    from .cache import make_prompt_cache, resolve_kv
     from .patch import patched
 
     is_demo = prompt_text is None
@@ -352,6 +356,7 @@ def main(argv=None) -> int:
     extra = {} if args.center_keys is None else {"center_keys": args.center_keys}
     if args.kv_channel_scale is not None:
         extra["channel_scale"] = args.kv_channel_scale
+    args.kv = resolve_kv(model, args.kv, args.kv_group_size)
     try:
         cache = make_prompt_cache(
             model, kv=args.kv, group_size=args.kv_group_size, window=args.kv_window,

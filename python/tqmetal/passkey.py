@@ -43,7 +43,7 @@ FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. T
 NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
 QUESTION = "What is the pass key? The pass key is"
 
-DEFAULT_CONFIGS = "fp16,int4-g64-rot-center-abq,k8v4-vrot-center-abq,int8,mlx4-g64"
+DEFAULT_CONFIGS = "fp16,k5v3-g64-rot-vrot-center-abq,int4-g64-rot-center-abq,k8v4-vrot-center-abq,int8,mlx4-g64"
 
 
 def passkey_prompt(tokenizer, length: int, depth: float, key: int) -> tuple:

@@ -16,7 +16,7 @@ prefix reuse) with three things swapped in before it starts:
 * loading: a ``.gguf`` model path (the default, the bundled SmolLM2) loads
   with :mod:`tqmetal.gguf`, anything else with ``mlx_lm.load``.
 
-Flags of its own: ``--kv int4|int8|k8v4|k4v8|fp16`` and the cache options of
+Flags of its own: ``--kv auto|int4|k5v3|int8|k8v4|k4v8|fp16`` and the cache options of
 ``tqmetal generate`` (``--kv-window``, ``--kv-sinks``, ``--rotate-keys``,
 ``--center-keys``, ``--kv-channel-scale``, ``--kv-k8-layers``,
 ``--max-kv-size``), plus ``--max-prompt-tokens`` (longer prompts get
@@ -43,7 +43,7 @@ __all__ = ["CacheConfig", "build_parser", "install", "main"]
 class CacheConfig:
     """What ``tqmetal serve`` (and :func:`install`) give make_prompt_cache."""
 
-    kv: str = "int4"
+    kv: str = "auto"
     group_size: int = 64
     window: int = 128
     sinks: int = 4
@@ -54,8 +54,7 @@ class CacheConfig:
     max_kv_size: Optional[int] = None
 
     def make_prompt_cache(self, model, max_kv_size: Optional[int] = None):
-        from .cache import make_prompt_cache
-
+        from .cache import make_prompt_cache, resolve_kv
 
         extra = {}
         if self.center_keys is not None:
@@ -70,8 +69,9 @@ class CacheConfig:
         if not getattr(self, "_announced", False):
             self._announced = True
             kinds = sorted({type(c).__name__ for c in caches})
-            logging.info("tqmetal serve: --kv %s: %s per layer (batching: %s)", self.kv,
-                         ", ".join(kinds), all(hasattr(c, "merge") for c in caches))
+            logging.info("tqmetal serve: --kv %s (%s): %s per layer (batching: %s)", self.kv,
+                         resolve_kv(model, self.kv, self.group_size), ", ".join(kinds),
+                         all(hasattr(c, "merge") for c in caches))
         return caches
 
 
@@ -81,8 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="mlx_lm.server with tqmetal's int4 KV caches and fused attention "
                     "(continuous batching on). Every mlx_lm.server flag works; these are added:",
     )
-    p.add_argument("--kv", choices=KV_FORMATS, default="int4",
-                   help="KV cache format (default int4; fp16 = mlx-lm's own caches)")
+    p.add_argument("--kv", choices=KV_FORMATS, default="auto",
+                   help="KV cache format (default auto: k5v3, or int4 for models with k_norm; "
+                        "fp16 = mlx-lm's own caches)")
     p.add_argument("--kv-window", type=int, default=128,
                    help="most recent tokens kept in full precision (default 128)")
     p.add_argument("--kv-sinks", type=int, default=4,
