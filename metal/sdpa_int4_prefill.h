@@ -30,13 +30,10 @@
 #include <metal_stdlib>
 
 #include "mlx/backend/metal/kernels/steel/attn/mma.h" // BaseMMAFrag: the 8x8 fragment's lane layout
-#include "sdpa_int4_decode.h" // function constants 40-49, load_f, kMasked
+#include "sdpa_int4_decode.h" // function constants 40-51, load_f, kMasked
 #include "sdpa_int4_params.h"
 
 using namespace metal;
-
-constant int tq_k_bits [[function_constant(50)]];
-constant int tq_v_bits [[function_constant(51)]];
 
 namespace tq {
 

@@ -170,7 +170,7 @@ def test_plan_unsupported_is_explicit():
     """What neither kernel covers is reported with both reasons (the op then runs on the CPU): never a
     plan that would compute something else."""
     base = _problem(L=40)
-    for change, why in [(dict(D=48), "head dim"), (dict(k_bits=2), "bits"),
+    for change, why in [(dict(D=48), "head dim"), (dict(k_bits=7), "bits"), (dict(k_bits=2, group_size=16), "bits"),
                         (dict(q=dict(base["q"], strides=base["q"]["strides"][:3])), "4 strides")]:
         p = _ext.plan_sdpa_int4({**base, **change})
         assert not p["supported"] and p["path"] == "none" and why in p["reason"], (change, p["reason"])
@@ -184,4 +184,8 @@ def test_op_fallback_rule():
     assert _ext.metal_unsupported_reason(shapes) == ""
     assert _ext.metal_unsupported_reason({**shapes, "L": 500, "D": 80, "group_size": 16}) == ""
     assert "head dim" in _ext.metal_unsupported_reason({**shapes, "D": 48, "group_size": 16})
-    assert "bits" in _ext.metal_unsupported_reason({**shapes, "k_bits": 3})
+    assert "bits" in _ext.metal_unsupported_reason({**shapes, "k_bits": 7})
+    # mx.quantize's other widths run on the GPU for groups of 32 or more (the CPU op takes group 16)
+    for kb, vb in ((3, 4), (4, 5), (2, 6), (8, 3)):
+        assert _ext.metal_unsupported_reason({**shapes, "k_bits": kb, "v_bits": vb}) == ""
+    assert "bits k3v4" in _ext.metal_unsupported_reason({**shapes, "k_bits": 3, "group_size": 16})
