@@ -158,6 +158,10 @@ def test_mask_views(dec, pre, mask, path):
     ("n1_prefill", dict(Hq=4, Hkv=1, L=9, N=1, T=0, D=64, dtype="float32", mask="causal")),
     ("dead_additive_sinks_prefill", dict(Hq=2, Hkv=1, L=17, N=40, T=2, D=96, dtype="bfloat16", group_size=32,
                                          mask="add_dead", sinks=True)),
+    ("k5v6_n1_prefill", dict(Hq=4, Hkv=1, L=9, N=1, T=0, D=64, dtype="float32", group_size=32, mask="causal",
+                             k_bits=5, v_bits=6)),
+    ("k3v2_dead_additive_sinks_prefill", dict(Hq=2, Hkv=1, L=17, N=40, T=2, D=96, dtype="bfloat16",
+                                              group_size=32, mask="add_dead", sinks=True, k_bits=3, v_bits=2)),
     ("bool_L1_prefill", dict(Hq=2, Hkv=2, L=10, N=50, D=80, dtype="float16", group_size=16, mask="bool_L1",
                              sinks=True)),
 ], ids=lambda x: x if isinstance(x, str) else "")
@@ -234,6 +238,7 @@ def test_planner_combined_choice_and_unsupported_reason():
     p = _ext.plan_sdpa_int4(_prob(k_bits=7))
     assert p["path"] == "none" and "decode:" in p["reason"] and "prefill:" in p["reason"]
     assert _ext.plan_sdpa_int4(_prob(case=dict(k_bits=3, v_bits=6)))["path"] == "decode"
+    assert _ext.plan_sdpa_int4(_prob(case=dict(L=9, k_bits=5, v_bits=2)))["path"] == "prefill"
     # the op's rule ignores layouts (eval_gpu copies) but not dtypes of the tails
     shapes = dict(B=1, Hq=8, Hkv=2, L=1, D=64, N=40, group_size=64, k_bits=4, v_bits=4)
     assert _ext.metal_unsupported_reason(shapes) == ""

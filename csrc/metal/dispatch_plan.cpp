@@ -234,7 +234,7 @@ Plan prefill_core(const Problem& p) {
   if (p.group_size != 16 && p.group_size != 32 && p.group_size != 64 && p.group_size != 128) {
     return unsupported("group size " + std::to_string(p.group_size) + " (prefill kernel: 16, 32, 64, 128)");
   }
-  if (std::string why = gpu::bits_problem(p, false, "Metal"); !why.empty()) return unsupported(why);
+  if (std::string why = gpu::bits_problem(p, true, "Metal"); !why.empty()) return unsupported(why);
   if (std::string why = gpu::layout_problem(p); !why.empty()) return unsupported(why);
   const int R = (p.Hq / p.Hkv) * p.L;
   const int row_tiles = (R + kPrefillRowTile - 1) / kPrefillRowTile;
