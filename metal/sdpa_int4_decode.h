@@ -1,4 +1,4 @@
-// Decode attention on an int4/int8 affine-quantized KV cache (mx.quantize layout),
+// Decode attention on an affine-quantized KV cache (mx.quantize layout, 2-8 bits),
 // adapted from MLX's sdpa_vector (mlx/backend/metal/kernels/sdpa_vector.h).
 //
 // Work decomposition (planned by csrc/metal/dispatch_plan.cpp):
@@ -19,6 +19,17 @@
 // is divided by 16^p (256^p for 8 bits), so a masked, unshifted chunk times it is the
 // code times q. A score is k_scale * sum(q' * masked) + k_bias * sum(q); V updates fold
 // the softmax weight into the scale and bias. Online softmax in float32.
+//
+// Bits: the k<K>v<V> instances (K, V in {4, 8}) read whole bytes as above. The
+// bit-stream instances (KB = VB = kStream, host name suffix "stream") take K's and V's
+// widths from function constants 50/51 (2, 3, 4, 5, 6 or 8; mx.quantize's layout: a
+// row is ONE little-endian bit stream, code j at bits [j * bits, (j + 1) * bits), so
+// a 3-, 5- or 6-bit code may straddle two words): lane i's PT codes are the bits
+// [i * PT * bits, (i + 1) * PT * bits), which always lie within two consecutive words
+// (PT * bits <= 64, and the start's offset in its word is a multiple of
+// gcd(PT * bits, 32)). The simdgroup loads the row's words once (lane i: words i and
+// i + 32), each lane takes its two words with simd_shuffle and shifts its codes out
+// in registers; so here too each packed byte is read once per KV head.
 //
 // Masks follow MLX: a boolean/causal-masked key gets the lowest finite score (so a
 // row whose every key is masked averages V, as mx.fast does), an additive -inf key
@@ -43,6 +54,9 @@ constant int tq_scale_dtype [[function_constant(46)]];
 constant int tq_tail_dtype [[function_constant(47)]];
 constant int tq_mask_dtype [[function_constant(48)]];
 constant int tq_sinks_dtype [[function_constant(49)]];
+// Code widths of the bit-stream decode instances and of the prefill kernel.
+constant int tq_k_bits [[function_constant(50)]];
+constant int tq_v_bits [[function_constant(51)]];
 
 namespace tq {
 
@@ -73,7 +87,7 @@ struct Packed {
   static constexpr uint mask = (1u << BITS) - 1u;
   uint c[chunks];
 
-  METAL_FUNC void load(const device uint8_t* row, uint lane) {
+  METAL_FUNC void load(const device uint8_t* row, uint lane, int /* bits: BITS */) {
     if (chunk_bits == 16) {
       const device uint16_t* p = (const device uint16_t*)(row) + lane * chunks;
       for (int i = 0; i < chunks; i++) {
@@ -90,6 +104,49 @@ struct Packed {
   // 1 / 2^(BITS * (j % per_chunk)): the factor the query lane / V weight carries
   static METAL_FUNC float inv(int j) {
     return 1.0f / float(1u << (BITS * (j % per_chunk)));
+  }
+};
+
+// KB / VB of the bit-stream instances: the width is a function constant.
+constant constexpr int kStream = 0;
+
+// The PT codes one lane owns in a bit-stream row (any width 2-8), shifted down to
+// plain codes: masked(j) is code j itself and inv(j) is 1. A row is D * bits / 32 =
+// PT * bits <= 64 words; the simdgroup loads each once (lane i words i and i + 32)
+// and every lane gathers the one or two words its codes lie in with simd_shuffle.
+template <int PT>
+struct Packed<kStream, PT> {
+  float c[PT];
+
+  // Word i (< 64) of the row, lane i % 32 holding words i (in a) and i + 32 (in b).
+  static METAL_FUNC uint word(uint a, uint b, int i, bool two) {
+    const uint x = simd_shuffle(a, ushort(i & 31));
+    const uint y = two ? simd_shuffle(b, ushort(i & 31)) : 0u;
+    return i < 32 ? x : y;
+  }
+
+  // Every lane of the simdgroup calls it (simd_shuffle).
+  METAL_FUNC void load(const device uint8_t* row, uint lane, int bits) {
+    const device uint32_t* w = (const device uint32_t*)(row);
+    const int words = PT * bits; // D * bits / 32
+    const bool two = words > 32; // uniform
+    const uint a = int(lane) < words ? w[lane] : 0u;
+    const uint b = int(lane) + 32 < words ? w[lane + 32] : 0u;
+    const int start = int(lane) * PT * bits; // first bit of this lane's codes
+    const int w0 = start / 32, sh = start % 32;
+    const uint lo = word(a, b, w0, two);
+    const uint hi = word(a, b, w0 + 1, two); // bits past the lane's codes are ignored
+    const ulong x = ((ulong(hi) << 32) | ulong(lo)) >> sh;
+    const uint mask = (1u << bits) - 1u;
+    for (int j = 0; j < PT; j++) {
+      c[j] = float(uint(x >> (j * bits)) & mask);
+    }
+  }
+  METAL_FUNC float masked(int j) const {
+    return c[j];
+  }
+  static METAL_FUNC float inv(int) {
+    return 1.0f;
   }
 };
 
@@ -127,6 +184,8 @@ METAL_FUNC void decode_impl(
   constexpr int PT = D / 32; // elements per lane
   typedef Packed<KB, PT> KP;
   typedef Packed<VB, PT> VP;
+  const int k_bits = KB == kStream ? tq_k_bits : KB;
+  const int v_bits = VB == kStream ? tq_v_bits : VB;
 
   const int Hq = ip[IP_HQ], Hkv = ip[IP_HKV], L = ip[IP_L], G = ip[IP_G];
   const int R = ip[IP_ROWS], N = ip[IP_N], NT = ip[IP_N] + ip[IP_T];
@@ -204,8 +263,8 @@ METAL_FUNC void decode_impl(
       v_s = simd_shuffle(sbv, ushort(2 * ng + g));
       v_b = simd_shuffle(sbv, ushort(3 * ng + g));
       KP kc;
-      kc.load(kp_head + 4 * t * st[ST_K_PACKED + 2], lane);
-      vc.load(vp_head + 4 * t * st[ST_V_PACKED + 2], lane);
+      kc.load(kp_head + 4 * t * st[ST_K_PACKED + 2], lane, k_bits);
+      vc.load(vp_head + 4 * t * st[ST_V_PACKED + 2], lane, v_bits);
       for (int r = 0; r < ROWS; r++) {
         if (r < nrows) {
           float acc = 0;

@@ -20,8 +20,8 @@ enum FunctionConstant : int {
   FC_TAIL_DTYPE = 47, // DType of k_tail/v_tail (int)
   FC_MASK_DTYPE = 48, // DType of an additive mask (int)
   FC_SINKS_DTYPE = 49, // DType of sinks (int)
-  FC_K_BITS = 50, // prefill only: bits of the K codes (int, 4 or 8)
-  FC_V_BITS = 51, // prefill only: bits of the V codes (int, 4 or 8)
+  FC_K_BITS = 50, // bits of the K codes (int: 2, 3, 4, 5, 6 or 8): prefill, decode "_stream"
+  FC_V_BITS = 51, // bits of the V codes (int: 2, 3, 4, 5, 6 or 8): prefill, decode "_stream"
 };
 
 // Runtime dtype codes used by the function constants above.

@@ -1,5 +1,5 @@
-// Prefill attention (many query rows) on an int4/int8 affine-quantized KV cache
-// (mx.quantize layout): steel-style tiles of query rows against tiles of keys, with
+// Prefill attention (many query rows) on an affine-quantized KV cache (mx.quantize
+// layout, 2-8 bits): steel-style tiles of query rows against tiles of keys, with
 // simdgroup_matrix MMA for Q*K^T and P*V.
 //
 // Work decomposition (planned by csrc/metal/dispatch_plan.cpp):
@@ -30,13 +30,10 @@
 #include <metal_stdlib>
 
 #include "mlx/backend/metal/kernels/steel/attn/mma.h" // BaseMMAFrag: the 8x8 fragment's lane layout
-#include "sdpa_int4_decode.h" // function constants 40-49, load_f, kMasked
+#include "sdpa_int4_decode.h" // function constants 40-51, load_f, kMasked
 #include "sdpa_int4_params.h"
 
 using namespace metal;
-
-constant int tq_k_bits [[function_constant(50)]];
-constant int tq_v_bits [[function_constant(51)]];
 
 namespace tq {
 
@@ -45,7 +42,17 @@ typedef simdgroup_matrix<float, 8, 8> frag8;
 // Dequantize BK tokens [t0, t0 + BK) of K (TRANSPOSED: dst[d * BK + i]) or V
 // (dst[i * D + d]) into threadgroup memory: quantized tokens from the packed words
 // and the staged scales/biases, tail tokens from the unquantized rows, tokens past
-// the end as zeros. One thread per 32-bit word (or the word-sized slice of a tail row).
+// the end as zeros.
+//
+// A packed row is one little-endian bit stream (mx.quantize: code j at bits
+// [j * bits, (j + 1) * bits), so a 3-, 5- or 6-bit code may straddle two words). It is
+// cut into units: the fewest whole words that hold a whole number of codes,
+// U = 32 / gcd(bits, 32) codes in U * bits / 32 words (one word of 16, 8 or 4 codes
+// for 2, 4 or 8 bits; three words of 32 or 16 codes for 3 or 6 bits; five words of 32
+// codes for 5 bits). One thread per unit (or the unit-sized slice of a tail row): it
+// reads each of its words once and shifts the codes out through a 64-bit buffer. A
+// unit lies in one group (U <= 16 for 2, 4, 8 bits; 32 for 3 and 5, which need groups
+// of 32 or more).
 template <int D, int BK, int NTHREADS, bool TRANSPOSED>
 METAL_FUNC void dequant_tile(
     threadgroup float* dst,
@@ -61,24 +68,33 @@ METAL_FUNC void dequant_tile(
     int N,
     int NT,
     uint tix) {
-  const int per_word = 32 / bits;
-  const int words = D / per_word;
+  const int unit_codes = 32 / (bits & -bits); // 32 / gcd(bits, 32)
+  const int unit_words = bits / (bits & -bits); // unit_codes * bits / 32
+  const int units = D / unit_codes;
   const int ng = D / tq_group_size;
   const uint lo_mask = (1u << bits) - 1u;
-  for (int i = int(tix); i < BK * words; i += NTHREADS) {
-    const int tt = i / words, w = i % words, t = t0 + tt;
-    const int d0 = w * per_word;
+  for (int i = int(tix); i < BK * units; i += NTHREADS) {
+    const int tt = i / units, u = i % units, t = t0 + tt;
+    const int d0 = u * unit_codes;
     if (t < N) {
-      const uint word = packed_head[int64_t(t) * packed_tok_stride + w];
-      const int gi = d0 / tq_group_size; // a word never straddles two groups (per_word <= 8 <= 16)
+      const device uint32_t* src = packed_head + int64_t(t) * packed_tok_stride + u * unit_words;
+      const int gi = d0 / tq_group_size;
       const float sc = scales[tt * ng + gi], bi = biases[tt * ng + gi];
-      for (int e = 0; e < per_word; e++) {
-        const float x = sc * float((word >> (bits * e)) & lo_mask) + bi;
+      ulong buf = src[0]; // the unit's next bits, lowest first
+      int have = 32, next = 1;
+      for (int e = 0; e < unit_codes; e++) {
+        if (have < bits) { // code e straddles into the next word
+          buf |= ulong(src[next++]) << have;
+          have += 32;
+        }
+        const float x = sc * float(uint(buf) & lo_mask) + bi;
+        buf >>= bits;
+        have -= bits;
         dst[TRANSPOSED ? (d0 + e) * BK + tt : tt * D + d0 + e] = x;
       }
     } else {
       const int64_t off = tail_head + int64_t(t - N) * tail_tok_stride + d0;
-      for (int e = 0; e < per_word; e++) {
+      for (int e = 0; e < unit_codes; e++) {
         const float x = t < NT ? load_f(tail, off + e, tq_tail_dtype) : 0.0f;
         dst[TRANSPOSED ? (d0 + e) * BK + tt : tt * D + d0 + e] = x;
       }
@@ -89,7 +105,7 @@ METAL_FUNC void dequant_tile(
 } // namespace tq
 
 // BQ query rows (8 per simdgroup, WM = BQ / 8 simdgroups) x BK keys per step; T the
-// query/output type; K and V bits come from function constants 50/51.
+// query/output type; K and V bits (2, 3, 4, 5, 6 or 8) come from function constants 50/51.
 template <typename T, int D, int BQ, int BK>
 [[kernel]] void sdpa_int4_prefill(
     const device T* queries [[buffer(0)]],

@@ -64,6 +64,18 @@ CASES = [
     ("dead_rows_additive_sinks", dict(Hq=4, Hkv=2, L=2, N=66, T=2, D=64, dtype="float16", mask="add_dead",
                                       sinks=True)),
     ("hkv1_n1", dict(Hq=2, Hkv=1, L=1, N=1, D=64, dtype="float32", sinks=True)),
+    # mx.quantize's bit-stream widths (the decode "_stream" instances)
+    ("k3v5_tail_only", dict(Hq=4, Hkv=2, N=0, T=9, D=128, dtype="float16", group_size=32, k_bits=3, v_bits=5)),
+    ("k5v3_L3_three_row_tiles", dict(Hq=8, Hkv=1, L=3, N=70, T=2, D=64, dtype="float16", group_size=32,
+                                     mask="causal", sinks=True, k_bits=5, v_bits=3)),
+    ("k6v2_L4_four_row_tiles", dict(Hq=8, Hkv=1, L=4, N=45, D=128, dtype="float32", mask="bool_BHLN",
+                                    k_bits=6, v_bits=2)),
+    ("k2v6_d256_L3_three_row_tiles", dict(Hq=4, Hkv=1, L=3, N=70, T=2, D=256, dtype="bfloat16",
+                                          group_size=64, mask="causal", k_bits=2, v_bits=6)),
+    ("k5v5_hkv1_n1", dict(Hq=2, Hkv=1, L=1, N=1, D=256, dtype="float32", group_size=32, sinks=True, k_bits=5,
+                          v_bits=5)),
+    ("k3v6_dead_rows_additive_sinks", dict(Hq=4, Hkv=2, L=2, N=66, T=2, D=64, dtype="float16", group_size=32,
+                                           mask="add_dead", sinks=True, k_bits=3, v_bits=6)),
 ]
 
 # (name, make_case kwargs, tail dtype, mask dtype, sinks dtype)
@@ -146,6 +158,10 @@ def test_mask_views(dec, pre, mask, path):
     ("n1_prefill", dict(Hq=4, Hkv=1, L=9, N=1, T=0, D=64, dtype="float32", mask="causal")),
     ("dead_additive_sinks_prefill", dict(Hq=2, Hkv=1, L=17, N=40, T=2, D=96, dtype="bfloat16", group_size=32,
                                          mask="add_dead", sinks=True)),
+    ("k5v6_n1_prefill", dict(Hq=4, Hkv=1, L=9, N=1, T=0, D=64, dtype="float32", group_size=32, mask="causal",
+                             k_bits=5, v_bits=6)),
+    ("k3v2_dead_additive_sinks_prefill", dict(Hq=2, Hkv=1, L=17, N=40, T=2, D=96, dtype="bfloat16",
+                                              group_size=32, mask="add_dead", sinks=True, k_bits=3, v_bits=2)),
     ("bool_L1_prefill", dict(Hq=2, Hkv=2, L=10, N=50, D=80, dtype="float16", group_size=16, mask="bool_L1",
                              sinks=True)),
 ], ids=lambda x: x if isinstance(x, str) else "")
@@ -172,8 +188,11 @@ REFUSALS = [
     # (change, planner, words the reason must hold)
     (dict(case=dict(D=80, group_size=16)), "decode", "head dim 80"),
     (dict(case=dict(group_size=16)), "decode", "group size 16"),
-    (dict(k_bits=2), "both", "bits k2v4"),
-    (dict(v_bits=3), "both", "bits k4v3"),
+    (dict(k_bits=7), "both", "bits k7v4"),
+    (dict(v_bits=1), "both", "bits k4v1"),
+    # mx.quantize's 2/3/5/6 bits need groups of 32 or more (decode refuses group 16 for any width)
+    (dict(case=dict(group_size=16), v_bits=3), "prefill", "bits k4v3"),
+    (dict(case=dict(D=80, group_size=16), k_bits=2), "prefill", "bits k2v4"),
     (dict(group_size=48), "prefill", "group size 48"),
     (dict(D=80, group_size=32), "prefill", "does not divide"),
     (dict(Hkv=3), "both", "multiple of H_kv"),
@@ -216,8 +235,10 @@ def test_planner_combined_choice_and_unsupported_reason():
     assert _ext.plan_sdpa_int4(_prob())["path"] == "decode"
     assert _ext.plan_sdpa_int4(_prob(case=dict(L=8)))["path"] == "decode"  # 32 rows: 4 tiles
     assert _ext.plan_sdpa_int4(_prob(case=dict(L=9)))["path"] == "prefill"
-    p = _ext.plan_sdpa_int4(_prob(k_bits=2))
+    p = _ext.plan_sdpa_int4(_prob(k_bits=7))
     assert p["path"] == "none" and "decode:" in p["reason"] and "prefill:" in p["reason"]
+    assert _ext.plan_sdpa_int4(_prob(case=dict(k_bits=3, v_bits=6)))["path"] == "decode"
+    assert _ext.plan_sdpa_int4(_prob(case=dict(L=9, k_bits=5, v_bits=2)))["path"] == "prefill"
     # the op's rule ignores layouts (eval_gpu copies) but not dtypes of the tails
     shapes = dict(B=1, Hq=8, Hkv=2, L=1, D=64, N=40, group_size=64, k_bits=4, v_bits=4)
     assert _ext.metal_unsupported_reason(shapes) == ""

@@ -1,7 +1,8 @@
 """Planted bugs as real edits of the Metal kernels fail the emulated Metal grids.
 
 tests/mutants/metal_mutants.py holds the mutants (dropping the last key, sinks read by KV
-head, causal diagonal off by one, an averaging split-K merge); each one is applied to a copy
+head, causal diagonal off by one, an averaging split-K merge, and a bit-stream code that loses
+its bits from the second word it straddles); each one is applied to a copy
 of metal/, built by the MSL emulator and run on the Metal grids (tests/test_metal_decode.py,
 tests/test_metal_prefill.py, tests/test_metal_edges.py).  Every mutant must fail at least
 one case of each grid it applies to.
@@ -41,7 +42,7 @@ def grid(path: str):
 
     out = []
     if path == "decode":
-        for name, kw, blocks in MD.CASES:
+        for name, kw, blocks in MD.CASES + MD.STREAM_CASES:
             c = R.make_case(seed=len(name), **kw)
             out += [(name + "/1pass", c, dict(blocks=1)), (name + f"/{blocks}blocks", c, dict(blocks=blocks))]
         for name, kw in ME.CASES:
@@ -50,7 +51,7 @@ def grid(path: str):
             if kw["N"] + kw.get("T", 0) > 32:
                 out.append((name + "/3blocks", c, dict(blocks=3)))
     else:
-        for name, kw in MP.CASES:
+        for name, kw in MP.CASES + MP.STREAM_CASES:
             out.append((name, R.make_case(seed=len(name), **kw), {}))
     return out
 
@@ -75,7 +76,7 @@ def run_grid_on_mutant(name: str, path: str):
     return failed, len(cases), first
 
 
-PAIRS = [(n, p) for n in MM.MUTANTS for p in MM.PATHS if MM.applies_to(n, p)]
+PAIRS = [(n, p) for n in MM.ALL_MUTANTS for p in MM.PATHS if MM.applies_to(n, p)]
 
 
 @pytest.mark.parametrize("name,path", PAIRS, ids=[f"{n}-{p}" for n, p in PAIRS])

@@ -64,6 +64,31 @@ CASES = [
     ("causal_rows_without_keys", dict(Hq=1, Hkv=1, L=40, N=20, T=4, D=64, dtype="float16", mask="causal")),
 ]
 
+# mx.quantize's bit-stream widths: a thread dequantizes one unit of whole words (16 codes in one word at
+# 2 bits, 32 codes in 3 words at 3 bits, 32 in 5 at 5 bits, 16 in 3 at 6 bits), codes straddling words.
+STREAM_CASES = [
+    ("k5v3_gqa4_f16_d128_g32_causal_tail", dict(Hq=8, Hkv=2, L=6, N=70, T=9, D=128, dtype="float16",
+                                                group_size=32, mask="causal", k_bits=5, v_bits=3)),
+    ("k3v5_f32_d64_g64_two_row_tiles", dict(Hq=2, Hkv=2, L=37, N=77, D=64, dtype="float32", k_bits=3,
+                                            v_bits=5)),
+    ("k2v6_bf16_d256_g128_causal_sinks", dict(Hq=2, Hkv=1, L=9, N=30, T=3, D=256, dtype="bfloat16",
+                                              group_size=128, mask="causal", sinks=True, k_bits=2, v_bits=6)),
+    ("k6v2_f16_d96_g32_bool_BHLN", dict(Hq=4, Hkv=2, L=10, N=50, D=96, dtype="float16", group_size=32,
+                                        mask="bool_BHLN", k_bits=6, v_bits=2)),
+    ("k5v4_f16_d128_g64_additive", dict(Hq=2, Hkv=1, L=20, N=45, D=128, dtype="float16", mask="add_LN",
+                                        k_bits=5, v_bits=4)),
+    ("k8v5_f32_d64_g32_dead_rows_sinks", dict(Hq=3, Hkv=1, L=11, N=40, T=5, D=64, dtype="float32",
+                                              group_size=32, mask="bool_dead", sinks=True, k_bits=8, v_bits=5)),
+    ("k3v3_f16_d96_g32_additive_inf_tail", dict(Hq=8, Hkv=1, L=5, N=33, T=7, D=96, dtype="float16",
+                                                group_size=32, mask="add_inf", k_bits=3, v_bits=3)),
+    ("k6v6_bf16_d256_g64_scales_f32", dict(Hq=2, Hkv=1, L=12, N=36, D=256, dtype="bfloat16",
+                                           scale_dtype="float32", group_size=64, k_bits=6, v_bits=6)),
+    ("k4v6_f16_d128_g32_batch2_padmask", dict(B=2, Hq=2, Hkv=1, L=17, N=36, D=128, dtype="float16",
+                                              group_size=32, mask="bool_B11N", k_bits=4, v_bits=6)),
+    ("k2v8_f32_d64_g32_tail_only", dict(Hq=2, Hkv=1, L=12, N=0, T=21, D=64, dtype="float32", group_size=32,
+                                        mask="causal", k_bits=2, v_bits=8)),
+]
+
 
 @pytest.mark.parametrize("order", T.orders())
 @pytest.mark.parametrize("name,kw", CASES, ids=[c[0] for c in CASES])
@@ -72,6 +97,22 @@ def test_prefill(lib, name, kw, order):
     plan, *_ = run_prefill(lib, case, order)
     G = kw["Hq"] // kw["Hkv"]
     assert plan["rows"] == G * kw["L"] and plan["row_tiles"] == -(-G * kw["L"] // BQ)
+
+
+@pytest.mark.parametrize("order", T.orders())
+@pytest.mark.parametrize("name,kw", STREAM_CASES, ids=[c[0] for c in STREAM_CASES])
+def test_prefill_bit_stream_widths(lib, name, kw, order):
+    case = R.make_case(seed=len(name), **kw)
+    plan, *_ = run_prefill(lib, case, order)
+    fc = plan["launches"][0]["function_constants"]
+    assert (fc[50], fc[51]) == (kw["k_bits"], kw["v_bits"])
+
+
+def test_prefill_bit_stream_strided_views_and_transposed_q(lib):
+    case = R.make_case(B=2, Hq=4, Hkv=2, L=9, N=37, T=6, D=128, dtype="float16", group_size=32, mask="causal",
+                       sinks=True, k_bits=5, v_bits=3, seed=5)
+    plan, *_ = run_prefill(lib, case, "interleave", strided=True, transposed_q=True)
+    assert any(b["offset"] for b in plan["launches"][0]["buffers"] if b["kind"] == "input")
 
 
 MASK_KINDS = ["bool_LN", "bool_11LN", "bool_B1LN", "bool_broadcast", "bool_slice", "bool_window", "bool_few",
@@ -108,10 +149,13 @@ def _bytes_per_key_tile(arrays, name):
 
 
 @T.needs_instrumentation
-def test_kv_tile_read_once_per_query_tile_and_kv_head(lib):
+@pytest.mark.parametrize("k_bits,v_bits", [(4, 4), (3, 5), (6, 2), (5, 8)])
+def test_kv_tile_read_once_per_query_tile_and_kv_head(lib, k_bits, v_bits):
     """G * L = 48 query rows of one KV head = 2 row tiles: every packed K/V byte, scale and bias is read from
-    device memory exactly twice (once per query tile), whatever the GQA ratio; q once."""
-    case = R.make_case(B=1, Hq=8, Hkv=2, L=12, N=64, D=128, dtype="float16", group_size=64, seed=2)
+    device memory exactly twice (once per query tile), whatever the GQA ratio and the code width (a thread
+    reads its unit's words once); q once."""
+    case = R.make_case(B=1, Hq=8, Hkv=2, L=12, N=64, D=128, dtype="float16", group_size=64, k_bits=k_bits,
+                       v_bits=v_bits, seed=2)
     plan, (st,), arrays, _ = run_prefill(lib, case)
     assert plan["row_tiles"] == 2
     for name, idx in (("k_packed", 1), ("v_packed", 4), ("k_scales", 2), ("k_biases", 3), ("v_scales", 5),
@@ -158,6 +202,9 @@ def test_plan_chooses_decode_or_prefill():
     assert launch["kernel"] == "sdpa_int4_prefill_float16_t_96"
     assert launch["grid"] == (2, 5, 1) and launch["threadgroup"] == (128, 1, 1)  # 4 * 37 = 148 rows: 5 tiles of 32
     assert launch["function_constants"][50] == 4 and launch["function_constants"][51] == 4
+    p = _ext.plan_sdpa_int4(_problem(L=37, D=96, group_size=32, k_bits=5, v_bits=3))
+    assert p["path"] == "prefill" and p["launches"][0]["kernel"] == "sdpa_int4_prefill_float16_t_96"
+    assert p["launches"][0]["function_constants"][50] == 5 and p["launches"][0]["function_constants"][51] == 3
 
 
 def test_plan_prefill_end_to_end_under_emulator(lib):
@@ -170,7 +217,7 @@ def test_plan_unsupported_is_explicit():
     """What neither kernel covers is reported with both reasons (the op then runs on the CPU): never a
     plan that would compute something else."""
     base = _problem(L=40)
-    for change, why in [(dict(D=48), "head dim"), (dict(k_bits=2), "bits"),
+    for change, why in [(dict(D=48), "head dim"), (dict(k_bits=7), "bits"), (dict(k_bits=2, group_size=16), "bits"),
                         (dict(q=dict(base["q"], strides=base["q"]["strides"][:3])), "4 strides")]:
         p = _ext.plan_sdpa_int4({**base, **change})
         assert not p["supported"] and p["path"] == "none" and why in p["reason"], (change, p["reason"])
@@ -184,4 +231,9 @@ def test_op_fallback_rule():
     assert _ext.metal_unsupported_reason(shapes) == ""
     assert _ext.metal_unsupported_reason({**shapes, "L": 500, "D": 80, "group_size": 16}) == ""
     assert "head dim" in _ext.metal_unsupported_reason({**shapes, "D": 48, "group_size": 16})
-    assert "bits" in _ext.metal_unsupported_reason({**shapes, "k_bits": 3})
+    assert "bits" in _ext.metal_unsupported_reason({**shapes, "k_bits": 7})
+    # mx.quantize's other widths run on the GPU for groups of 32 or more (the CPU op takes group 16)
+    for kb, vb in ((3, 4), (4, 5), (2, 6), (8, 3)):
+        assert _ext.metal_unsupported_reason({**shapes, "k_bits": kb, "v_bits": vb}) == ""
+        assert _ext.metal_unsupported_reason({**shapes, "k_bits": kb, "v_bits": vb, "L": 500}) == ""
+    assert "bits k3v4" in _ext.metal_unsupported_reason({**shapes, "k_bits": 3, "group_size": 16})

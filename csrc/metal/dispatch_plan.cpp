@@ -98,6 +98,10 @@ Args make_args(const Problem& p, int64_t blocks, int64_t block_len) {
       {FC_TAIL_DTYPE, "tail_dtype", false, p.has_tail ? dtype_code(p.k_tail.dtype) : DT_F32},
       {FC_MASK_DTYPE, "mask_dtype", false, p.mask_kind == MaskKind::additive ? dtype_code(p.mask.dtype) : DT_F32},
       {FC_SINKS_DTYPE, "sinks_dtype", false, p.has_sinks ? dtype_code(p.sinks.dtype) : DT_F32},
+      // read by the prefill kernel and the decode kernels' bit-stream instances (the
+      // k<4|8>v<4|8> instances have them as template parameters)
+      {FC_K_BITS, "k_bits", false, p.k_bits},
+      {FC_V_BITS, "v_bits", false, p.v_bits},
   };
 
   a.inputs = {
@@ -134,7 +138,7 @@ Plan decode_core(const Problem& p) {
   if (p.group_size != 32 && p.group_size != 64 && p.group_size != 128) {
     return unsupported("group size " + std::to_string(p.group_size) + " (decode kernels: 32, 64, 128)");
   }
-  if (std::string why = gpu::bits_problem(p, false, "Metal"); !why.empty()) return unsupported(why);
+  if (std::string why = gpu::bits_problem(p, true, "Metal"); !why.empty()) return unsupported(why);
   if (std::string why = gpu::layout_problem(p); !why.empty()) return unsupported(why);
   const int G = p.Hq / p.Hkv;
   const int R = G * p.L;
@@ -182,8 +186,13 @@ Plan decode_core(const Problem& p) {
 
   const Args a = make_args(p, blocks, block_len);
   using K = Binding::Kind;
-  const std::string suffix = std::string(type_name(p.q.dtype)) + "_" + std::to_string(p.D) + "_k" +
-      std::to_string(p.k_bits) + "v" + std::to_string(p.v_bits);
+  // K and V bits 4 or 8: the instance with both as template parameters; any other pair
+  // (a 2-, 3-, 5- or 6-bit side): the bit-stream instance, widths from constants 50/51.
+  auto byte_aligned = [](int bits) { return bits == 4 || bits == 8; };
+  const std::string suffix = std::string(type_name(p.q.dtype)) + "_" + std::to_string(p.D) +
+      (byte_aligned(p.k_bits) && byte_aligned(p.v_bits)
+           ? "_k" + std::to_string(p.k_bits) + "v" + std::to_string(p.v_bits)
+           : std::string("_stream"));
   const std::array<int, 3> tg = {32 * kDecodeSimdgroups, 1, 1};
   const std::array<int, 3> grid = {p.B * p.Hkv, row_tiles, int(blocks)};
 
@@ -225,7 +234,7 @@ Plan prefill_core(const Problem& p) {
   if (p.group_size != 16 && p.group_size != 32 && p.group_size != 64 && p.group_size != 128) {
     return unsupported("group size " + std::to_string(p.group_size) + " (prefill kernel: 16, 32, 64, 128)");
   }
-  if (std::string why = gpu::bits_problem(p, false, "Metal"); !why.empty()) return unsupported(why);
+  if (std::string why = gpu::bits_problem(p, true, "Metal"); !why.empty()) return unsupported(why);
   if (std::string why = gpu::layout_problem(p); !why.empty()) return unsupported(why);
   const int R = (p.Hq / p.Hkv) * p.L;
   const int row_tiles = (R + kPrefillRowTile - 1) / kPrefillRowTile;
@@ -244,10 +253,8 @@ Plan prefill_core(const Problem& p) {
   plan.simdgroups = kPrefillRowTile / 8;
   plan.key_tile = kPrefillKeyTile;
 
-  Args a = make_args(p, 1, plan.block_len);
-  // The decode kernels take the bits as template parameters, the prefill kernel as constants.
-  a.fcs.push_back({FC_K_BITS, "k_bits", false, p.k_bits});
-  a.fcs.push_back({FC_V_BITS, "v_bits", false, p.v_bits});
+  // The bits are function constants (make_args), any width bits_problem accepts.
+  const Args a = make_args(p, 1, plan.block_len);
   Launch l{"sdpa_int4_prefill", "sdpa_int4_prefill_" + std::string(type_name(p.q.dtype)) + "_" + std::to_string(p.D), a.fcs,
            a.inputs, {p.B * p.Hkv, row_tiles, 1}, {32 * plan.simdgroups, 1, 1}};
   l.buffers.push_back(Binding{BUF_OUT, Binding::Kind::output, "out", 0, {}, {}, 0.f});

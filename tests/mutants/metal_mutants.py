@@ -56,12 +56,28 @@ MUTANTS = {
     },
 }
 
+# Unpacking bugs of mx.quantize's bit-stream widths (2, 3, 5, 6 bits), which the float64
+# reference cannot plant (it has no unpacker to break): run on the same grids, whose
+# bit-stream cases (STREAM_CASES of tests/test_metal_decode.py and test_metal_prefill.py,
+# and the edge cases with those widths) must catch them.
+UNPACK_MUTANTS = {
+    # a code that straddles two words loses its bits from the second word
+    "stream_straddle_dropped": {
+        "sdpa_int4_decode.h": [("    const uint hi = word(a, b, w0 + 1, two);",
+                                "    const uint hi = 0u * word(a, b, w0 + 1, two);")],
+        "sdpa_int4_prefill.h": [("          buf |= ulong(src[next++]) << have;",
+                                 "          buf = ulong(src[next++]);")],
+    },
+}
+
+ALL_MUTANTS = {**MUTANTS, **UNPACK_MUTANTS}
+
 PATHS = {"decode": "sdpa_int4.metal", "prefill": "sdpa_int4_prefill.metal"}
 
 
 def applies_to(name: str, path: str) -> bool:
     header = "sdpa_int4_decode.h" if path == "decode" else "sdpa_int4_prefill.h"
-    return header in MUTANTS[name]
+    return header in ALL_MUTANTS[name]
 
 
 def mutated_tree(name: str, dest: pathlib.Path | None = None) -> pathlib.Path:
@@ -75,7 +91,7 @@ def mutated_tree(name: str, dest: pathlib.Path | None = None) -> pathlib.Path:
     for f in METAL_DIR.iterdir():
         if f.is_file():
             shutil.copy(f, dest / f.name)
-    for fname, edits in MUTANTS[name].items():
+    for fname, edits in ALL_MUTANTS[name].items():
         text = (dest / fname).read_text()
         for old, new in edits:
             n = text.count(old)
@@ -90,7 +106,7 @@ def main(argv) -> int:
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
     import test_metal_mutants as TM
 
-    names = argv or list(MUTANTS)
+    names = argv or list(ALL_MUTANTS)
     status = 0
     for name in names:
         for path in PATHS:
