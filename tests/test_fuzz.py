@@ -108,8 +108,10 @@ def shapes(draw, *, small: bool = False):
     N = draw(st.sampled_from([0, 1, 2, 31, 64, 65, 130, 257] if not small else [0, 1, 7, 33]))
     if N + T == 0 and "no_keys" in F.PENDING_KERNEL_FIXES | F.FUZZ_NOT_DRAWN:
         T = 1
+    # mx.quantize's bit-stream widths (codes straddle words) for groups of 32 or more
+    widths = [4, 8] if gs < 32 else [4, 8, 4, 8, 2, 3, 5, 6]
     return dict(B=B, Hq=Hq, Hkv=Hkv, L=L, N=N, T=T, D=D, group_size=gs,
-                k_bits=draw(st.sampled_from([4, 8])), v_bits=draw(st.sampled_from([4, 8])))
+                k_bits=draw(st.sampled_from(widths)), v_bits=draw(st.sampled_from(widths)))
 
 
 @st.composite
