@@ -27,7 +27,7 @@ TINY = ["--quick", "--hq", "8", "--hkv", "2", "--d", "64", "--contexts", "512",
         "--decode-l", "1", "--prefill-l", "32", "--prefill-contexts", "256",
         "--groups", "64,32", "--cold-bytes", "16M", "--budget-s", "0.02",
         "--max-call-s", "120"]
-EXPECTED_METHODS = {"tq_int4_g64", "tq_int4_g32", "tq_k8v4_g64", "sdpa_fp16", "sdpa_fp32",
+EXPECTED_METHODS = {"tq_int4_g64", "tq_int4_g32", "tq_k8v4_g64", "tq_k5v3_g64", "sdpa_fp16", "sdpa_fp32",
                     "deq_fp16_g64", "deq_fp16_g32", "mlxlm_q4_g64", "mlxlm_q4_g32"}
 
 
@@ -73,18 +73,19 @@ def test_binary_cache_bytes_are_the_formats(tiny_run):
     assert by["tq_int4_g64"] == elems * (0.5 + 4 / 64)
     assert by["tq_int4_g32"] == elems * (0.5 + 4 / 32)
     assert by["tq_k8v4_g64"] == elems / 2 * (1 + 4 / 64) + elems / 2 * (0.5 + 4 / 64)
+    assert by["tq_k5v3_g64"] == by["tq_int4_g64"]  # 5 + 3 bits: int4's bytes
 
 
 def test_binary_checks_and_report(tiny_run):
     proc, doc = tiny_run
     assert doc["ok"] is True and doc["quick"] is True and doc["decode_mode"] == "cold"
     checked = {(c["method"], c["phase"]) for c in doc["checks"]}
-    for m in ("tq_int4_g64", "tq_int4_g32", "tq_k8v4_g64"):
+    for m in ("tq_int4_g64", "tq_int4_g32", "tq_k8v4_g64", "tq_k5v3_g64"):
         assert {(m, "decode"), (m, "prefill")} <= checked
     assert all(c["ok"] and c["max_abs_err"] < 0.02 * c["ref_max_abs"] for c in doc["checks"])
     assert doc["bandwidth"]["gbps"] > 0 and doc["machine"]["logical_cpus"] >= 1
     ours = {s["method"] for s in doc["speedups"]}
-    assert ours == {"tq_int4_g64", "tq_int4_g32", "tq_k8v4_g64"}
+    assert ours == {"tq_int4_g64", "tq_int4_g32", "tq_k8v4_g64", "tq_k5v3_g64"}
     assert "QUICK" in proc.stdout and "summary" in proc.stdout
     for m in EXPECTED_METHODS:
         assert m in proc.stdout
