@@ -1,6 +1,6 @@
 """`tqmetal serve` as users use it: the real server on a loopback port, real HTTP.
 
-One server process (the bundled SmolLM2, int4 cache with a small window so
+One server process (the bundled SmolLM2, default K5V3 cache with a small window so
 that tokens really are quantized) serves every test in this module; requests
 go through http.client from threads. Greedy answers of concurrent requests are
 compared with the same requests served alone by the same server; the prompt
@@ -98,9 +98,10 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    # window 16 / sinks 4: prompts of 30-60 tokens are mostly int4 already.
+    # The default format (--kv auto: K5V3 on SmolLM2); window 16 / sinks 4: prompts of
+    # 30-60 tokens are mostly quantized already.
     log = tmp_path_factory.mktemp("serve") / "server.log"
-    s = Server("--kv", "int4", "--kv-window", "16", "--prompt-cache-size", "0",
+    s = Server("--kv-window", "16", "--prompt-cache-size", "0",
                "--max-prompt-tokens", "400", "--max-tokens", "64", log_path=log)
     s.log_path = log
     yield s
@@ -133,9 +134,9 @@ def _concurrent(jobs):
     return results
 
 
-def test_serves_batched_on_int4_caches(server, alone):
+def test_serves_batched_on_quantized_caches(server, alone):
     log = server.log_path.read_text()
-    assert "tqmetal serve: --kv int4: Int4KVCache per layer (batching: True)" in log
+    assert "tqmetal serve: --kv auto (k5v3): Int4KVCache per layer (batching: True)" in log
     assert "Prompt processing progress" in log  # the BatchGenerator path
 
 
