@@ -275,6 +275,31 @@ inline Vec<8>::i stream_codes8(uint64_t x, int bits) {
   return __builtin_convertvector(codes, Vec<8>::i);
 }
 
+// One chunk of 32 codes of a bit-stream width B (4*B bytes) as float halves:
+// each 8-code piece (B bytes at byte i*B) is one 8-byte load, taken so that it
+// never leaves the chunk (the last pieces load the chunk's last 8 bytes and
+// shift), with B a compile-time constant so the loads and shifts are plain.
+template <int B>
+inline void unpack_stream32(const uint8_t* p, Vec<16>::f& a, Vec<16>::f& b) {
+  static_assert(B >= 2 && B <= 6, "bit-stream widths are 2, 3, 5, 6");
+  Vec<8>::i c[4];
+  for (int i = 0; i < 4; ++i) {
+    const int off = i * B;
+    uint64_t x;
+    if (off + 8 <= 4 * B) {
+      std::memcpy(&x, p + off, 8);
+    } else {
+      std::memcpy(&x, p + 4 * B - 8, 8);
+      x >>= 8 * (off - (4 * B - 8));
+    }
+    c[i] = stream_codes8(x, B);
+  }
+  const Vec<16>::i lo = __builtin_shufflevector(c[0], c[1], 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const Vec<16>::i hi = __builtin_shufflevector(c[2], c[3], 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  a = __builtin_convertvector(lo, Vec<16>::f);
+  b = __builtin_convertvector(hi, Vec<16>::f);
+}
+
 // Unpack one chunk (2W elements) of a packed row into float halves a, b.
 // `bits` is read only for BITS == kBitStream.
 template <int W, int BITS>
@@ -282,21 +307,20 @@ inline void unpack_chunk(const uint8_t* bytes, typename Vec<W>::f& a, typename V
   using VF = typename Vec<W>::f;
   if constexpr (BITS == kBitStream) {
     static_assert(W == 16, "bit-stream widths need chunks of 32 codes (groups of 32 or more)");
-    // The chunk is `bits` words; eight codes are `bits` bytes. Copy it into a
-    // zero-padded buffer so that each piece is one 8-byte load that never reads
-    // past the row.
-    uint8_t buf[4 * 8 + 8] = {};
-    std::memcpy(buf, bytes, size_t(4) * bits);
-    Vec<8>::i c[4];
-    for (int i = 0; i < 4; ++i) {
-      uint64_t x;
-      std::memcpy(&x, buf + i * bits, 8);
-      c[i] = stream_codes8(x, bits);
+    switch (bits) { // one predictable branch per chunk; each width's unpack is compile-time
+      case 2:
+        unpack_stream32<2>(bytes, a, b);
+        break;
+      case 3:
+        unpack_stream32<3>(bytes, a, b);
+        break;
+      case 5:
+        unpack_stream32<5>(bytes, a, b);
+        break;
+      default:
+        unpack_stream32<6>(bytes, a, b);
+        break;
     }
-    const Vec<16>::i lo = __builtin_shufflevector(c[0], c[1], 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    const Vec<16>::i hi = __builtin_shufflevector(c[2], c[3], 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    a = __builtin_convertvector(lo, VF);
-    b = __builtin_convertvector(hi, VF);
   } else if constexpr (BITS == 4) {
     const auto w = widen_bytes<W>(bytes);
     a = __builtin_convertvector(w & 15, VF);
