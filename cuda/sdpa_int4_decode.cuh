@@ -157,6 +157,18 @@ __device__ __forceinline__ u32 code_at(const u32 (&a)[AW], int j) {
   const u32 v = (s + BITS > 32 && w + 1 < AW) ? (lo | (a[w + 1] << (32 - s))) : lo;
   return v & ((1u << BITS) - 1u);
 }
+// Codes j and j + 1 of an aligned slice as an exact float16 pair (code j in bits 0-15):
+// one shift (a funnel shift where the two straddle a word) brings both down to bit 0.
+template <int BITS, int AW>
+__device__ __forceinline__ u32 pair_at(const u32 (&a)[AW], int j) {
+  const int bit = j * BITS, w = bit >> 5, s = bit & 31;
+  const u32 x = (s + 2 * BITS > 32 && w + 1 < AW) ? funnel(a[w], a[w + 1], s) : a[w] >> s;
+  constexpr u32 M = (1u << BITS) - 1u;
+  const u32 y = (x & M) | ((x << (16 - BITS)) & (M << 16)) | 0x64006400u;
+  u32 r;
+  asm("sub.f16x2 %0, %1, %2;" : "=r"(r) : "r"(y), "r"(0x64006400u));
+  return r;
+}
 // Two codes as an exact float16 pair (`lo` in bits 0-15): 0x6400 | code is 1024 + code.
 __device__ __forceinline__ u32 code_pair(u32 lo, u32 hi) {
   u32 r;
@@ -439,10 +451,9 @@ struct Decoder {
           if constexpr (FAST && KSTREAM) {
             const u32(&a_0)[KAW] = ka[tl][0][gi];
             const u32(&a_1)[KAW] = ka[tl][1][gi];
-            const u32 a0 = code_pair(code_at<KB>(a_0, kcol(st, 0, 0)), code_at<KB>(a_0, kcol(st, 0, 1)));
-            const u32 a1 = code_pair(code_at<KB>(a_1, kcol(st, 0, 0)), code_at<KB>(a_1, kcol(st, 0, 1)));
-            const u32 a2 = code_pair(code_at<KB>(a_0, kcol(st, 1, 0)), code_at<KB>(a_0, kcol(st, 1, 1)));
-            const u32 a3 = code_pair(code_at<KB>(a_1, kcol(st, 1, 0)), code_at<KB>(a_1, kcol(st, 1, 1)));
+            // (kcol(st, h, 1) == kcol(st, h, 0) + 1: consecutive codes of the stream)
+            const u32 a0 = pair_at<KB>(a_0, kcol(st, 0, 0)), a1 = pair_at<KB>(a_1, kcol(st, 0, 0));
+            const u32 a2 = pair_at<KB>(a_0, kcol(st, 1, 0)), a3 = pair_at<KB>(a_1, kcol(st, 1, 0));
             dmma(acc[gi], a0, a1, a2, a3, qh[gi][st][0], qh[gi][st][1]);
             if constexpr (QSPLIT) dmma(acc[gi], a0, a1, a2, a3, ql[gi][st][0], ql[gi][st][1]);
           } else if constexpr (FAST) {
