@@ -8,6 +8,7 @@ Usage:
 One process, every baseline in the same run:
   hbm        measured memory bandwidth: mx.sum over 4 GiB (read) and x + 1 (read + write)
   tq_int4    tqmetal.sdpa_int4, K and V int4 group 64, float16 q/scales/biases
+  tq_k5v3    tqmetal.sdpa_int4, 5-bit K and 3-bit V (mx.quantize's bit streams), group 64
   sdpa_fp16  mx.fast.scaled_dot_product_attention, float16 K/V
   deq_fp16   mx.dequantize(K), mx.dequantize(V), then mx.fast SDPA (float16)
   mlxlm_q4   mlx_lm.models.base.quantized_scaled_dot_product_attention (4-bit g64)
@@ -45,7 +46,7 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="small grid, few repetitions")
     p.add_argument("--decode-n", default="4096,16384,65536,131072,524288")
     p.add_argument("--prefill", default="4096x32768,16384x131072")
-    p.add_argument("--methods", default="tq_int4,sdpa_fp16,deq_fp16,mlxlm_q4")
+    p.add_argument("--methods", default="tq_int4,tq_k5v3,sdpa_fp16,deq_fp16,mlxlm_q4")
     p.add_argument("--prefill-variants", default="generic,fast4",
                    help="other prefill kernels timed in the same run (TQMETAL_CUDA_PREFILL values)")
     p.add_argument("--json", metavar="PATH")
@@ -103,13 +104,22 @@ def decode_case(N: int, methods, reps: int, rounds: int, qsdpa, hbm: float) -> d
     scale = D ** -0.5
     fp16_cache = 2 * B * H_KV * N * D * 2
     int4_cache = 2 * B * H_KV * N * (D // 2 + 2 * 2 * D // GROUP)
+    k5v3_cache = B * H_KV * N * (D * 5 // 8 + D * 3 // 8 + 2 * 2 * 2 * D // GROUP)
     layers = max(1, min(64, math.ceil(4 * L2_BYTES / int4_cache)))
+    layers53 = max(1, min(64, math.ceil(4 * L2_BYTES / k5v3_cache)))
     fp_layers = max(1, min(64, math.ceil(4 * L2_BYTES / fp16_cache)))
     qs = [mx.random.normal((B, H_Q, 1, D)).astype(mx.float16) for _ in range(8)]
-    res = {"N": N, "layers_int4": layers, "layers_fp16": fp_layers,
-           "bytes_int4": int4_cache, "bytes_fp16": fp16_cache}
+    res = {"N": N, "layers_int4": layers, "layers_fp16": fp_layers, "layers_k5v3": layers53,
+           "bytes_int4": int4_cache, "bytes_fp16": fp16_cache, "bytes_k5v3": k5v3_cache}
     quant = []
+    quant53 = []
     fps = []
+    for i in range(layers53 if "tq_k5v3" in methods else 0):
+        k = mx.random.normal((B, H_KV, N, D)).astype(mx.float16)
+        v = mx.random.normal((B, H_KV, N, D)).astype(mx.float16)
+        quant53.append((mx.quantize(k, group_size=GROUP, bits=5), mx.quantize(v, group_size=GROUP, bits=3)))
+        mx.eval(quant53[-1])
+        del k, v
     for i in range(max(layers if {"tq_int4", "deq_fp16", "mlxlm_q4"} & set(methods) else 0, 0)):
         k = mx.random.normal((B, H_KV, N, D)).astype(mx.float16)
         v = mx.random.normal((B, H_KV, N, D)).astype(mx.float16)
@@ -127,6 +137,10 @@ def decode_case(N: int, methods, reps: int, rounds: int, qsdpa, hbm: float) -> d
         (kq, vq) = quant[i % len(quant)]
         return tqmetal.sdpa_int4(qs[i % 8], kq, vq, scale=scale, group_size=GROUP, bits=4)
 
+    def tq53(i):
+        (kq, vq) = quant53[i % len(quant53)]
+        return tqmetal.sdpa_int4(qs[i % 8], kq, vq, scale=scale, group_size=GROUP, k_bits=5, v_bits=3)
+
     def fp(i):
         k, v = fps[i % len(fps)]
         return mx.fast.scaled_dot_product_attention(qs[i % 8], k, v, scale=scale)
@@ -141,7 +155,7 @@ def decode_case(N: int, methods, reps: int, rounds: int, qsdpa, hbm: float) -> d
         (kq, vq) = quant[i % len(quant)]
         return qsdpa(mx.array(qs[i % 8]), kq, vq, scale, None, group_size=GROUP, bits=4)
 
-    table = {"tq_int4": (tq, int4_cache), "sdpa_fp16": (fp, fp16_cache),
+    table = {"tq_int4": (tq, int4_cache), "tq_k5v3": (tq53, k5v3_cache), "sdpa_fp16": (fp, fp16_cache),
              "deq_fp16": (deq, int4_cache + 2 * fp16_cache), "mlxlm_q4": (mlxlm, int4_cache)}
     for m in methods:
         if m == "mlxlm_q4" and qsdpa is None:
@@ -155,6 +169,8 @@ def decode_case(N: int, methods, reps: int, rounds: int, qsdpa, hbm: float) -> d
             res[m] = {"error": f"{type(e).__name__}: {e}"[:300]}
     if "tq_int4" in res and "ms" in res.get("tq_int4", {}) and "ms" in res.get("sdpa_fp16", {}):
         res["speedup_vs_fp16"] = res["sdpa_fp16"]["ms"] / res["tq_int4"]["ms"]
+    if "ms" in res.get("tq_k5v3", {}) and "ms" in res.get("sdpa_fp16", {}):
+        res["speedup_k5v3_vs_fp16"] = res["sdpa_fp16"]["ms"] / res["tq_k5v3"]["ms"]
     # correctness of what was timed: tq vs fp16 SDPA on the dequantized cache
     (kq, vq) = quant[0]
     ref = mx.fast.scaled_dot_product_attention(
@@ -163,7 +179,15 @@ def decode_case(N: int, methods, reps: int, rounds: int, qsdpa, hbm: float) -> d
     out = tq(0)
     err = mx.mean((out.astype(mx.float32) - ref.astype(mx.float32)) ** 2) / mx.mean(ref.astype(mx.float32) ** 2)
     res["nmse_vs_deq_sdpa"] = err.item()
-    del quant, fps
+    if quant53:
+        (kq, vq) = quant53[0]
+        ref = mx.fast.scaled_dot_product_attention(
+            qs[0], mx.dequantize(*kq, group_size=GROUP, bits=5), mx.dequantize(*vq, group_size=GROUP, bits=3),
+            scale=scale)
+        out = tq53(0)
+        err = mx.mean((out.astype(mx.float32) - ref.astype(mx.float32)) ** 2) / mx.mean(ref.astype(mx.float32) ** 2)
+        res["nmse_k5v3_vs_deq_sdpa"] = err.item()
+    del quant, quant53, fps
     mx.clear_cache()
     return res
 
@@ -274,7 +298,9 @@ def main(argv=None):
         sp = r.get("speedup_vs_fp16")
         say(f"{n:>7} " + " ".join(f"{c:>26}" for c in cells) +
             f"  {sp:6.2f}x" if sp else f"{n:>7} " + " ".join(f"{c:>26}" for c in cells))
-        say(f"        nmse(tq vs dequantize+SDPA) = {r['nmse_vs_deq_sdpa']:.2e}")
+        say(f"        nmse(tq vs dequantize+SDPA) = {r['nmse_vs_deq_sdpa']:.2e}" +
+            (f"; k5v3: {r['nmse_k5v3_vs_deq_sdpa']:.2e}, {r['speedup_k5v3_vs_fp16']:.2f}x fp16"
+             if "speedup_k5v3_vs_fp16" in r else ""))
         for m in methods:
             if "error" in r.get(m, {}):
                 say(f"        {m}: {r[m]['error']}")

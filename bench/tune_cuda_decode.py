@@ -1,4 +1,5 @@
-"""Decode tuning sweep on an NVIDIA GPU: tqmetal int4 decode (B=1, 32/8 heads, D=128, int4 g64)
+"""Decode tuning sweep on an NVIDIA GPU: tqmetal decode (B=1, 32/8 heads, D=128, group 64; int4, or
+the K and V widths of --kv-bits, e.g. 5,3 for mx.quantize's 5-bit K / 3-bit V bit streams)
 for several TQMETAL_CUDA_DECODE settings ("TL,PF,MINB,CTAS,PIPE": 16-token tiles per warp
 step, L2 prefetch distance in steps, launch-bound CTAs per SM, CTAs per SM the split aims
 at, register pipeline of the loads), separated by ';', in
@@ -20,14 +21,16 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", default="16384,131072")
     ap.add_argument("--configs", default="default;1,0,4,4,0;1,4,3,3,1;2,4,3,3,0")
+    ap.add_argument("--kv-bits", default="4,4", help="K and V widths")
     ap.add_argument("--json")
     a = ap.parse_args()
+    kb, vb = (int(x) for x in a.kv_bits.split(","))
     configs = a.configs.split(";")
     hbm = bc.measure_hbm(True)["hbm_GBps"]
     print(f"HBM {hbm:.0f} GB/s", flush=True)
-    out = {"hbm_GBps": hbm, "rows": []}
+    out = {"hbm_GBps": hbm, "k_bits": kb, "v_bits": vb, "rows": []}
     for N in [int(x) for x in a.n.split(",")]:
-        int4 = 2 * bc.B * bc.H_KV * N * (bc.D // 2 + 2 * 2 * bc.D // bc.GROUP)
+        int4 = bc.B * bc.H_KV * N * (bc.D * (kb + vb) // 8 + 2 * 2 * 2 * bc.D // bc.GROUP)  # bytes read
         fp16 = 2 * bc.B * bc.H_KV * N * bc.D * 2
         layers = max(1, min(64, -(-4 * bc.L2_BYTES // int4)))
         qs = [mx.random.normal((bc.B, bc.H_Q, 1, bc.D)).astype(mx.float16) for _ in range(8)]
@@ -35,7 +38,7 @@ def main():
         for i in range(layers):
             k = mx.random.normal((bc.B, bc.H_KV, N, bc.D)).astype(mx.float16)
             v = mx.random.normal((bc.B, bc.H_KV, N, bc.D)).astype(mx.float16)
-            quant.append((mx.quantize(k, group_size=bc.GROUP, bits=4), mx.quantize(v, group_size=bc.GROUP, bits=4)))
+            quant.append((mx.quantize(k, group_size=bc.GROUP, bits=kb), mx.quantize(v, group_size=bc.GROUP, bits=vb)))
             mx.eval(quant[-1])
         for i in range(max(1, min(64, -(-4 * bc.L2_BYTES // fp16)))):
             k = mx.random.normal((bc.B, bc.H_KV, N, bc.D)).astype(mx.float16)
@@ -47,7 +50,7 @@ def main():
         print(f"N={N}: fp16 SDPA {t_fp * 1e3:.4f} ms ({fp16 / t_fp / 1e9:.0f} GB/s)", flush=True)
         kq, vq = quant[0]
         ref = mx.fast.scaled_dot_product_attention(
-            qs[0], mx.dequantize(*kq, group_size=bc.GROUP, bits=4), mx.dequantize(*vq, group_size=bc.GROUP, bits=4),
+            qs[0], mx.dequantize(*kq, group_size=bc.GROUP, bits=kb), mx.dequantize(*vq, group_size=bc.GROUP, bits=vb),
             scale=scale).astype(mx.float32)
         for cfg in configs:
             if cfg == "default":
@@ -57,7 +60,7 @@ def main():
 
             def tq(i):
                 kq, vq = quant[i % len(quant)]
-                return tqmetal.sdpa_int4(qs[i % 8], kq, vq, scale=scale, group_size=bc.GROUP, bits=4)
+                return tqmetal.sdpa_int4(qs[i % 8], kq, vq, scale=scale, group_size=bc.GROUP, k_bits=kb, v_bits=vb)
 
             try:
                 t = bc.timeit(tq, 20, 5)

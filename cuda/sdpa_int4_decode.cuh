@@ -120,6 +120,63 @@ __device__ __forceinline__ void ld_words(u32* w, const u32* p) {
   }
 }
 
+// ---- bit-stream widths (2, 3, 5, 6 bits: mx.quantize's layout) ----
+// A packed row is one little-endian bit stream: code j at bits [j BITS, (j + 1) BITS),
+// so a code may straddle two words; with groups of 32 or more every group starts on a
+// word. A lane's slice of a group (SL bits from bit `lane_index * SL`) is loaded as the
+// words that cover it and shifted down to bit 0 with funnel shifts, after which every
+// code sits at a compile-time bit position.
+
+// Words that cover any one of `lanes` consecutive SL-bit slices of a group (the most
+// over the slices' offsets within their first word).
+constexpr int stream_words(int lanes, int sl) {
+  int m = 0;
+  for (int i = 0; i < lanes; ++i) {
+    const int w = ((i * sl) % 32 + sl + 31) / 32;
+    m = m > w ? m : w;
+  }
+  return m;
+}
+// (hi:lo) >> sh, the low 32 bits (sh in [0, 32)).
+__device__ __forceinline__ u32 funnel(u32 lo, u32 hi, u32 sh) {
+  u32 r;
+  asm("shf.r.wrap.b32 %0, %1, %2, %3;" : "=r"(r) : "r"(lo), "r"(hi), "r"(sh));
+  return r;
+}
+// The slice's AW words from bit 0, out of the LW loaded words and the slice's offset.
+template <int AW, int LW>
+__device__ __forceinline__ void align_slice(u32 (&a)[AW], const u32 (&w)[LW], u32 off) {
+#pragma unroll
+  for (int i = 0; i < AW; ++i) a[i] = funnel(w[i], w[i + 1 < LW ? i + 1 : i], off);
+}
+// Code j of an aligned slice (j a compile-time constant once unrolled).
+template <int BITS, int AW>
+__device__ __forceinline__ u32 code_at(const u32 (&a)[AW], int j) {
+  const int bit = j * BITS, w = bit >> 5, s = bit & 31;
+  const u32 lo = a[w] >> s;
+  const u32 v = (s + BITS > 32 && w + 1 < AW) ? (lo | (a[w + 1] << (32 - s))) : lo;
+  return v & ((1u << BITS) - 1u);
+}
+// Codes j and j + 1 of an aligned slice as an exact float16 pair (code j in bits 0-15):
+// one shift (a funnel shift where the two straddle a word) brings both down to bit 0.
+template <int BITS, int AW>
+__device__ __forceinline__ u32 pair_at(const u32 (&a)[AW], int j) {
+  const int bit = j * BITS, w = bit >> 5, s = bit & 31;
+  const u32 x = (s + 2 * BITS > 32 && w + 1 < AW) ? funnel(a[w], a[w + 1], s) : a[w] >> s;
+  constexpr u32 M = (1u << BITS) - 1u;
+  const u32 y = (x & M) | ((x << (16 - BITS)) & (M << 16)) | 0x64006400u;
+  u32 r;
+  asm("sub.f16x2 %0, %1, %2;" : "=r"(r) : "r"(y), "r"(0x64006400u));
+  return r;
+}
+// Two codes as an exact float16 pair (`lo` in bits 0-15): 0x6400 | code is 1024 + code.
+__device__ __forceinline__ u32 code_pair(u32 lo, u32 hi) {
+  u32 r;
+  const u32 y = (lo | (hi << 16)) | 0x64006400u;
+  asm("sub.f16x2 %0, %1, %2;" : "=r"(r) : "r"(y), "r"(0x64006400u));
+  return r;
+}
+
 // A scale or bias whose dtype is a compile-time code.
 template <int SDT>
 __device__ __forceinline__ float ld_s(const void* p, i64 i) {
@@ -140,7 +197,25 @@ struct Decoder {
   static constexpr int VCH = GS * VB / 128;  // V 16-bit pieces per lane, token and group (GS / 8 codes)
   static constexpr int VPP = 16 / VB;  // V codes per 16-bit piece
   static constexpr int VCW = VCH >= 2 ? VCH / 2 : 1;  // V words (a lone piece: zero-extended)
-  static_assert(KCW >= 1 && VCH >= 1 && KS >= 1, "group too small for the decode fragments");
+  // Bit-stream widths (2, 3, 5, 6): a lane's K slice is GS / 4 codes (SLK bits) from
+  // bit c SLK of the group, its V slice GS / 8 codes (SLV bits) from bit g SLV; KLW / VLW
+  // words are loaded per token and group, KAW / VAW remain once aligned.
+  static constexpr bool KSTREAM = KB != 4 && KB != 8, VSTREAM = VB != 4 && VB != 8;
+  static constexpr int SLK = GS / 4 * KB, SLV = GS / 8 * VB;
+  static constexpr int GWK = GS * KB / 32, GWV = GS * VB / 32;  // words per group
+  static constexpr int KLW = stream_words(4, SLK), VLW = stream_words(8, SLV);
+  static constexpr int KAW = (SLK + 31) / 32, VAW = (SLV + 31) / 32;
+  static constexpr int KFW = KSTREAM ? KLW : KCW;  // K words a lane holds per token and group
+  static constexpr int VFW = VSTREAM ? VLW : VCW;
+  static_assert((KSTREAM || KCW >= 1) && (VSTREAM || VCH >= 1) && KS >= 1, "group too small for the decode fragments");
+  static_assert(!(KSTREAM || VSTREAM) || GS % 32 == 0, "bit-stream widths need groups that start on a word");
+
+  // Position in the lane's K slice of the code a score k-step st takes as A column pair
+  // h (0: a0/a1, 1: a2/a3), element e (0: bits 0-15). 4/8 bits: the codes one AND takes
+  // from a word's two 16-bit halves; bit streams: consecutive codes.
+  static constexpr int kcol(int st, int h, int e) {
+    return KSTREAM ? 4 * st + 2 * h + e : (st / SPW) * KPER + 2 * (st % SPW) + h + e * (KPER / 2);
+  }
 
   const TqParams& p;
   int lane, warp, g, c, b, hkv, row0, t0, t1, N;
@@ -165,10 +240,12 @@ struct Decoder {
   __device__ __forceinline__ float value(int t, int d) const {
     if (t >= t1) return 0.f;
     if (t < N) {
-      constexpr int BITS = IS_K ? KB : VB, PER = 32 / BITS;
-      const u32* base = IS_K ? kbase : vbase;
-      const u32 w = base[i64(t) * (IS_K ? kp_tok : vp_tok) + d / PER];
-      return float((w >> (BITS * (d % PER))) & ((1u << BITS) - 1u));
+      constexpr int BITS = IS_K ? KB : VB;
+      const u32* row = (IS_K ? kbase : vbase) + i64(t) * (IS_K ? kp_tok : vp_tok);
+      const int bit = d * BITS, s = bit & 31;
+      u32 w = row[bit >> 5] >> s;
+      if (s + BITS > 32) w |= row[(bit >> 5) + 1] << (32 - s);  // a code straddling two words
+      return float(w & ((1u << BITS) - 1u));
     }
     const int st = IS_K ? ST_K_TAIL : ST_V_TAIL;
     const i64 o_ = b * p.st[st] + hkv * p.st[st + 1] + i64(t - N) * p.st[st + 2] + d;
@@ -199,11 +276,11 @@ struct Decoder {
         gsum[gi] = 0.f;
 #pragma unroll
         for (int s = 0; s < KS; ++s) {
-          const int d0 = gi * GS + c * (GS / 4) + (s / SPW) * KPER + 2 * (s % SPW);
+          const int d0 = gi * GS + c * (GS / 4);
 #pragma unroll
           for (int h = 0; h < 2; ++h) {
-            const float x0 = live ? load_f(p.q, qo + d0 + h, p.q_dtype) : 0.f;
-            const float x1 = live ? load_f(p.q, qo + d0 + h + KPER / 2, p.q_dtype) : 0.f;
+            const float x0 = live ? load_f(p.q, qo + d0 + kcol(s, h, 0), p.q_dtype) : 0.f;
+            const float x1 = live ? load_f(p.q, qo + d0 + kcol(s, h, 1), p.q_dtype) : 0.f;
             gsum[gi] += x0 + x1;
             qh[gi][s][h] = h2(x0, x1);
             if constexpr (QSPLIT) ql[gi][s][h] = h2rest(x0, x1);
@@ -248,8 +325,8 @@ struct Decoder {
   // What a warp step loads: the codes (FAST steps) and the scales of its tokens.
   template <bool FAST>
   struct Frag {
-    u32 kw[FAST ? TL : 1][2][NG][KCW];  // tokens g, g + 8 of each tile
-    u32 vw[FAST ? TL : 1][4][NG][VCW];  // tokens 2c, 2c + 1, 2c + 8, 2c + 9
+    u32 kw[FAST ? TL : 1][2][NG][KFW];  // tokens g, g + 8 of each tile
+    u32 vw[FAST ? TL : 1][4][NG][VFW];  // tokens 2c, 2c + 1, 2c + 8, 2c + 9
     float ksc[TL][2][NG], kbi[TL][2][NG], vsc[TL][2][NG], vbi[TL][2][NG];  // tokens g, g + 8
   };
 
@@ -299,7 +376,12 @@ struct Decoder {
             vsc[tl][j][gi] = tail ? 1.f : 0.f;
             vbi[tl][j][gi] = 0.f;
           }
-          if constexpr (FAST) {
+          if constexpr (FAST && KSTREAM) {
+            // the words covering the slice, clamped to the group (its last lane may need fewer)
+            const int sw = (c * SLK) >> 5;
+#pragma unroll
+            for (int i = 0; i < KLW; ++i) kw[tl][j][gi][i] = ld_w(k_s + (dt * kp_tok + gi * GWK + min(sw + i, GWK - 1)));
+          } else if constexpr (FAST) {
             ld_words<KCW, VW>(kw[tl][j][gi], k_s + (dt * kp_tok + (gi * GS + c * (GS / 4)) * KB / 32));
           }
         }
@@ -311,7 +393,11 @@ struct Decoder {
 #pragma unroll
           for (int gi = 0; gi < NG; ++gi) {
             const int piece = (gi * GS + g * (GS / 8)) * VB / 16;  // 16-bit units
-            if constexpr (VCH == 1) {
+            if constexpr (VSTREAM) {
+              const int sw = (g * SLV) >> 5;
+#pragma unroll
+              for (int i = 0; i < VLW; ++i) vw[tl][j][gi][i] = ld_w(v_s + (dt * vp_tok + gi * GWV + min(sw + i, GWV - 1)));
+            } else if constexpr (VCH == 1) {
               vw[tl][j][gi][0] = ld_h(reinterpret_cast<const u16*>(v_s) + (2 * dt * vp_tok + piece));
             } else {
               ld_words<VCW, VW>(vw[tl][j][gi], v_s + (dt * vp_tok + piece / 2));
@@ -331,6 +417,27 @@ struct Decoder {
     const auto& kbi = f.kbi;
     const auto& vsc = f.vsc;
     const auto& vbi = f.vbi;
+    // bit streams: each held slice shifted down to bit 0 (one funnel shift per word)
+    u32 ka[KSTREAM && FAST ? TL : 1][2][NG][KAW];
+    u32 va[VSTREAM && FAST ? TL : 1][4][NG][VAW];
+    if constexpr (FAST && KSTREAM) {
+      const u32 off = (c * SLK) & 31;
+#pragma unroll
+      for (int tl = 0; tl < TL; ++tl)
+#pragma unroll
+        for (int j = 0; j < 2; ++j)
+#pragma unroll
+          for (int gi = 0; gi < NG; ++gi) align_slice(ka[tl][j][gi], kw[tl][j][gi], off);
+    }
+    if constexpr (FAST && VSTREAM) {
+      const u32 off = (g * SLV) & 31;
+#pragma unroll
+      for (int tl = 0; tl < TL; ++tl)
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+#pragma unroll
+          for (int gi = 0; gi < NG; ++gi) align_slice(va[tl][j][gi], vw[tl][j][gi], off);
+    }
     // ---- scores: S^T (16 tokens x 8 rows) per group, combined with the scales ----
     float s[TL][4];
 #pragma unroll
@@ -341,20 +448,27 @@ struct Decoder {
         acc[gi][0] = acc[gi][1] = acc[gi][2] = acc[gi][3] = 0.f;
 #pragma unroll
         for (int st = 0; st < KS; ++st) {
-          if constexpr (FAST) {
+          if constexpr (FAST && KSTREAM) {
+            const u32(&a_0)[KAW] = ka[tl][0][gi];
+            const u32(&a_1)[KAW] = ka[tl][1][gi];
+            // (kcol(st, h, 1) == kcol(st, h, 0) + 1: consecutive codes of the stream)
+            const u32 a0 = pair_at<KB>(a_0, kcol(st, 0, 0)), a1 = pair_at<KB>(a_1, kcol(st, 0, 0));
+            const u32 a2 = pair_at<KB>(a_0, kcol(st, 1, 0)), a3 = pair_at<KB>(a_1, kcol(st, 1, 0));
+            dmma(acc[gi], a0, a1, a2, a3, qh[gi][st][0], qh[gi][st][1]);
+            if constexpr (QSPLIT) dmma(acc[gi], a0, a1, a2, a3, ql[gi][st][0], ql[gi][st][1]);
+          } else if constexpr (FAST) {
             const int ws = st / SPW, k0 = 2 * (st % SPW);
             const u32 a0 = codes2<KB>(kw[tl][0][gi][ws], k0), a1 = codes2<KB>(kw[tl][1][gi][ws], k0);
             const u32 a2 = codes2<KB>(kw[tl][0][gi][ws], k0 + 1), a3 = codes2<KB>(kw[tl][1][gi][ws], k0 + 1);
             dmma(acc[gi], a0, a1, a2, a3, qh[gi][st][0], qh[gi][st][1]);
             if constexpr (QSPLIT) dmma(acc[gi], a0, a1, a2, a3, ql[gi][st][0], ql[gi][st][1]);
           } else {
-            const int d0 = gi * GS + c * (GS / 4) + (st / SPW) * KPER + 2 * (st % SPW);
+            const int d0 = gi * GS + c * (GS / 4);
             u32 ah[4], al[4];
 #pragma unroll
             for (int i = 0; i < 4; ++i) {  // a0: (g, h0), a1: (g + 8, h0), a2: (g, h1), a3: (g + 8, h1)
               const int t = base + 16 * tl + g + 8 * (i & 1);
-              const int d = d0 + (i >> 1);
-              const float x0 = value<true>(t, d), x1 = value<true>(t, d + KPER / 2);
+              const float x0 = value<true>(t, d0 + kcol(st, i >> 1, 0)), x1 = value<true>(t, d0 + kcol(st, i >> 1, 1));
               ah[i] = h2(x0, x1);
               al[i] = h2rest(x0, x1);
             }
@@ -436,7 +550,15 @@ struct Decoder {
 #pragma unroll
         for (int mt = 0; mt < KS; ++mt) {
           float(&oc)[4] = o[gi * KS + mt];
-          if constexpr (FAST) {
+          if constexpr (FAST && VSTREAM) {
+            // rows g, g + 8 of the m-tile: codes 2 mt, 2 mt + 1 of the slice; columns: tokens
+            const u32 a0 = code_pair(code_at<VB>(va[tl][0][gi], 2 * mt), code_at<VB>(va[tl][1][gi], 2 * mt));
+            const u32 a1 = code_pair(code_at<VB>(va[tl][0][gi], 2 * mt + 1), code_at<VB>(va[tl][1][gi], 2 * mt + 1));
+            const u32 a2 = code_pair(code_at<VB>(va[tl][2][gi], 2 * mt), code_at<VB>(va[tl][3][gi], 2 * mt));
+            const u32 a3 = code_pair(code_at<VB>(va[tl][2][gi], 2 * mt + 1), code_at<VB>(va[tl][3][gi], 2 * mt + 1));
+            dmma(oc, a0, a1, a2, a3, b0, b1);
+            if constexpr (QSPLIT) dmma(oc, a0, a1, a2, a3, b0l, b1l);
+          } else if constexpr (FAST) {
             const int pc = (2 * mt) / VPP, k = (2 * mt) % VPP;
             const u32 sel = (pc & 1) ? 0x7632u : 0x5410u;
             const u32 x01 = prmt(vw[tl][0][gi][pc / 2], vw[tl][1][gi][pc / 2], sel);

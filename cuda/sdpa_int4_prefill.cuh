@@ -112,27 +112,42 @@ __device__ __forceinline__ int elem_of_col(int c) {
 
 // Dequantizes keys [kt, kt + BK) of one cache (K or V) into shared memory: K as
 // dst[key * QS + d], V transposed as dst[d * VS + key]; `lo` receives the float16
-// remainders when split. Keys past N come from the tail, keys past N + T are zero.
-template <int MT, int D, int BITS, int GS, bool TRANSPOSED, int NTHR = kPrefillWarps * 32, int PBITS = 0>
+// remainders when SPLIT. Keys past N come from the tail, keys past N + T are zero.
+// A thread takes one unit of a key's row at a time: one word (4 and 8 bits) or, for
+// the bit-stream widths (2, 3, 5, 6: codes may straddle words), 32 codes = BITS words,
+// which groups of 32 or more keep inside one group.
+template <int MT, int D, int BITS, int GS, bool TRANSPOSED, int NTHR = kPrefillWarps * 32, int PBITS = 0,
+          bool SPLIT = (MT == 2)>
 __device__ __forceinline__ void dequant_tile(
     u16* hi, u16* lo, const TqParams& p, const u32* packed, const void* scales, const void* biases,
     const void* tail, int st_packed, int st_scales, int st_biases, int st_tail, int b, int hkv, int kt) {
   using S = PrefillShape<D>;
-  constexpr int PER = 32 / BITS;  // elements per word
-  constexpr int WPR = D / PER;  // words per key
+  constexpr bool WHOLE = BITS == 4 || BITS == 8;
+  constexpr int PER = WHOLE ? 32 / BITS : 32;  // elements per unit
+  constexpr int WPU = PER * BITS / 32;  // words per unit
+  constexpr int UPR = D / PER;  // units per key
+  static_assert(WHOLE || GS % 32 == 0, "bit-stream widths need groups of 32 or more");
   const int N = p.N, NT = p.N + p.T;
-  for (int i = threadIdx.x; i < S::BK * WPR; i += NTHR) {
-    const int key = i / WPR, wi = i % WPR;
+  for (int i = threadIdx.x; i < S::BK * UPR; i += NTHR) {
+    const int key = i / UPR, ui = i % UPR;
     const int t = kt + key;
-    const int e0 = wi * PER;
+    const int e0 = ui * PER;
     float v[PER];
     if (t < N) {
-      const u32 w = packed[b * p.st[st_packed] + hkv * p.st[st_packed + 1] + i64(t) * p.st[st_packed + 2] + wi];
+      const u32* row = packed + (b * p.st[st_packed] + hkv * p.st[st_packed + 1] + i64(t) * p.st[st_packed + 2]);
+      u32 w[WPU];
+#pragma unroll
+      for (int k = 0; k < WPU; ++k) w[k] = row[ui * WPU + k];
       const int g = e0 / GS;
       const float sc = load_f(scales, b * p.st[st_scales] + hkv * p.st[st_scales + 1] + i64(t) * p.st[st_scales + 2] + g, p.scale_dtype);
       const float bi = load_f(biases, b * p.st[st_biases] + hkv * p.st[st_biases + 1] + i64(t) * p.st[st_biases + 2] + g, p.scale_dtype);
 #pragma unroll
-      for (int j = 0; j < PER; ++j) v[j] = fmaf(sc, float((w >> (BITS * j)) & ((1u << BITS) - 1u)), bi);
+      for (int j = 0; j < PER; ++j) {
+        const int bit = j * BITS, wi = bit >> 5, sh = bit & 31;  // compile-time once unrolled
+        u32 x = w[wi] >> sh;
+        if (sh + BITS > 32) x |= w[wi + 1 < WPU ? wi + 1 : wi] << (32 - sh);  // straddles two words
+        v[j] = fmaf(sc, float(x & ((1u << BITS) - 1u)), bi);
+      }
     } else if (t < NT) {
       const i64 o = b * p.st[st_tail] + hkv * p.st[st_tail + 1] + i64(t - N) * p.st[st_tail + 2] + e0;
 #pragma unroll
@@ -146,7 +161,7 @@ __device__ __forceinline__ void dequant_tile(
       const int at = TRANSPOSED ? (e0 + j) * S::VS + key : key * S::QS + col_of_elem<PBITS>(e0 + j);
       const u16 h = to_op<MT>(v[j]);
       hi[at] = h;
-      if constexpr (MT == 2) lo[at] = f32_to_f16(v[j] - f16_to_f32(h));
+      if constexpr (SPLIT) lo[at] = f32_to_f16(v[j] - from_op<MT>(h));
     }
   }
 }
@@ -289,17 +304,25 @@ __device__ __forceinline__ void prefill_store(const float (&o)[DT8][4], const fl
   }
 }
 
-template <int MT, int D, int KB, int VB, int GS>
+// KSPLIT (with MT 0): K enters as float16 hi + lo (two mma per score fragment), so
+// that a row whose softmax one key dominates does not see K's float16 rounding (the
+// op's float16 bound is a row NMSE of 1e-6). ACC2: each key tile's P V goes into a
+// fresh accumulator added to the output in float32 afterwards: the mma's float32
+// accumulation is not round-to-nearest, and over thousands of chained mma its bias
+// exceeded the float32 bound (1e-9).
+template <int MT, int D, int KB, int VB, int GS, bool KSPLIT = false>
 __device__ __forceinline__ void prefill_impl(const TqParams& p) {
   using S = PrefillShape<D>;
   constexpr int BQ = S::BQ, BK = S::BK, QS = S::QS, VS = S::VS;
   constexpr int NSPLIT = MT == 2 ? 2 : 1;
+  constexpr int NKS = (MT == 2 || KSPLIT) ? 2 : 1;  // K planes (hi, lo)
+  constexpr bool ACC2 = MT == 2 && D <= 128;  // (registers: a second D / 2 per lane)
   constexpr int NT8 = BK / 8;  // score n-tiles
   constexpr int DT8 = D / 8;  // output n-tiles
   extern __shared__ __align__(16) unsigned char smem_raw[];
   u16* Qs = reinterpret_cast<u16*>(smem_raw);  // [NSPLIT][BQ][QS]
-  u16* Ks = Qs + NSPLIT * BQ * QS;  // [NSPLIT][BK][QS]
-  u16* Vt = Ks + NSPLIT * BK * QS;  // [NSPLIT][D][VS]
+  u16* Ks = Qs + NSPLIT * BQ * QS;  // [NKS][BK][QS]
+  u16* Vt = Ks + NKS * BK * QS;  // [NSPLIT][D][VS]
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, tq = lane & 3;
@@ -345,8 +368,8 @@ __device__ __forceinline__ void prefill_impl(const TqParams& p) {
   const u16* Qw = Qs + warp * 16 * QS;
   for (int kt = 0; kt < kend; kt += BK) {
     __syncthreads();  // the previous tile's Ks/Vt are consumed
-    dequant_tile<MT, D, KB, GS, false>(Ks, Ks + BK * QS, p, p.k_packed, p.k_scales, p.k_biases, p.k_tail,
-                                       ST_K_PACKED, ST_K_SCALES, ST_K_BIASES, ST_K_TAIL, b, hkv, kt);
+    dequant_tile<MT, D, KB, GS, false, kPrefillWarps * 32, 0, NKS == 2>(Ks, Ks + BK * QS, p, p.k_packed, p.k_scales,
+                                       p.k_biases, p.k_tail, ST_K_PACKED, ST_K_SCALES, ST_K_BIASES, ST_K_TAIL, b, hkv, kt);
     dequant_tile<MT, D, VB, GS, true>(Vt, Vt + D * VS, p, p.v_packed, p.v_scales, p.v_biases, p.v_tail,
                                       ST_V_PACKED, ST_V_SCALES, ST_V_BIASES, ST_V_TAIL, b, hkv, kt);
     __syncthreads();
@@ -368,18 +391,16 @@ __device__ __forceinline__ void prefill_impl(const TqParams& p) {
       }
 #pragma unroll
       for (int j = 0; j < NT8; ++j) {
-        u32 bf[NSPLIT][2];
+        u32 bf[NKS][2];
 #pragma unroll
-        for (int sp = 0; sp < NSPLIT; ++sp) {
+        for (int sp = 0; sp < NKS; ++sp) {
           const u16* k = Ks + sp * BK * QS + (j * 8 + g) * QS + kk * 16 + 2 * tq;
           bf[sp][0] = lds32(k);
           bf[sp][1] = lds32(k + 8);
         }
         mma16816<MT>(s[j], a[0], bf[0]);
-        if constexpr (MT == 2) {
-          mma16816<MT>(s[j], a[0], bf[1]);
-          mma16816<MT>(s[j], a[1], bf[0]);
-        }
+        if constexpr (NKS == 2) mma16816<MT>(s[j], a[0], bf[NKS - 1]);
+        if constexpr (MT == 2) mma16816<MT>(s[j], a[NSPLIT - 1], bf[0]);
       }
     }
 
@@ -389,6 +410,12 @@ __device__ __forceinline__ void prefill_impl(const TqParams& p) {
     prefill_softmax<MT, NT8, DT8>(s, o, m2, l2, pa, p, need_mask, kt, b, hq2, qpos2);
 
     // O += P V.
+    float ot[ACC2 ? DT8 : 1][4];
+    if constexpr (ACC2) {
+#pragma unroll
+      for (int j = 0; j < DT8; ++j) ot[j][0] = ot[j][1] = ot[j][2] = ot[j][3] = 0.f;
+    }
+    float(*oa)[4] = ACC2 ? ot : o;  // (a compile-time choice)
 #pragma unroll
     for (int kk = 0; kk < NT8 / 2; ++kk) {
 #pragma unroll
@@ -400,11 +427,18 @@ __device__ __forceinline__ void prefill_impl(const TqParams& p) {
           bf[sp][0] = lds32(v);
           bf[sp][1] = lds32(v + 8);
         }
-        mma16816<MT>(o[j], pa[0][kk], bf[0]);
+        mma16816<MT>(oa[j], pa[0][kk], bf[0]);
         if constexpr (MT == 2) {
-          mma16816<MT>(o[j], pa[0][kk], bf[1]);
-          mma16816<MT>(o[j], pa[1][kk], bf[0]);
+          mma16816<MT>(oa[j], pa[0][kk], bf[1]);
+          mma16816<MT>(oa[j], pa[1][kk], bf[0]);
         }
+      }
+    }
+    if constexpr (ACC2) {
+#pragma unroll
+      for (int j = 0; j < DT8; ++j) {
+#pragma unroll
+        for (int c = 0; c < 4; ++c) o[j][c] += ot[j][c];
       }
     }
   }
@@ -413,10 +447,11 @@ __device__ __forceinline__ void prefill_impl(const TqParams& p) {
 }
 
 // Dynamic shared memory of one prefill CTA (bytes); the host plan computes the same.
-template <int MT, int D>
+template <int MT, int D, bool KSPLIT = false>
 constexpr int prefill_smem_bytes() {
   using S = PrefillShape<D>;
-  return (MT == 2 ? 2 : 1) * (S::BQ * S::QS + S::BK * S::QS + D * S::VS) * 2;
+  constexpr int n = MT == 2 ? 2 : 1, nk = (MT == 2 || KSPLIT) ? 2 : 1;
+  return (n * S::BQ * S::QS + nk * S::BK * S::QS + n * D * S::VS) * 2;
 }
 
 // ---------------------------------------------------------------------------------------

@@ -174,9 +174,10 @@ def test_prefill_plan(dtype, mt, D, bk):
         assert "__launch_bounds__(256, 1)" in plan["entry_source"]
         return
     assert l["grid"] == (8, (R + 63) // 64, 1) and l["block"] == (128, 1, 1)
-    nsplit = 2 if mt == 2 else 1
-    assert l["smem_bytes"] == nsplit * (64 * (D + 8) + bk * (D + 8) + D * (bk + 8)) * 2
-    assert f"prefill_impl<{mt}, {D}, 8, 4, {gs}>" in plan["entry_source"]
+    nsplit = 2 if mt == 2 else 1  # q and V: float32 as hi + lo; K always hi + lo
+    assert l["smem_bytes"] == (nsplit * 64 * (D + 8) + 2 * bk * (D + 8) + nsplit * D * (bk + 8)) * 2
+    assert f"prefill_impl<{mt}, {D}, 8, 4, {gs}, true>" in plan["entry_source"]
+    assert plan["program"].endswith("_ks")
 
 
 @pytest.mark.parametrize("kw,fast", [
@@ -229,7 +230,8 @@ def test_args_block():
     assert st[27:31] == [0, 0, 1005, 1] and st[31] == 1
 
 
-@pytest.mark.parametrize("D,gs,kb,why", [(48, 16, 4, "head dim 48"), (128, 64, 2, "bits"),
+@pytest.mark.parametrize("D,gs,kb,why", [(48, 16, 4, "head dim 48"), (128, 64, 7, "bits k7v4"),
+                                         (80, 16, 2, "bits k2v4"), (64, 16, 3, "groups of 32 or more"),
                                          (32, 32, 4, "head dim 32")])
 def test_unsupported_with_a_reason(D, gs, kb, why):
     p = problem(D=D, gs=gs, kb=kb, L=1)
@@ -242,6 +244,33 @@ def test_unsupported_with_a_reason(D, gs, kb, why):
 @pytest.mark.parametrize("L", [1, 100])
 def test_supported_shapes(D, gs, L):
     assert _ext.cuda_unsupported_reason(problem(D=D, gs=gs, L=L, N=100)) == ""
+
+
+@pytest.mark.parametrize("kb,vb", [(5, 3), (3, 5), (2, 6), (6, 2), (5, 4), (8, 3), (3, 3)])
+@pytest.mark.parametrize("D,gs", [(64, 32), (128, 64), (128, 128), (256, 128)])
+def test_bit_stream_widths_decode(kb, vb, D, gs):
+    """mx.quantize's 2/3/5/6-bit streams: the decode kernel reads them (3 CTAs per SM at
+    D <= 128: the covering words need more than 128 registers), every token once."""
+    plan = _ext.cuda_plan_sdpa_int4(problem(D=D, gs=gs, kb=kb, vb=vb, N=20000))
+    assert plan["supported"] and plan["path"] == "decode", plan.get("reason")
+    assert f"decode_impl<{D}, {kb}, {vb}, {gs}, " in plan["entry_source"]
+    assert f"_k{kb}v{vb}_" in plan["program"]
+    assert plan["min_ctas"] == (2 if D > 128 else 3)
+    assert sorted(tokens_covered(plan, 20000)) == list(range(20000))
+
+
+@pytest.mark.parametrize("kb,vb", [(5, 3), (3, 5), (4, 3), (5, 8)])
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_bit_stream_widths_prefill(kb, vb, dtype, monkeypatch):
+    """The fast prefill reads 16-byte pieces of 4/8-bit codes; other widths take the
+    generic kernel (32-code units), also when the override asks for the fast one."""
+    for env in (None, "fast8"):
+        if env:
+            monkeypatch.setenv("TQMETAL_CUDA_PREFILL", env)
+        plan = _ext.cuda_plan_sdpa_int4(problem(L=200, N=3000, kb=kb, vb=vb, dtype=dtype, sdt=dtype,
+                                                mask="causal"))
+        assert plan["supported"] and plan["path"] == "prefill" and not plan["fast_prefill"]
+        assert f"prefill_impl<{2 if dtype == 'float32' else 0}, 128, {kb}, {vb}, 64, true>" in plan["entry_source"]
 
 
 def test_group16_decode_goes_to_prefill():

@@ -34,6 +34,41 @@ def check(c: R.Case, **extra) -> float:
     return R.check_close(out, c.reference(), c.tol(), context=repr(c))
 
 
+# MLX-CUDA (mlx-cuda-13 0.32.4, measured on an H100): mx.fast.scaled_dot_product_attention
+# in float16/bfloat16 does not follow MLX's rule for a row whose every key an array mask
+# hides (boolean, or additive -inf): MLX's Metal and CPU backends -- and so the float64
+# reference and tqmetal -- give the mean of V (boolean) or NaN (additive); MLX-CUDA gave 0
+# in the rows inspected (not in every dead row: bool_dead / add_dead masks showed other
+# values). float32, causal masks and rows with sinks agree. Comparisons with mx.fast on
+# that device therefore check those rows against the float64 reference only, and
+# test_mlx_fully_masked_row_behaviour is an expected failure there.
+MLX_CUDA_FAST_ZEROES_DEAD_ROWS = (
+    tqmetal.gpu_info()["backend"] == "cuda" and mx.default_device().type == mx.gpu
+)
+
+
+def mx_fast_dead_rows(c: R.Case):
+    """[B, Hq, L] mask of the rows MLX-CUDA's mx.fast gets wrong (see above), or None."""
+    if (not MLX_CUDA_FAST_ZEROES_DEAD_ROWS or c.q.dtype == mx.float32 or c.sinks is not None
+            or not isinstance(c.mask, mx.array)):
+        return None
+    B, Hq, L, _ = c.q.shape
+    NT = c.k[0].shape[2] + (0 if c.k_tail is None else c.k_tail.shape[2])
+    m = R.to_numpy(c.mask)
+    hidden = ~m if m.dtype == np.bool_ else np.isneginf(m.astype(np.float64))
+    dead = np.broadcast_to(hidden, (B, Hq, L, NT)).all(-1)
+    return dead if dead.any() else None
+
+
+def mx_fast_for_comparison(fast, c: R.Case, ref) -> np.ndarray:
+    """mx.fast's output as float64 with MLX-CUDA's fully masked rows taken from `ref`."""
+    out = R.to_f64(fast).copy()
+    dead = mx_fast_dead_rows(c)
+    if dead is not None:
+        out[dead] = ref[dead]
+    return out
+
+
 def _id(d: dict) -> str:
     return "-".join(f"{k}={v}" for k, v in d.items())
 
@@ -95,11 +130,17 @@ class TestReference:
             fast = mx.fast.scaled_dot_product_attention(
                 c.q, K, V, scale=c.scale, mask=c.mask, sinks=c.sinks
             )
-            R.check_close(fast, c.reference(), R.tolerance_mx_fast(c.q.dtype), context=f"mx.fast vs reference {c!r}")
+            ref = c.reference()
+            fast = mx_fast_for_comparison(fast, c, ref)  # (MLX-CUDA: dead rows, see above)
+            R.check_close(fast, ref, R.tolerance_mx_fast(c.q.dtype), context=f"mx.fast vs reference {c!r}")
 
     @pytest.mark.parametrize("dtype", [F32, F16, BF16])
-    def test_mlx_fully_masked_row_behaviour(self, dtype):
+    def test_mlx_fully_masked_row_behaviour(self, dtype, request):
         """The semantics the spec asks for, checked on mx.fast directly."""
+        if MLX_CUDA_FAST_ZEROES_DEAD_ROWS and dtype != F32:
+            request.applymarker(pytest.mark.xfail(strict=True, reason=(
+                "MLX-CUDA 0.32.4's mx.fast SDPA in float16/bfloat16 returns 0 for fully masked "
+                "rows, not the mean of V / NaN of MLX's Metal and CPU backends (tqmetal follows those)")))
         dt = R.DTYPES[dtype]
         rng = np.random.default_rng(0)
         q = mx.array(rng.normal(size=(1, 2, 3, 64)).astype(np.float32)).astype(dt)
@@ -622,6 +663,7 @@ def test_matches_mx_fast(mask, sinks, dtype):
         )
         K, V = c.dequantized_mx()
         fast = mx.fast.scaled_dot_product_attention(c.q, K, V, scale=c.scale, mask=c.mask, sinks=c.sinks)
+        fast = mx_fast_for_comparison(fast, c, c.reference())  # (MLX-CUDA: dead rows, see above)
         out = run_op(c)
         tol = max(c.tol(), R.tolerance_mx_fast(c.q.dtype))  # both err: the larger bound
         R.check_close(out, fast, tol, context=f"op vs mx.fast {c!r}")

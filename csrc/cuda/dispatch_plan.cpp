@@ -24,6 +24,12 @@ enum {
   ST_SINKS = 31
 };
 
+// K or V in a width other than 4 and 8 (codes may straddle words).
+bool bit_stream(const Problem& p) {
+  auto whole = [](int b) { return b == 4 || b == 8; };
+  return !whole(p.k_bits) || !whole(p.v_bits);
+}
+
 int dtype_code(DType d) {
   return d == DType::f16 ? DT_F16 : d == DType::bf16 ? DT_BF16 : d == DType::boolean ? DT_BOOL : DT_F32;
 }
@@ -109,13 +115,15 @@ int vector_width(const TensorRef& t, const std::array<int64_t, 3>& sizes, int la
 // overrides tiles per warp step, prefetch distance (steps), the launch bound's CTAs per
 // SM, the CTAs per SM the split aims at and the register pipeline (next step's loads in
 // flight while one computes); absent or negative fields keep the defaults.
-DecodeTuning decode_tuning(int D, int groups, bool qsplit) {
+DecodeTuning decode_tuning(int D, int groups, bool qsplit, bool bit_stream) {
   DecodeTuning t;
   t.tiles = kDecodeTiles;
   t.prefetch = kDecodePrefetch;
   t.pipeline = kDecodePipeline;
-  // fewer CTAs per SM where the fragments need more registers than 128 (no spills)
-  t.min_ctas = D > 128 ? 2 : (qsplit || groups > 2) ? 3 : kDecodeMinCtas;
+  // fewer CTAs per SM where the fragments need more registers than 128 (no spills);
+  // bit-stream widths (2, 3, 5, 6) hold their codes' covering words and unpack them
+  // with funnel shifts: K5V3 at D 128, group 64 takes 152 registers (NVRTC 13.0, sm_90)
+  t.min_ctas = D > 128 ? 2 : (qsplit || groups > 2 || bit_stream) ? 3 : kDecodeMinCtas;
   t.ctas_per_sm = t.min_ctas;
   if (const char* e = std::getenv("TQMETAL_CUDA_DECODE")) {
     int v[5] = {-1, -1, -1, -1, -1};
@@ -136,7 +144,7 @@ Plan plan_sdpa_int4_decode(const Problem& p) {
   if (p.group_size != 32 && p.group_size != 64 && p.group_size != 128) {
     return unsupported("group size " + std::to_string(p.group_size) + " (decode kernels: 32, 64, 128)");
   }
-  if (std::string why = gpu::bits_problem(p, false, "CUDA"); !why.empty()) return unsupported(why);
+  if (std::string why = gpu::bits_problem(p, true, "CUDA"); !why.empty()) return unsupported(why);
   if (std::string why = gpu::layout_problem(p); !why.empty()) return unsupported(why);
   for (const TensorRef* t : {&p.k_packed, &p.v_packed, &p.k_scales, &p.k_biases, &p.v_scales, &p.v_biases}) {
     if (p.N > 0 && stride_or0(*t, 2) >= (int64_t(1) << 24)) return unsupported("token stride too large for the decode kernel");
@@ -149,7 +157,7 @@ Plan plan_sdpa_int4_decode(const Problem& p) {
     return unsupported("too many query rows per KV head for the decode kernel (" + std::to_string(R) +
                        " > " + std::to_string(ROWS * kMaxDecodeRowTiles) + "): prefill");
   }
-  const DecodeTuning tune = decode_tuning(p.D, p.D / p.group_size, p.q.dtype == DType::f32);
+  const DecodeTuning tune = decode_tuning(p.D, p.D / p.group_size, p.q.dtype == DType::f32, bit_stream(p));
   const int64_t NT = p.N + p.T;
 
   Plan plan;
@@ -232,12 +240,13 @@ Plan plan_sdpa_int4_decode(const Problem& p) {
 }
 
 // Which prefill kernel: the fast one (cuda/sdpa_int4_prefill.cuh, prefill_fast_impl)
-// where it covers the problem, else the generic one. TQMETAL_CUDA_PREFILL = "generic",
+// where it covers the problem (4 or 8 bits), else the generic one (also every
+// bit-stream width). TQMETAL_CUDA_PREFILL = "generic",
 // "fast4" or "fast8" (warps per CTA) overrides the choice for tests and benchmarks.
 PrefillChoice prefill_choice(const Problem& p) {
   PrefillChoice c;
   const std::array<int64_t, 3> sizes = {p.B, p.Hkv, p.N};
-  const bool covered = p.q.dtype != DType::f32 && (p.D == 64 || p.D == 128) &&
+  const bool covered = p.q.dtype != DType::f32 && (p.D == 64 || p.D == 128) && !bit_stream(p) &&
       p.group_size * p.k_bits >= 128 && p.group_size * p.v_bits >= 128 && // a 16-byte piece inside one group
       (p.N == 0 || (vector_width(p.k_packed, sizes, 16) == 16 && vector_width(p.v_packed, sizes, 16) == 16));
   c.fast = covered;
@@ -259,7 +268,7 @@ Plan plan_sdpa_int4_prefill(const Problem& p) {
   if (p.group_size != 16 && p.group_size != 32 && p.group_size != 64 && p.group_size != 128) {
     return unsupported("group size " + std::to_string(p.group_size) + " (prefill kernel: 16, 32, 64, 128)");
   }
-  if (std::string why = gpu::bits_problem(p, false, "CUDA"); !why.empty()) return unsupported(why);
+  if (std::string why = gpu::bits_problem(p, true, "CUDA"); !why.empty()) return unsupported(why);
   if (std::string why = gpu::layout_problem(p); !why.empty()) return unsupported(why);
   const PrefillChoice choice = prefill_choice(p);
   const int rows_per_cta = choice.fast ? 16 * choice.warps : kPrefillRows;
@@ -297,14 +306,16 @@ Plan plan_sdpa_int4_prefill(const Problem& p) {
         ", " + std::to_string(choice.warps) + ", " + (h16 ? "true" : "false") + ">(p); }\n" + "static_assert(tqc::prefill_fast_smem_bytes<" +
         std::to_string(p.D) + ">() == " + std::to_string(smem) + ", \"host and kernel disagree on shared memory\");\n";
   } else {
-    const int nsplit = plan.mma_type == 2 ? 2 : 1;
+    // K as float16 hi + lo (also for float16 q: K's float16 rounding alone moved rows
+    // that one key dominates past the float16 bound, at D 80 on the H100)
+    const int nsplit = plan.mma_type == 2 ? 2 : 1, nk = 2;
     const int QS = p.D + 8, VS = plan.key_tile + 8;
-    smem = nsplit * (kPrefillRows * QS + plan.key_tile * QS + p.D * VS) * 2;
-    plan.program = "prefill_mt" + std::to_string(plan.mma_type) + suffix;
+    smem = (nsplit * kPrefillRows * QS + nk * plan.key_tile * QS + nsplit * p.D * VS) * 2;
+    plan.program = "prefill_mt" + std::to_string(plan.mma_type) + suffix + "_ks";
     plan.entry_source = "extern \"C\" __global__ void __launch_bounds__(" + std::to_string(32 * kPrefillWarps) +
-        ") tq_prefill(TqParams p) { tqc::prefill_impl<" + std::to_string(plan.mma_type) + ", " + tmpl_bits + ">(p); }\n" +
-        "static_assert(tqc::prefill_smem_bytes<" + std::to_string(plan.mma_type) + ", " + std::to_string(p.D) +
-        ">() == " + std::to_string(smem) + ", \"host and kernel disagree on shared memory\");\n";
+        ") tq_prefill(TqParams p) { tqc::prefill_impl<" + std::to_string(plan.mma_type) + ", " + tmpl_bits +
+        ", true>(p); }\n" + "static_assert(tqc::prefill_smem_bytes<" + std::to_string(plan.mma_type) + ", " +
+        std::to_string(p.D) + ", true>() == " + std::to_string(smem) + ", \"host and kernel disagree on shared memory\");\n";
   }
   plan.launches.push_back(Launch{"tq_prefill", {p.B * p.Hkv, row_tiles, 1}, {32 * plan.warps, 1, 1}, smem,
                                  input_names(p), {"out"}});

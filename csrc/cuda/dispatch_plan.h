@@ -90,7 +90,7 @@ struct DecodeTuning {
   bool pipeline;
 };
 // The decode's tuning: the defaults above, or TQMETAL_CUDA_DECODE="TL,PF,MINB,CTAS,PIPE".
-DecodeTuning decode_tuning(int D, int groups, bool qsplit);
+DecodeTuning decode_tuning(int D, int groups, bool qsplit, bool bit_stream);
 inline constexpr int kPrefillRows = 64; // BQ
 inline constexpr int kPrefillWarps = 4;
 inline constexpr int kPrefillFastWarps = 8; // fast prefill: 16 query rows per warp
