@@ -172,24 +172,21 @@ def decode_case(N: int, methods, reps: int, rounds: int, qsdpa, hbm: float) -> d
     if "ms" in res.get("tq_k5v3", {}) and "ms" in res.get("sdpa_fp16", {}):
         res["speedup_k5v3_vs_fp16"] = res["sdpa_fp16"]["ms"] / res["tq_k5v3"]["ms"]
     # correctness of what was timed: tq vs fp16 SDPA on the dequantized cache
-    (kq, vq) = quant[0]
-    ref = mx.fast.scaled_dot_product_attention(
-        qs[0], mx.dequantize(*kq, group_size=GROUP, bits=4), mx.dequantize(*vq, group_size=GROUP, bits=4),
-        scale=scale)
-    out = tq(0)
-    err = mx.mean((out.astype(mx.float32) - ref.astype(mx.float32)) ** 2) / mx.mean(ref.astype(mx.float32) ** 2)
-    res["nmse_vs_deq_sdpa"] = err.item()
+    res["nmse_vs_deq_sdpa"] = _nmse_vs_dequantized(qs[0], quant[0], 4, 4, tq(0), scale)
     if quant53:
-        (kq, vq) = quant53[0]
-        ref = mx.fast.scaled_dot_product_attention(
-            qs[0], mx.dequantize(*kq, group_size=GROUP, bits=5), mx.dequantize(*vq, group_size=GROUP, bits=3),
-            scale=scale)
-        out = tq53(0)
-        err = mx.mean((out.astype(mx.float32) - ref.astype(mx.float32)) ** 2) / mx.mean(ref.astype(mx.float32) ** 2)
-        res["nmse_k5v3_vs_deq_sdpa"] = err.item()
+        res["nmse_k5v3_vs_deq_sdpa"] = _nmse_vs_dequantized(qs[0], quant53[0], 5, 3, tq53(0), scale)
     del quant, quant53, fps
     mx.clear_cache()
     return res
+
+
+def _nmse_vs_dequantized(q, kv, k_bits: int, v_bits: int, out, scale: float) -> float:
+    """NMSE of a tqmetal output against fp16 SDPA on the dequantized (packed K, packed V)."""
+    kq, vq = kv
+    ref = mx.fast.scaled_dot_product_attention(
+        q, mx.dequantize(*kq, group_size=GROUP, bits=k_bits), mx.dequantize(*vq, group_size=GROUP, bits=v_bits),
+        scale=scale).astype(mx.float32)
+    return (mx.mean((out.astype(mx.float32) - ref) ** 2) / mx.mean(ref ** 2)).item()
 
 
 def prefill_case(L: int, N: int, methods, rounds: int, variants=()) -> dict:

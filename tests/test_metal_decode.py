@@ -157,6 +157,15 @@ def test_shuffle_and_runahead_orders(lib):
 
 
 # --------------------------------------------------------------------------------------- traffic
+def _assert_cache_read_once(st, arrays):
+    """Every packed K/V byte, scale and bias of the launch was read exactly once."""
+    for name, idx in (("k_packed", 1), ("v_packed", 4), ("k_scales", 2), ("k_biases", 3), ("v_scales", 5),
+                      ("v_biases", 6)):
+        b = st.buffers[idx]
+        assert b.bytes_read == b.unique_bytes_read == arrays[name].nbytes, (name, b)
+        assert b.max_reads_per_byte == 1
+
+
 @T.needs_instrumentation
 @pytest.mark.parametrize("blocks", [1, 3])
 def test_packed_kv_read_once_per_kv_head(lib, blocks):
@@ -167,11 +176,7 @@ def test_packed_kv_read_once_per_kv_head(lib, blocks):
     plan, stats, arrays, _ = run_case(lib, case, "reverse", blocks=blocks, expect_two_pass=blocks > 1)
     assert plan["row_tiles"] == 1
     st = stats[0]
-    for name, idx in (("k_packed", 1), ("v_packed", 4), ("k_scales", 2), ("k_biases", 3), ("v_scales", 5),
-                      ("v_biases", 6)):
-        b = st.buffers[idx]
-        assert b.bytes_read == b.unique_bytes_read == arrays[name].nbytes, (name, b)
-        assert b.max_reads_per_byte == 1
+    _assert_cache_read_once(st, arrays)
     q = st.buffers[0]
     assert q.unique_bytes_read == arrays["q"].nbytes and q.bytes_read == blocks * arrays["q"].nbytes
     # every input together: each byte once, but q once per block (its threadgroup stages it in threadgroup memory)
@@ -189,12 +194,7 @@ def test_bit_stream_packed_kv_read_once_per_kv_head(lib, D, k_bits, v_bits):
                        k_bits=k_bits, v_bits=v_bits, seed=2)
     plan, stats, arrays, _ = run_case(lib, case, "reverse", blocks=1)
     assert plan["row_tiles"] == 1 and plan["launches"][0]["kernel"].endswith("_stream")
-    st = stats[0]
-    for name, idx in (("k_packed", 1), ("v_packed", 4), ("k_scales", 2), ("k_biases", 3), ("v_scales", 5),
-                      ("v_biases", 6)):
-        b = st.buffers[idx]
-        assert b.bytes_read == b.unique_bytes_read == arrays[name].nbytes, (name, b)
-        assert b.max_reads_per_byte == 1
+    _assert_cache_read_once(stats[0], arrays)
 
 
 @T.needs_instrumentation
