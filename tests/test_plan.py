@@ -116,6 +116,8 @@ def test_preset_kv_bytes_per_token(name):
     assert plan.kv_bytes_per_token(shape, "int8", 32) == fp16 * 1.125 / 2
     assert plan.kv_bytes_per_token(shape, "k8v4", 32) == fp16 * (1.125 + 0.625) / 4
     assert plan.kv_bytes_per_token(shape, "int4", 64) == fp16 * 0.5625 / 2
+    # 5-bit keys and 3-bit values hold int4's bytes
+    assert plan.kv_bytes_per_token(shape, "k5v3", 64) == plan.kv_bytes_per_token(shape, "int4", 64)
     # A context that no window caps: fp16 KV is linear in it.
     assert plan.kv_cache_bytes(shape, 2048, "fp16") == 2048 * fp16
 
@@ -215,7 +217,8 @@ def test_parse_contexts():
 
 def test_parse_kv_formats():
     assert plan.parse_kv_formats("fp16,int8,int4,k8v4") == ["fp16", "int8", "int4", "k8v4"]
-    with pytest.raises(ValueError, match="fp16, int8, int4, k8v4"):
+    assert plan.parse_kv_formats("k5v3,int4") == ["k5v3", "int4"]
+    with pytest.raises(ValueError, match="fp16, int8, int4, k5v3, k8v4"):
         plan.parse_kv_formats("fp8")
 
 

@@ -35,7 +35,8 @@ Conventions (the defaults reproduce the published Llama-3.1-70B figures on a
   token. Quantized formats store per group of `--group-size` elements along
   head_dim one float16 scale and one float16 bias (int4 g32: 0.625 B/elem),
   and keep the first `--sinks` tokens and the last `--window` tokens float16.
-  k8v4 is int8 keys with int4 values.
+  k8v4 is int8 keys with int4 values; k5v3 (5-bit keys, 3-bit values, the
+  default cache for models without k_norm) takes int4's bytes.
 * Sliding-window layers hold at most their window: Gemma-2 alternates layers
   with a 4096-token window and global layers, so past 4096 tokens only half
   its layers grow. mlx-lm 0.32's gemma2 keeps full caches on every layer;
@@ -68,7 +69,8 @@ KV_GROUP_SIZES = (16, 32, 64, 128)
 WEIGHT_BITS = (2, 3, 4, 5, 6, 8, 16)
 
 # KV format -> (key bits, value bits); 16 is float16.
-KV_FORMATS = {"fp16": (16, 16), "int8": (8, 8), "int4": (4, 4), "k8v4": (8, 4)}
+KV_FORMATS = {"fp16": (16, 16), "int8": (8, 8), "int4": (4, 4), "k5v3": (5, 3), "k8v4": (8, 4),
+              "k4v8": (4, 8)}
 
 
 @dataclass(frozen=True)
