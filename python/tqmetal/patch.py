@@ -11,7 +11,7 @@ module that holds base's function under that name. The patched function sends
 * :class:`tqmetal.cache.Int4KVCache` and :class:`~tqmetal.cache.RotatingInt4KVCache`
   to their ``fused_attention`` (quantized part + full-precision tail, key
   rotation, masks translated to the op's key order);
-* mlx-lm's ``QuantizedKVCache`` (4 or 8 bits; its K/V are already
+* mlx-lm's ``QuantizedKVCache`` (2, 3, 4, 5, 6 or 8 bits; its K/V are already
   ``(packed, scales, biases)`` views) to ``tqmetal.sdpa_int4``, where mlx-lm
   would call ``quantized_scaled_dot_product_attention``; attention sinks work;
 
@@ -27,6 +27,7 @@ from contextlib import contextmanager
 
 import mlx_lm.models.base as _base
 
+from .cache_storage import BIT_WIDTHS
 from .ops import fused_op_available, sdpa_int4
 
 __all__ = [
@@ -44,7 +45,8 @@ def _fused(queries, keys, values, cache, scale, mask, sinks):
         return attend(queries, keys, values, scale=scale, mask=mask, sinks=sinks)
     if (
         hasattr(cache, "bits")
-        and cache.bits in (4, 8)
+        and cache.bits in BIT_WIDTHS
+        and (cache.bits in (4, 8) or getattr(cache, "group_size", 0) >= 32)
         and getattr(cache, "mode", "affine") == "affine"
         and isinstance(keys, (tuple, list))
         and len(keys) == 3
