@@ -47,8 +47,7 @@ from mlx_lm.models import cache as _mlc
 from mlx_lm.models.base import create_causal_mask
 
 from .cache_storage import STORAGE_DTYPE, dequantize
-from .key_transforms import (channel_scales, default_rotation, hadamard_kind, to_model_space,
-                             unrotate)
+from .key_transforms import channel_scales, resolve_rotation, to_model_space, unrotate
 from .ops import fused_op_available, quantize, sdpa_int4
 
 __all__ = ["BatchInt4KVCache", "BatchRotatingInt4KVCache", "cache_options", "merge_caches"]
@@ -84,13 +83,6 @@ def _make_single(cls, opts: dict, key_scales=None):
     if "max_size" in opts:
         return cls(opts["max_size"], opts["keep"], opts["group_size"], **kw)
     return cls(opts["group_size"], sinks=opts["num_sinks"], **kw)
-
-
-def _resolve_rotation(want, d, bits, what):
-    ok = hadamard_kind(d) is not None
-    if want and not ok:
-        raise ValueError(f"Int4KVCache: no Hadamard transform of size {d} ({what})")
-    return bool(default_rotation(bits, what) and ok) if want is None else bool(want)
 
 
 def _round_up(n: int, step: int) -> int:
@@ -200,8 +192,8 @@ class BatchInt4KVCache(_mlc._BaseCache):
                 raise ValueError(
                     f"Int4KVCache: {name} head dim {d} is not a multiple of "
                     f"group_size={self.group_size} (try group_size=16 or 32)")
-        self._rot_k = _resolve_rotation(self.rotate_keys, D, self.k_bits, "keys")
-        self._rot_v = _resolve_rotation(self.rotate_values, Dv, self.v_bits, "values")
+        self._rot_k = resolve_rotation(self.rotate_keys, D, self.k_bits, "keys")
+        self._rot_v = resolve_rotation(self.rotate_values, Dv, self.v_bits, "values")
         self.model_dtype = str(keys.dtype).rsplit(".", 1)[-1]
         self._allocate_stores(B, H, D, Dv)
 

@@ -90,16 +90,14 @@ from .cache_order import KeyOrder, translate_mask_memo
 from .cache_storage import (STORAGE_DTYPE, FullPrecisionPart, QuantizedPart, check_bits,
                             dequantize, empty_triple)
 from .calibrate import calibrate_channel_scales
-from .key_transforms import (channel_scales, default_rotation, hadamard_kind, scale_queries,
-                             to_model_space, unrotate)
+from .key_transforms import (channel_scales, resolve_rotation, scale_queries, to_model_space,
+                             unrotate)
 from .ops import fused_op_available, quantize, sdpa_int4
 
 __all__ = ["Int4KVCache", "RotatingInt4KVCache", "make_prompt_cache", "fused_op_available",
            "channel_scales", "calibrate_channel_scales"]
 
 _KV_BITS = {"int4": (4, 4), "int8": (8, 8), "k8v4": (8, 4), "k4v8": (4, 8), "k5v3": (5, 3)}
-
-
 
 def _round_up(n: int, step: int) -> int:
     return (n + step - 1) // step * step
@@ -336,16 +334,8 @@ class Int4KVCache(_mlc._BaseCache):
                     f"Int4KVCache: {name} head dim {d} is not a multiple of "
                     f"group_size={self.group_size} (try group_size=16 or 32)"
                 )
-        for attr, want, d, bits, what in (
-            ("_rot_k", self.rotate_keys, D, self.k_bits, "keys"),
-            ("_rot_v", self.rotate_values, Dv, self.v_bits, "values"),
-        ):
-            ok = hadamard_kind(d) is not None
-            if want and not ok:
-                raise ValueError(f"Int4KVCache: no Hadamard transform of size {d}")
-            if want is None:
-                want = default_rotation(bits, what) and ok
-            setattr(self, attr, bool(want))
+        self._rot_k = resolve_rotation(self.rotate_keys, D, self.k_bits, "keys")
+        self._rot_v = resolve_rotation(self.rotate_values, Dv, self.v_bits, "values")
         self.model_dtype = _dtype_name(keys.dtype)
         # The chunk's slots are added when decode first needs them (see the class docstring).
         self.fp.allocate(B, H, D, Dv, self.num_sinks + self.window)

@@ -26,12 +26,17 @@ _SHIFTS = {}
 BIT_WIDTHS = (2, 3, 4, 5, 6, 8)
 
 
+def readable_width(bits: int, group_size: int) -> bool:
+    """Whether the fused op reads codes of this width at this group size."""
+    return bits in BIT_WIDTHS and (bits in (4, 8) or group_size >= 32)
+
+
 def check_bits(k_bits: int, v_bits: int, group_size: int) -> None:
     """ValueError unless the fused op reads these widths at this group size."""
     for name, b in (("k_bits", k_bits), ("v_bits", v_bits)):
         if b not in BIT_WIDTHS:
             raise ValueError(f"{name} must be one of {BIT_WIDTHS} (mx.quantize's widths), got {b}")
-        if b not in (4, 8) and group_size < 32:
+        if not readable_width(b, group_size):
             raise ValueError(f"{name}={b} needs group_size 32, 64 or 128 (group_size={group_size} "
                              f"supports 4 and 8 bits only)")
 

@@ -74,6 +74,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -101,12 +102,8 @@ _FORMATS = {
 }
 
 
-
-
 def _bit_format(word: str):
     """("tq", k_bits, v_bits) for a name k<a>v<b> with mx.quantize widths, else None."""
-    import re
-
     from .cache_storage import BIT_WIDTHS
 
     m = re.fullmatch(r"k(\d)v(\d)", word)
@@ -190,10 +187,11 @@ def parse_config(name: str) -> CacheConfig:
     """A :class:`CacheConfig` from a compact name (see the module docstring)."""
     text = name.strip().lower()
     parts = text.split("-")
-    if not parts or (parts[0] not in _FORMATS and _bit_format(parts[0]) is None):
+    fmt = _FORMATS.get(parts[0]) or _bit_format(parts[0])
+    if fmt is None:
         raise ValueError(f"config {name!r}: the format must be one of {', '.join(_FORMATS)} "
                          "or k<bits>v<bits> (bits 2, 3, 4, 5, 6, 8)")
-    kind, k_bits, v_bits = _FORMATS[parts[0]] if parts[0] in _FORMATS else _bit_format(parts[0])
+    kind, k_bits, v_bits = fmt
     opts = {}
     for p in parts[1:]:
         key = None

@@ -42,6 +42,16 @@ def default_rotation(bits: int, what: str) -> bool:
     return bits < 8 if what == "keys" else bits < 4
 
 
+def resolve_rotation(want: Optional[bool], d: int, bits: int, what: str) -> bool:
+    """Whether a cache rotates its keys or values ("keys" / "values") of head dim
+    d: as asked (True needs a Hadamard transform of size d), else
+    :func:`default_rotation` where the transform exists."""
+    ok = hadamard_kind(d) is not None
+    if want and not ok:
+        raise ValueError(f"Int4KVCache: no Hadamard transform of size {d} ({what})")
+    return bool(default_rotation(bits, what) and ok) if want is None else bool(want)
+
+
 _INVERSE = {}
 
 

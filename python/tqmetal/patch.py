@@ -27,7 +27,7 @@ from contextlib import contextmanager
 
 import mlx_lm.models.base as _base
 
-from .cache_storage import BIT_WIDTHS
+from .cache_storage import readable_width
 from .ops import fused_op_available, sdpa_int4
 
 __all__ = [
@@ -45,8 +45,7 @@ def _fused(queries, keys, values, cache, scale, mask, sinks):
         return attend(queries, keys, values, scale=scale, mask=mask, sinks=sinks)
     if (
         hasattr(cache, "bits")
-        and cache.bits in BIT_WIDTHS
-        and (cache.bits in (4, 8) or getattr(cache, "group_size", 0) >= 32)
+        and readable_width(cache.bits, getattr(cache, "group_size", 0))
         and getattr(cache, "mode", "affine") == "affine"
         and isinstance(keys, (tuple, list))
         and len(keys) == 3
