@@ -162,7 +162,9 @@ void process_unit(const Problem& P, const Plan& plan, const Unit& u, float* part
   int kseg_g0[kVnniMaxD / 32];
   for (int sg = 0; sg < kVnniMaxD / 32; ++sg) kseg_g0[sg] = sg * (KX == 4 ? 64 : 32) / gs;
 #if TQ_HAVE_VNNI_PATH
-  const StreamExpander kx(KB == kBitStream ? P.k.bits : 4), vx(VB == kBitStream ? P.v.bits : 4);
+  // The expanders' tables exist only where a bit-stream width is read (as AMX's buffers).
+  const std::conditional_t<VNNI && KB == kBitStream, StreamExpander, int> kx(P.k.bits);
+  const std::conditional_t<VNNI && VB == kBitStream, StreamExpander, int> vx(P.v.bits);
   alignas(64) uint8_t kexp[VNNI && KB == kBitStream ? kVnniMaxD : 1];
   alignas(64) uint8_t vexp[VNNI && VB == kBitStream ? TB * kVnniMaxD : 1];
 #endif

@@ -217,6 +217,12 @@ inline void load_row(const void* base, int64_t off, int64_t stride, int n, DType
 // chunk of 32 codes is `bits` whole words. Natural element order.
 constexpr int kBitStream = 0;
 
+// The template value of one width: 4 and 8 bits have their own unpack, the others
+// share the bit-stream one.
+constexpr int bits_kind(int bits) {
+  return bits == 4 || bits == 8 ? bits : kBitStream;
+}
+
 // Bytes of one chunk (2W codes) of a packed row.
 template <int W, int BITS>
 constexpr int chunk_bytes(int bits) {

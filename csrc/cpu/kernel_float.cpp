@@ -15,12 +15,6 @@ UnitFn pick_rt(const Problem& p, const Plan& plan) {
   return pick_rt_decode<W, KB, VB, false>(plan);
 }
 
-// Template value of one width: 4 and 8 bits have their own unpack, the others
-// share the bit-stream unpack (kernel_common.h).
-constexpr int bits_kind(int bits) {
-  return bits == 4 || bits == 8 ? bits : kBitStream;
-}
-
 template <int W, int KB>
 UnitFn pick_v_bits(const Problem& p, const Plan& plan) {
   switch (bits_kind(p.v.bits)) {

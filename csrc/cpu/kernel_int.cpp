@@ -42,8 +42,7 @@ UnitFn TQ_CAT(unit_fn_, TQMETAL_ISA)(const Problem& p, const Plan& plan) {
   if (p.group_size < 32) return nullptr;
   // Bit-stream widths (2, 3, 5, 6 bits) are expanded to bytes with AVX512-VBMI;
   // without it they take the float kernels.
-  auto kind = [](int bits) { return bits == 4 || bits == 8 ? bits : kBitStream; };
-  const int kb = kind(p.k.bits), vb = kind(p.v.bits);
+  const int kb = bits_kind(p.k.bits), vb = bits_kind(p.v.bits);
   if ((kb == kBitStream || vb == kBitStream) && !cpu_use_vbmi()) return nullptr;
   auto with_v = [&](auto k) -> UnitFn {
     constexpr int K = decltype(k)::value;
