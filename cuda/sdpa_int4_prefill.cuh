@@ -459,17 +459,20 @@ constexpr int prefill_smem_bytes() {
 // codes inside one quantization group, packed rows that allow 16-byte loads):
 //
 //   grid     (B * H_kv, row_tiles) CTAs of W warps, W * 16 query rows of one KV head.
-//   keys     tiles of 64 keys, two stages in shared memory: K as Ks[key][d] and V as
-//            Vs[key][d] (float16, row stride D + 8 halves: conflict-free ldmatrix).
-//            While the warps multiply tile i, the packed words and scales of tile i + 1
-//            are already in flight (16-byte loads into registers, issued before the
-//            tile's mma); after the mma each thread dequantizes its pieces (float32
-//            fma, one rounding to float16, the generic kernel's values) into the other
-//            stage. One barrier per tile.
+//   keys     tiles of 64 keys, two stages in shared memory: K's exact codes as
+//            Ks[key][d], K's scales and biases per key and group (float32, FastScales)
+//            and V dequantized as Vs[key][d] (float16, row stride D + 8 halves:
+//            conflict-free ldmatrix). While the warps multiply tile i, the packed words
+//            and scales of tile i + 1 are already in flight (16-byte loads into
+//            registers, issued before the tile's mma); after the mma each thread writes
+//            its pieces into the other stage. One barrier per tile.
 //   mma      q's fragments stay in registers for the whole loop; K fragments by
 //            ldmatrix.x4, V fragments by ldmatrix.x4.trans (no transposed stores).
-//   rest     tiles with keys past N (the tail, the end) are dequantized by the generic
-//            element loop; masks, softmax and the epilogue are the generic kernel's.
+//            Q K^T per group into a fresh accumulator, then score += scale * it +
+//            bias * (q's group sum) in float32: K is never rounded (a float16 K moved
+//            rows that one key dominates past the op's float16 bound).
+//   rest     tiles with keys past N (the tail, the end) are filled by element loops;
+//            masks, softmax and the epilogue are the generic kernel's.
 // ---------------------------------------------------------------------------------------
 
 template <int D>
@@ -506,11 +509,29 @@ __device__ __forceinline__ u32 ldg_u16(const void* p) {
 
 // The 16-byte pieces of one cache's (K's or V's) key tile that a thread loads: piece c
 // (thread + i * NTHR) is key c % BK, piece c / BK of the key's row (consecutive threads
-// take consecutive keys, so their shared-memory rows are conflict-free). H16 (float16
-// scales and biases): codes become exact float16 pairs (0x6400 | code, minus 1024) and
-// one fma.f16x2 gives scale * code + bias rounded once, in the permuted column order
-// of col_of_elem<BITS>; else float32 fma, one rounding, the head dim's order.
-template <int D, int BITS, int GS, int NTHR, bool H16>
+// take consecutive keys, so their shared-memory rows are conflict-free).
+//   CODES (K): the tile keeps the exact codes as float16 (0x6400 | code, minus 1024), in
+//     the permuted column order of col_of_elem<BITS>, and the piece that starts a group
+//     writes the key's scale and bias (float32) to the tile's scale block (FastScales);
+//     the scores apply them in float32, so K is never rounded.
+//   else (V), H16 (float16 scales and biases): one fma.f16x2 gives scale * code + bias
+//     rounded once, in the permuted column order; else float32 fma, one rounding, the
+//     head dim's order.
+// K's scales and biases of one key tile, float32, as the score fragments read them:
+// block [group][key pair] of float4 (scale of key 2k, scale of key 2k + 1, bias of 2k,
+// bias of 2k + 1), so a lane's two keys of an 8-key n-tile are one 16-byte load.
+template <int D, int GS>
+struct FastScales {
+  static constexpr int NG = D / GS;  // groups per key
+  static constexpr int FLOATS = NG * PrefillFastShape<D>::BK * 2;  // one stage
+  __device__ static __forceinline__ void put(float* blk, int key, int grp, float sc, float bi) {
+    float* q = blk + (grp * (PrefillFastShape<D>::BK / 2) + key / 2) * 4 + (key & 1);
+    q[0] = sc;
+    q[2] = bi;
+  }
+};
+
+template <int D, int BITS, int GS, int NTHR, bool H16, bool CODES = false>
 struct FastPieces {
   static constexpr int BK = PrefillFastShape<D>::BK;
   static constexpr int EPP = 128 / BITS;  // elements per piece
@@ -539,6 +560,11 @@ struct FastPieces {
     }
   }
 
+  // CODES: only the piece that starts a group needs the group's scale and bias.
+  __device__ static __forceinline__ bool wants_scale(int c) {
+    return !CODES || (c / BK) * EPP % GS == 0;
+  }
+
   // Issues the loads of key tile kt (keys kt .. kt + BK - 1, all below N).
   __device__ __forceinline__ void load(const TqParams& p, const void* scales, const void* biases, int kt) {
     const i64 ow = i64(kt) * st_w, os = i64(kt) * st_s, ob = i64(kt) * st_b;
@@ -547,6 +573,7 @@ struct FastPieces {
       const int c = threadIdx.x + i * NTHR;
       if (NP % NTHR != 0 && c >= NP) break;
       ldg_v4(w[i], wp[i] + ow);
+      if (!wants_scale(c)) continue;
       if constexpr (H16) {
         sc[i] = ldg_u16(static_cast<const u16*>(scales) + si[i] + os);
         bi[i] = ldg_u16(static_cast<const u16*>(biases) + bj[i] + ob);
@@ -557,7 +584,8 @@ struct FastPieces {
     }
   }
 
-  __device__ __forceinline__ void store(u16* dst) const {
+  // Writes the loaded tile to dst ([key][KS] halves); CODES: its scales to `sblk`.
+  __device__ __forceinline__ void store(u16* dst, float* sblk = nullptr) const {
     constexpr int HP = 16 / BITS;  // codes per 16-bit half of a word
     constexpr int KS = PrefillFastShape<D>::KS;
 #pragma unroll
@@ -565,7 +593,7 @@ struct FastPieces {
       const int c = threadIdx.x + i * NTHR;
       if (NP % NTHR != 0 && c >= NP) break;
       u32 h[EPP / 2];  // float16 pairs, shared-memory column order
-      if constexpr (H16) {
+      if constexpr (CODES || H16) {
         const u32 s2 = sc[i] | (sc[i] << 16), b2 = bi[i] | (bi[i] << 16);
         constexpr u32 M2 = ((1u << BITS) - 1u) * 0x00010001u;
 #pragma unroll
@@ -573,10 +601,17 @@ struct FastPieces {
 #pragma unroll
           for (int k = 0; k < HP; ++k) {
             const u32 y = ((w[i][wi] >> (BITS * k)) & M2) | 0x64006400u;  // 1024 + code, two halves
-            u32 code, v;
+            u32 code;
             asm("sub.f16x2 %0, %1, %2;" : "=r"(code) : "r"(y), "r"(0x64006400u));
-            asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(v) : "r"(code), "r"(s2), "r"(b2));
-            h[wi * HP + k] = v;  // columns 2k, 2k + 1 of word wi: elements k, k + HP
+            if constexpr (!CODES) asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(code) : "r"(code), "r"(s2), "r"(b2));
+            h[wi * HP + k] = code;  // columns 2k, 2k + 1 of word wi: elements k, k + HP
+          }
+        }
+        if constexpr (CODES) {
+          if (wants_scale(c)) {
+            const float scf = H16 ? f16_to_f32(u16(sc[i])) : __uint_as_float(sc[i]);
+            const float bif = H16 ? f16_to_f32(u16(bi[i])) : __uint_as_float(bi[i]);
+            FastScales<D, GS>::put(sblk, c % BK, (c / BK) * EPP / GS, scf, bif);
           }
         }
       } else {
@@ -605,14 +640,51 @@ struct FastPieces {
   }
 };
 
+// A K tile that the 16-byte pieces cannot fill (it reaches past N): codes and scales as
+// FastPieces<CODES> writes them for keys below N; the unquantized tail's values (float16)
+// with scale 1, bias 0 for keys in [N, N + T); zeros past N + T (masked).
+template <int D, int BITS, int GS, int NTHR>
+__device__ __forceinline__ void fill_codes_tile(u16* dst, float* sblk, const TqParams& p, int b, int hkv, int kt) {
+  constexpr int BK = PrefillFastShape<D>::BK, KS = PrefillFastShape<D>::KS;
+  constexpr int PER = 32 / BITS, UPR = D / PER;  // one word per unit
+  const int N = p.N, NT = p.N + p.T;
+  for (int i = threadIdx.x; i < BK * UPR; i += NTHR) {
+    const int key = i / UPR, e0 = (i % UPR) * PER, t = kt + key;
+    float v[PER];
+    float sc = 1.f, bi = 0.f;
+    if (t < N) {
+      const u32 w = p.k_packed[b * p.st[ST_K_PACKED] + hkv * p.st[ST_K_PACKED + 1] + i64(t) * p.st[ST_K_PACKED + 2] + i % UPR];
+#pragma unroll
+      for (int j = 0; j < PER; ++j) v[j] = float((w >> (j * BITS)) & ((1u << BITS) - 1u));
+      if (e0 % GS == 0) {
+        sc = load_f(p.k_scales, b * p.st[ST_K_SCALES] + hkv * p.st[ST_K_SCALES + 1] + i64(t) * p.st[ST_K_SCALES + 2] + e0 / GS, p.scale_dtype);
+        bi = load_f(p.k_biases, b * p.st[ST_K_BIASES] + hkv * p.st[ST_K_BIASES + 1] + i64(t) * p.st[ST_K_BIASES + 2] + e0 / GS, p.scale_dtype);
+      }
+    } else if (t < NT) {
+      const i64 o = b * p.st[ST_K_TAIL] + hkv * p.st[ST_K_TAIL + 1] + i64(t - N) * p.st[ST_K_TAIL + 2] + e0;
+#pragma unroll
+      for (int j = 0; j < PER; ++j) v[j] = load_f(p.k_tail, o + j, p.tail_dtype);
+    } else {
+#pragma unroll
+      for (int j = 0; j < PER; ++j) v[j] = 0.f;
+    }
+#pragma unroll
+    for (int j = 0; j < PER; ++j) dst[key * KS + col_of_elem<BITS>(e0 + j)] = f32_to_f16(v[j]);
+    if (e0 % GS == 0) FastScales<D, GS>::put(sblk, key, e0 / GS, sc, bi);
+  }
+}
+
 template <int D, int KB, int VB, int GS, int W, bool H16>
 __device__ __forceinline__ void prefill_fast_impl(const TqParams& p) {
   using S = PrefillFastShape<D>;
   constexpr int BQ = 16 * W, BK = S::BK, KS = S::KS, TILE = S::TILE, NTHR = 32 * W;
   constexpr int NT8 = BK / 8, DT8 = D / 8, DK16 = D / 16;
-  constexpr int PK = H16 ? KB : 0, PV = H16 ? VB : 0;  // column orders of K and V tiles
+  constexpr int PK = KB, PV = H16 ? VB : 0;  // column orders of K (codes) and V tiles
+  using SC = FastScales<D, GS>;
+  constexpr int NG = SC::NG, KPG = GS / 16;  // groups per key, 16-wide mma steps per group
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  u16* sm = reinterpret_cast<u16*>(smem_raw);  // [stage][K, V][BK][KS]
+  u16* sm = reinterpret_cast<u16*>(smem_raw);  // [stage][K, V][BK][KS], then [stage][SC]
+  float* scales_sm = reinterpret_cast<float*>(sm + 4 * TILE);
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int tq = lane & 3;
@@ -641,6 +713,26 @@ __device__ __forceinline__ void prefill_fast_impl(const TqParams& p) {
       }
     }
   }
+  // Per group, the sum of each of this lane's two rows of q (as the mma sees q): the
+  // factor of K's bias in the scores. A 16-wide step lies inside one group.
+  float qsum[NG][2];
+#pragma unroll
+  for (int gi = 0; gi < NG; ++gi) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      float acc = 0.f;
+#pragma unroll
+      for (int kk = gi * KPG; kk < (gi + 1) * KPG; ++kk) {
+#pragma unroll
+        for (int r = h; r < 4; r += 2) {
+          acc += f16_to_f32(u16(qa[kk][r] & 0xFFFFu)) + f16_to_f32(u16(qa[kk][r] >> 16));
+        }
+      }
+      acc += __shfl_xor_sync(0xffffffffu, acc, 1);
+      acc += __shfl_xor_sync(0xffffffffu, acc, 2);
+      qsum[gi][h] = acc;
+    }
+  }
 
   const bool causal = p.mask_kind == MK_CAUSAL;
   const bool array_mask = p.mask_kind == MK_BOOL || p.mask_kind == MK_ADDITIVE;
@@ -649,17 +741,18 @@ __device__ __forceinline__ void prefill_fast_impl(const TqParams& p) {
   int kend = NT;
   if (causal && diag_first >= 0) kend = min(NT, diag_last + 1);
 
-  FastPieces<D, KB, GS, NTHR, H16> kp;
+  FastPieces<D, KB, GS, NTHR, H16, true> kp;
   FastPieces<D, VB, GS, NTHR, H16> vp;
-  // Stage s of a tile: K at sm + s * 2 TILE, V after it. Keys past N: generic loop.
+  // Stage s of a tile: K at sm + s * 2 TILE, V after it, K's scales at scales_sm + s *
+  // SC::FLOATS. Tiles reaching past N: element loops.
   auto fill = [&](int stage, int kt, bool loaded) {
     u16* ks = sm + stage * 2 * TILE;
+    float* sblk = scales_sm + stage * SC::FLOATS;
     if (loaded) {
-      kp.store(ks);
+      kp.store(ks, sblk);
       vp.store(ks + TILE);
     } else {
-      dequant_tile<0, D, KB, GS, false, NTHR, PK>(ks, nullptr, p, p.k_packed, p.k_scales, p.k_biases, p.k_tail,
-                                              ST_K_PACKED, ST_K_SCALES, ST_K_BIASES, ST_K_TAIL, b, hkv, kt);
+      fill_codes_tile<D, KB, GS, NTHR>(ks, sblk, p, b, hkv, kt);
       dequant_tile<0, D, VB, GS, false, NTHR, PV>(ks + TILE, nullptr, p, p.v_packed, p.v_scales, p.v_biases, p.v_tail,
                                               ST_V_PACKED, ST_V_SCALES, ST_V_BIASES, ST_V_TAIL, b, hkv, kt);
     }
@@ -698,19 +791,36 @@ __device__ __forceinline__ void prefill_fast_impl(const TqParams& p) {
 
     const u32 kaddr = sbase + u32(stage) * (4u * TILE);
     const u32 vaddr = kaddr + 2u * TILE;
+    const float4* sblk = reinterpret_cast<const float4*>(scales_sm + stage * SC::FLOATS);
 
+    // S = Q K^T: per group, q times the exact codes (float32 accumulators), then
+    // scale * that + bias * (q's group sum) in float32 for this lane's keys 2 tq, 2 tq + 1
+    // of each n-tile (key pair 4 j + tq of the scale block).
     float s[NT8][4];
 #pragma unroll
     for (int j = 0; j < NT8; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
 #pragma unroll
-    for (int kk = 0; kk < DK16; ++kk) {
+    for (int jp = 0; jp < NT8 / 2; ++jp) {
 #pragma unroll
-      for (int jp = 0; jp < NT8 / 2; ++jp) {
-        u32 bf[4];
-        ldsm_x4(bf, kaddr + k_lane + 2u * (jp * 16 * KS + kk * 16));
-        const u32 b0[2] = {bf[0], bf[1]}, b1[2] = {bf[2], bf[3]};
-        mma16816<0>(s[2 * jp], qa[kk], b0);
-        mma16816<0>(s[2 * jp + 1], qa[kk], b1);
+      for (int gi = 0; gi < NG; ++gi) {
+        float t[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+#pragma unroll
+        for (int kk = gi * KPG; kk < (gi + 1) * KPG; ++kk) {
+          u32 bf[4];
+          ldsm_x4(bf, kaddr + k_lane + 2u * (jp * 16 * KS + kk * 16));
+          const u32 b0[2] = {bf[0], bf[1]}, b1[2] = {bf[2], bf[3]};
+          mma16816<0>(t[0], qa[kk], b0);
+          mma16816<0>(t[1], qa[kk], b1);
+        }
+#pragma unroll
+        for (int hj = 0; hj < 2; ++hj) {
+          const int j = 2 * jp + hj;
+          const float4 sb = sblk[gi * (BK / 2) + 4 * j + tq];  // (scale 2tq, scale 2tq+1, bias 2tq, bias 2tq+1)
+          s[j][0] = fmaf(t[hj][0], sb.x, fmaf(sb.z, qsum[gi][0], s[j][0]));
+          s[j][1] = fmaf(t[hj][1], sb.y, fmaf(sb.w, qsum[gi][0], s[j][1]));
+          s[j][2] = fmaf(t[hj][2], sb.x, fmaf(sb.z, qsum[gi][1], s[j][2]));
+          s[j][3] = fmaf(t[hj][3], sb.y, fmaf(sb.w, qsum[gi][1], s[j][3]));
+        }
       }
     }
 
@@ -737,9 +847,10 @@ __device__ __forceinline__ void prefill_fast_impl(const TqParams& p) {
   prefill_store<DT8, PV>(o, m2, l2, p, b, hq2, qpos2, live2);
 }
 
-template <int D>
+// Two stages of K and V tiles (float16) and of K's scale blocks (float32).
+template <int D, int GS>
 constexpr int prefill_fast_smem_bytes() {
-  return 2 * 2 * PrefillFastShape<D>::TILE * 2;
+  return 2 * 2 * PrefillFastShape<D>::TILE * 2 + 2 * FastScales<D, GS>::FLOATS * 4;
 }
 
 }  // namespace tqc

@@ -5,10 +5,14 @@ decisions (path, specialization, split-K, grid, load width, scratch, dependencie
 are checked here on machines without a GPU; tests/test_cuda.py runs the kernels on one.
 """
 
+import numpy as np
 import pytest
 
 import tqmetal
 from tqmetal import _ext
+
+import reference as R
+from test_cuda import K_ROUNDING, k_rounding_case
 
 SMS_H100 = 132
 
@@ -168,7 +172,9 @@ def test_prefill_plan(dtype, mt, D, bk):
     if fast:
         assert plan["rows_per_cta"] == 128 and plan["warps"] == 8
         assert l["grid"] == (8, (R + 127) // 128, 1) and l["block"] == (256, 1, 1)
-        assert l["smem_bytes"] == 2 * 2 * 64 * (D + 8) * 2  # two stages of K and V tiles
+        # two stages of K and V tiles (float16) and of K's scales and biases (float32)
+        assert l["smem_bytes"] == 2 * 2 * 64 * (D + 8) * 2 + 2 * (D // gs) * 64 * 2 * 4
+        assert f"prefill_fast_smem_bytes<{D}, {gs}>() == {l['smem_bytes']}" in plan["entry_source"]
         assert f"prefill_fast_impl<{D}, 8, 4, {gs}, 8, true>" in plan["entry_source"]  # float16 scales
         assert plan["program"].endswith("_h16")
         assert "__launch_bounds__(256, 1)" in plan["entry_source"]
@@ -284,3 +290,20 @@ def test_gpu_info_shape():
     assert isinstance(g["available"], bool) and isinstance(g["reason"], str) and g["reason"]
     if g["backend"] == "none":
         assert not g["available"] and "mlx[cuda13]" in g["reason"]
+
+
+@pytest.mark.parametrize("p", K_ROUNDING)
+def test_k_rounding_cases_need_exact_k(p):
+    """test_cuda.py's exact-K cases can fail: there, rounding K to float16 (as the fast
+    prefill did) puts some row past the float16 bound, while exact K with V and the
+    output rounded to float16 stays at a fifth of it (float64 emulation on the CPU)."""
+    c = k_rounding_case(p)
+    K, V = c.kv_ref()
+    f16 = lambda x: x.astype(np.float16).astype(np.float64)  # noqa: E731
+    ref = c.reference()
+
+    def worst_row(k):
+        return R.row_nmse(f16(R.attention_ref(c.q, k, f16(V), scale=c.kwargs()["scale"])), ref).max()
+
+    assert worst_row(f16(K)) > c.tol()
+    assert worst_row(K) < c.tol() / 5

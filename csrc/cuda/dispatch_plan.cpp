@@ -296,15 +296,17 @@ Plan plan_sdpa_int4_prefill(const Problem& p) {
       std::to_string(p.v_bits) + "_g" + std::to_string(p.group_size);
   int smem = 0;
   if (choice.fast) {
-    // two stages of K and V tiles, [key][D + 8] float16 each
-    smem = 2 * 2 * plan.key_tile * (p.D + 8) * 2;
-    // float16 scales and biases: codes dequantized with one fma.f16x2 per pair (permuted columns)
+    // two stages of K and V tiles, [key][D + 8] float16 each (K: exact codes), and of
+    // K's scales and biases, float32 per key and group (applied to the scores)
+    smem = 2 * 2 * plan.key_tile * (p.D + 8) * 2 + 2 * int(p.D / p.group_size) * plan.key_tile * 2 * 4;
+    // float16 scales and biases: 16-bit loads; V dequantized with one fma.f16x2 per pair
     const bool h16 = p.k_scales.dtype == DType::f16;
     plan.program = "prefillfast_w" + std::to_string(choice.warps) + suffix + (h16 ? "_h16" : "");
     plan.entry_source = "extern \"C\" __global__ void __launch_bounds__(" + std::to_string(32 * choice.warps) + ", " +
         std::to_string(choice.warps >= 8 ? 1 : 2) + ") tq_prefill(TqParams p) { tqc::prefill_fast_impl<" + tmpl_bits +
         ", " + std::to_string(choice.warps) + ", " + (h16 ? "true" : "false") + ">(p); }\n" + "static_assert(tqc::prefill_fast_smem_bytes<" +
-        std::to_string(p.D) + ">() == " + std::to_string(smem) + ", \"host and kernel disagree on shared memory\");\n";
+        std::to_string(p.D) + ", " + std::to_string(p.group_size) + ">() == " + std::to_string(smem) +
+        ", \"host and kernel disagree on shared memory\");\n";
   } else {
     // K as float16 hi + lo (also for float16 q: K's float16 rounding alone moved rows
     // that one key dominates past the float16 bound, at D 80 on the H100)
