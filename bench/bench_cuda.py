@@ -196,7 +196,10 @@ def prefill_case(L: int, N: int, methods, rounds: int, variants=()) -> dict:
     v = mx.random.normal((B, H_KV, N, D)).astype(mx.float16)
     kq = mx.quantize(k, group_size=GROUP, bits=4)
     vq = mx.quantize(v, group_size=GROUP, bits=4)
-    mx.eval(q, k, v, kq, vq)
+    kq53 = vq53 = None
+    if "tq_k5v3" in methods:
+        kq53, vq53 = mx.quantize(k, group_size=GROUP, bits=5), mx.quantize(v, group_size=GROUP, bits=3)
+    mx.eval(q, k, v, kq, vq, kq53, vq53)
     # causal (bottom-right) FLOPs: each query row sees N - L + i + 1 keys
     keys = L * (N - L) + L * (L + 1) / 2
     flops = 4 * B * H_Q * D * keys
@@ -204,6 +207,9 @@ def prefill_case(L: int, N: int, methods, rounds: int, variants=()) -> dict:
 
     def tq(i):
         return tqmetal.sdpa_int4(q, kq, vq, scale=scale, mask="causal", group_size=GROUP, bits=4)
+
+    def tq53(i):  # the bit-stream widths: the generic prefill kernel
+        return tqmetal.sdpa_int4(q, kq53, vq53, scale=scale, mask="causal", group_size=GROUP, k_bits=5, v_bits=3)
 
     def fp_full(i):
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask="causal")
@@ -217,7 +223,7 @@ def prefill_case(L: int, N: int, methods, rounds: int, variants=()) -> dict:
                 q[:, :, s:e], k[:, :, :n], v[:, :, :n], scale=scale, mask="causal"))
         return mx.concatenate(outs, axis=2)
 
-    for m, fn in (("tq_int4", tq), ("sdpa_fp16", fp_full)):
+    for m, fn in (("tq_int4", tq), ("tq_k5v3", tq53), ("sdpa_fp16", fp_full)):
         if m not in methods:
             continue
         try:
@@ -254,7 +260,7 @@ def prefill_case(L: int, N: int, methods, rounds: int, variants=()) -> dict:
         out = tq(0)
         err = mx.mean((out.astype(mx.float32) - ref.astype(mx.float32)) ** 2) / mx.mean(ref.astype(mx.float32) ** 2)
         res["nmse_vs_deq_sdpa"] = err.item()
-    del q, k, v, kq, vq
+    del q, k, v, kq, vq, kq53, vq53
     mx.clear_cache()
     return res
 
@@ -311,7 +317,7 @@ def main(argv=None):
         say(f"L={L} N={N}: " + "; ".join(
             f"{m}: {r[m]['ms']:.2f} ms {r[m]['TFLOPs']:.0f} TF/s peak {r[m]['peak_GB']:.1f} GB"
             if "ms" in r[m] else f"{m}: {r[m]['error']}"
-            for m in ("tq_int4", "sdpa_fp16", "sdpa_fp16_chunked") if m in r))
+            for m in ("tq_int4", "tq_k5v3", "sdpa_fp16", "sdpa_fp16_chunked") if m in r))
         say("        other tq kernels: " + "; ".join(
             f"{m}: {x['ms']:.2f} ms {x['TFLOPs']:.0f} TF/s" if "ms" in x else f"{m}: {x['error']}"
             for m, x in r.items() if m.startswith("tq_int4_")))
