@@ -31,6 +31,11 @@ fused op; nothing is dequantized and no score matrix is built. A batch answer
 therefore equals the same request run alone, up to the order of float sums
 inside the op.
 
+``update_and_fetch`` returns what the single cache's returns: the dequantized K/V
+(:meth:`BatchInt4KVCache.keys_and_values`, lazy, for attention that does not know the
+cache) until the patched attention has served the batch through the fused op, NaN
+placeholders from then on while the patch is active (:mod:`tqmetal.fetched`).
+
 Costs against the single cache: every token is quantized once on arrival
 (instead of in chunks), the full-precision store keeps up to ``chunk_size``
 more tokens when rows are at different phases of their flush schedule, and
@@ -46,7 +51,9 @@ import mlx.core as mx
 from mlx_lm.models import cache as _mlc
 from mlx_lm.models.base import create_causal_mask
 
+from . import patch
 from .cache_storage import STORAGE_DTYPE, dequantize
+from .fetched import placeholders
 from .key_transforms import channel_scales, resolve_rotation, to_model_space, unrotate
 from .ops import fused_op_available, quantize, sdpa_int4
 
@@ -150,7 +157,9 @@ class BatchInt4KVCache(_mlc._BaseCache):
         self._fbase = 0
         self._kmean = None
         self._kscale = None
-        self._fetched = None
+        self._fetched = None  # weak refs to what the last update_and_fetch returned
+        self._fetched_placeholders = False  # ... and whether those were placeholders
+        self._fused_served = False  # as Int4KVCache's (see _fetch)
         self._offset_arr = None
 
     # ---- per-row bookkeeping -----------------------------------------------
@@ -387,9 +396,31 @@ class BatchInt4KVCache(_mlc._BaseCache):
         return tuple(out)
 
     def _fetch(self):
-        k, v = self.keys_and_values()
+        # As Int4KVCache._fetch: placeholders once the patched attention has served this
+        # cache through the fused op, else the real K/V.
+        placeholder = self._fused_served and patch.is_patched()
+        if placeholder:
+            B, H, n = self.batch_size, self._H, self._idx
+            k, v = placeholders(self, (B, H, n, self._D), (B, H, n, self._Dv),
+                                getattr(mx, self.model_dtype))
+        else:
+            k, v = self.keys_and_values()
         self._fetched = (weakref.ref(k), weakref.ref(v))
+        self._fetched_placeholders = placeholder
         return k, v
+
+    def materialize_fetched(self, keys, values):
+        """As :meth:`tqmetal.cache.Int4KVCache.materialize_fetched`: the real
+        :meth:`keys_and_values` for the placeholders the last ``update_and_fetch``
+        returned, anything else unchanged."""
+        f = self._fetched
+        if not self._fetched_placeholders or f is None:
+            return keys, values
+        is_k, is_v = f[0]() is keys, f[1]() is values
+        if not (is_k or is_v):
+            return keys, values
+        k, v = self.keys_and_values()
+        return (k if is_k else keys), (v if is_v else values)
 
     def _visible(self, cols, t, lp):
         """Sliding-window visibility of key slots ``cols`` from query slots ``t``."""
@@ -471,6 +502,7 @@ class BatchInt4KVCache(_mlc._BaseCache):
             group_size=self.group_size, k_bits=self.k_bits, v_bits=self.v_bits,
             sinks=sinks, k_tail=kt, v_tail=vt,
         )
+        self._fused_served = True
         return unrotate(out) if self._rot_v else out
 
     # ---- batch protocol ---------------------------------------------------------

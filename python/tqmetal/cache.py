@@ -69,9 +69,19 @@ window, the quantization scales and biases, the key mean and channel scales.
 Queries, outputs and the fetched K/V keep the model's dtype.
 
 ``update_and_fetch`` returns, lazily, the dequantized K and V in sequence
-order: an attention function that does not know this cache (mlx-lm without
-:func:`tqmetal.patch.patch_mlx_lm`) is still correct, just not economical;
-the patched one never evaluates them, so they cost a few graph nodes only.
+order (:meth:`Int4KVCache.keys_and_values`): an attention function that does
+not know this cache (mlx-lm without :func:`tqmetal.patch.patch_mlx_lm`) is
+still correct, just not economical. The patched one never evaluates them: it
+runs the fused op on the packed data when handed exactly what the last
+``update_and_fetch`` returned. Once it has done so for a cache, that cache's
+``update_and_fetch`` returns placeholders while the patch is active (arrays
+of the real shape and dtype, a broadcast of one NaN; :mod:`tqmetal.fetched`):
+building the real graph was most of a decode step's host time. When the fused
+op does not serve a call, the patched attention swaps the placeholders for the
+real K/V (:meth:`Int4KVCache.materialize_fetched`) before it falls back to
+mlx-lm's; a model that edits K/V before attention never gets the fused op, so
+it keeps getting the real K/V. Code that reads the K/V itself under the patch
+should call :meth:`~Int4KVCache.keys_and_values` (or ``materialize_fetched``).
 """
 
 from __future__ import annotations
@@ -90,6 +100,7 @@ from .cache_order import KeyOrder, translate_mask_memo
 from .cache_storage import (STORAGE_DTYPE, FullPrecisionPart, QuantizedPart, check_bits,
                             dequantize, empty_triple)
 from .calibrate import calibrate_channel_scales
+from .fetched import placeholders
 from .key_transforms import (channel_scales, resolve_rotation, scale_queries, to_model_space,
                              unrotate)
 from .ops import fused_op_available, quantize, sdpa_int4
@@ -220,6 +231,12 @@ class Int4KVCache(_mlc._BaseCache):
     capacity grows in steps of 256 tokens; the fp buffer holds ``sinks +
     window`` tokens and grows once by ``chunk_size`` when single tokens
     (decode) fill the window past ``window``.
+
+    ``update_and_fetch`` returns the dequantized K/V (lazy, in sequence order)
+    until the patched attention has served this cache through the fused op with
+    exactly what it returned; from then on, while :func:`tqmetal.patch.is_patched`,
+    it returns NaN placeholders of the same shape and dtype (see the module
+    docstring), and :meth:`materialize_fetched` turns them into the real K/V.
     """
 
     step = 256
@@ -281,7 +298,11 @@ class Int4KVCache(_mlc._BaseCache):
         self._kmean = None  # [B, H, 1, D] subtracted from stored keys (center_keys)
         self._kscale = None  # [B, H, 1, D] stored keys are k / s before rotation (channel_scale)
         self.model_dtype = None  # name of the dtype K/V arrive in, e.g. "float32"
-        self._fetched = None
+        self._fetched = None  # weak refs to what the last update_and_fetch returned
+        self._fetched_placeholders = False  # ... and whether those were placeholders
+        # The patched attention served this cache through the fused op with exactly what
+        # update_and_fetch returned: from then on it returns placeholders (see _fetch).
+        self._fused_served = False
         self._fresh = 0  # tokens this update quantized that its attention reads in fp
         self._fresh_kv = None  # those tokens and the window after them, fp (K, V)
 
@@ -457,20 +478,55 @@ class Int4KVCache(_mlc._BaseCache):
                                       *((self._kmean, self._kscale) if j == 0 else ())))
         return tuple(out)
 
+    def _fetched_shapes(self):
+        """Shapes of K and V as :meth:`keys_and_values` returns them."""
+        fp = self.fp
+        B, H, _, D = fp.keys.shape
+        n = fp.ns + self._attended_quantized + self._attended_window
+        return (B, H, n, D), (B, H, n, fp.values.shape[-1])
+
     def _fetch(self):
-        k, v = self.keys_and_values()
+        # Placeholders once the patched attention has served this cache through the
+        # fused op (it never reads K/V then), else the real K/V (tqmetal.fetched).
+        placeholder = self._fused_served and patch.is_patched()
+        if placeholder:
+            k, v = placeholders(self, *self._fetched_shapes(), getattr(mx, self.model_dtype))
+        else:
+            k, v = self.keys_and_values()
         # Weak references: the patched attention checks that it is handed what
         # this call returned (models that edit K/V after fetching get the
         # fallback) without keeping buffers alive, which would block MLX from
         # updating them in place.
         self._fetched = (weakref.ref(k), weakref.ref(v))
+        self._fetched_placeholders = placeholder
         return k, v
+
+    def materialize_fetched(self, keys, values):
+        """``keys``, ``values`` with the placeholders the last ``update_and_fetch``
+        returned replaced by the real :meth:`keys_and_values`; anything else comes back
+        unchanged. For attention that reads K/V when the fused op does not serve the call
+        (the patched attention calls it, through :func:`tqmetal.fetched.materialize`,
+        before it falls back to mlx-lm's)."""
+        f = self._fetched
+        if not self._fetched_placeholders or f is None:
+            return keys, values
+        is_k, is_v = f[0]() is keys, f[1]() is values
+        if not (is_k or is_v):
+            return keys, values
+        k, v = self.keys_and_values()
+        if (is_k and k.shape != keys.shape) or (is_v and v.shape != values.shape):
+            raise RuntimeError(f"{type(self).__name__}: the cache changed (trim?) since "
+                               f"update_and_fetch returned these K/V; fetch them again")
+        return (k if is_k else keys), (v if is_v else values)
 
     def fused_attention(self, queries, keys, values, *, scale, mask=None, sinks=None):
         """``tqmetal.sdpa_int4`` over this cache, or None if it cannot serve this call.
 
         ``keys``/``values`` must be what the last ``update_and_fetch`` returned;
-        ``mask`` is in sequence order as mlx-lm makes it.
+        ``mask`` is in sequence order as mlx-lm makes it. Once this has served a
+        call, ``update_and_fetch`` returns placeholders while the patch is active
+        (an override that reads ``keys``/``values`` should read
+        :meth:`materialize_fetched` of them).
         """
         f = self._fetched
         if f is None or f[0]() is not keys or f[1]() is not values:
@@ -501,6 +557,7 @@ class Int4KVCache(_mlc._BaseCache):
             group_size=self.group_size, k_bits=self.k_bits, v_bits=self.v_bits,
             sinks=sinks, k_tail=kt, v_tail=vt,
         )
+        self._fused_served = True
         return unrotate(out) if self._rot_v else out
 
     def make_mask(self, N: int, return_array: bool = False, window_size: Optional[int] = None):

@@ -18,6 +18,12 @@ module that holds base's function under that name. The patched function sends
 and every other call, unchanged, to the function it replaced. This module
 does not know the cache classes (they know it): it calls any cache's
 ``fused_attention`` method.
+
+While patched, a tqmetal cache that the fused op has served once returns NaN
+placeholders from ``update_and_fetch`` instead of its dequantized K/V (the fused
+op reads the packed data; see :mod:`tqmetal.fetched`). Before a call goes to
+the replaced function, :func:`tqmetal.fetched.materialize` swaps any
+placeholders among its K/V for the real ones, whichever cache handed them out.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from contextlib import contextmanager
 import mlx_lm.models.base as _base
 
 from .cache_storage import readable_width
+from .fetched import materialize
 from .ops import fused_op_available, sdpa_int4
 
 __all__ = [
@@ -63,6 +70,8 @@ def scaled_dot_product_attention(queries, keys, values, cache, scale, mask, sink
     out = _fused(queries, keys, values, cache, scale, mask, sinks)
     if out is not None:
         return out
+    # The fallback reads K/V: placeholders a cache handed out become its real K/V.
+    keys, values = materialize(keys, values)
     fallback = _original or _UNPATCHED
     return fallback(queries, keys, values, cache=cache, scale=scale, mask=mask, sinks=sinks)
 
