@@ -44,7 +44,6 @@ the op reads at most that many masked tokens more.
 
 from __future__ import annotations
 
-import weakref
 from typing import List, Optional
 
 import mlx.core as mx
@@ -53,7 +52,7 @@ from mlx_lm.models.base import create_causal_mask
 
 from . import patch
 from .cache_storage import STORAGE_DTYPE, dequantize
-from .fetched import placeholders
+from .fetched import hand_out, real_for
 from .key_transforms import channel_scales, resolve_rotation, to_model_space, unrotate
 from .ops import fused_op_available, quantize, sdpa_int4
 
@@ -398,29 +397,15 @@ class BatchInt4KVCache(_mlc._BaseCache):
     def _fetch(self):
         # As Int4KVCache._fetch: placeholders once the patched attention has served this
         # cache through the fused op, else the real K/V.
-        placeholder = self._fused_served and patch.is_patched()
-        if placeholder:
-            B, H, n = self.batch_size, self._H, self._idx
-            k, v = placeholders(self, (B, H, n, self._D), (B, H, n, self._Dv),
-                                getattr(mx, self.model_dtype))
-        else:
-            k, v = self.keys_and_values()
-        self._fetched = (weakref.ref(k), weakref.ref(v))
-        self._fetched_placeholders = placeholder
-        return k, v
+        B, H, n = self.batch_size, self._H, self._idx
+        return hand_out(self, self._fused_served and patch.is_patched(),
+                        ((B, H, n, self._D), (B, H, n, self._Dv)), getattr(mx, self.model_dtype))
 
     def materialize_fetched(self, keys, values):
         """As :meth:`tqmetal.cache.Int4KVCache.materialize_fetched`: the real
         :meth:`keys_and_values` for the placeholders the last ``update_and_fetch``
         returned, anything else unchanged."""
-        f = self._fetched
-        if not self._fetched_placeholders or f is None:
-            return keys, values
-        is_k, is_v = f[0]() is keys, f[1]() is values
-        if not (is_k or is_v):
-            return keys, values
-        k, v = self.keys_and_values()
-        return (k if is_k else keys), (v if is_v else values)
+        return real_for(self, keys, values)
 
     def _visible(self, cols, t, lp):
         """Sliding-window visibility of key slots ``cols`` from query slots ``t``."""

@@ -86,7 +86,6 @@ should call :meth:`~Int4KVCache.keys_and_values` (or ``materialize_fetched``).
 
 from __future__ import annotations
 
-import weakref
 from typing import Optional, Sequence
 
 import mlx.core as mx
@@ -100,7 +99,7 @@ from .cache_order import KeyOrder, translate_mask_memo
 from .cache_storage import (STORAGE_DTYPE, FullPrecisionPart, QuantizedPart, check_bits,
                             dequantize, empty_triple)
 from .calibrate import calibrate_channel_scales
-from .fetched import placeholders
+from .fetched import hand_out, real_for
 from .key_transforms import (channel_scales, resolve_rotation, scale_queries, to_model_space,
                              unrotate)
 from .ops import fused_op_available, quantize, sdpa_int4
@@ -488,18 +487,8 @@ class Int4KVCache(_mlc._BaseCache):
     def _fetch(self):
         # Placeholders once the patched attention has served this cache through the
         # fused op (it never reads K/V then), else the real K/V (tqmetal.fetched).
-        placeholder = self._fused_served and patch.is_patched()
-        if placeholder:
-            k, v = placeholders(self, *self._fetched_shapes(), getattr(mx, self.model_dtype))
-        else:
-            k, v = self.keys_and_values()
-        # Weak references: the patched attention checks that it is handed what
-        # this call returned (models that edit K/V after fetching get the
-        # fallback) without keeping buffers alive, which would block MLX from
-        # updating them in place.
-        self._fetched = (weakref.ref(k), weakref.ref(v))
-        self._fetched_placeholders = placeholder
-        return k, v
+        return hand_out(self, self._fused_served and patch.is_patched(), self._fetched_shapes(),
+                        getattr(mx, self.model_dtype))
 
     def materialize_fetched(self, keys, values):
         """``keys``, ``values`` with the placeholders the last ``update_and_fetch``
@@ -507,17 +496,7 @@ class Int4KVCache(_mlc._BaseCache):
         unchanged. For attention that reads K/V when the fused op does not serve the call
         (the patched attention calls it, through :func:`tqmetal.fetched.materialize`,
         before it falls back to mlx-lm's)."""
-        f = self._fetched
-        if not self._fetched_placeholders or f is None:
-            return keys, values
-        is_k, is_v = f[0]() is keys, f[1]() is values
-        if not (is_k or is_v):
-            return keys, values
-        k, v = self.keys_and_values()
-        if (is_k and k.shape != keys.shape) or (is_v and v.shape != values.shape):
-            raise RuntimeError(f"{type(self).__name__}: the cache changed (trim?) since "
-                               f"update_and_fetch returned these K/V; fetch them again")
-        return (k if is_k else keys), (v if is_v else values)
+        return real_for(self, keys, values)
 
     def fused_attention(self, queries, keys, values, *, scale, mask=None, sinks=None):
         """``tqmetal.sdpa_int4`` over this cache, or None if it cannot serve this call.

@@ -26,7 +26,7 @@ import weakref
 
 import mlx.core as mx
 
-__all__ = ["placeholders", "is_placeholder", "materialize"]
+__all__ = ["placeholders", "is_placeholder", "materialize", "hand_out", "real_for"]
 
 _NAN = {}  # dtype -> one evaluated NaN scalar
 # id(placeholder) -> (weak ref to it, weak ref to its cache); an entry goes when its
@@ -82,3 +82,32 @@ def materialize(keys, values):
         if cache is not None:
             keys, values = cache.materialize_fetched(keys, values)
     return keys, values
+
+
+def hand_out(cache, use_placeholders: bool, shapes, dtype):
+    """What ``cache.update_and_fetch`` returns: placeholders of ``shapes`` (K's, V's) and
+    ``dtype`` when ``use_placeholders``, else ``cache.keys_and_values()``. Records them in
+    the cache as weak references (``cache._fetched``): the patched attention checks that
+    it is handed exactly these (models that edit K/V after fetching get the fallback)
+    without keeping buffers alive, which would block MLX from updating them in place."""
+    k, v = placeholders(cache, *shapes, dtype) if use_placeholders else cache.keys_and_values()
+    cache._fetched = (weakref.ref(k), weakref.ref(v))
+    cache._fetched_placeholders = use_placeholders
+    return k, v
+
+
+def real_for(cache, keys, values):
+    """``keys``, ``values`` with the placeholders ``cache`` handed out last replaced by
+    its real ``keys_and_values()``; anything else comes back unchanged (the body of the
+    caches' ``materialize_fetched``)."""
+    f = cache._fetched
+    if not cache._fetched_placeholders or f is None:
+        return keys, values
+    is_k, is_v = f[0]() is keys, f[1]() is values
+    if not (is_k or is_v):
+        return keys, values
+    k, v = cache.keys_and_values()
+    if (is_k and k.shape != keys.shape) or (is_v and v.shape != values.shape):
+        raise RuntimeError(f"{type(cache).__name__}: the cache changed (trim?) since "
+                           f"update_and_fetch returned these K/V; fetch them again")
+    return (k if is_k else keys), (v if is_v else values)
