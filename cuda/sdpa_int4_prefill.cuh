@@ -594,7 +594,6 @@ struct FastPieces {
       if (NP % NTHR != 0 && c >= NP) break;
       u32 h[EPP / 2];  // float16 pairs, shared-memory column order
       if constexpr (CODES || H16) {
-        const u32 s2 = sc[i] | (sc[i] << 16), b2 = bi[i] | (bi[i] << 16);
         constexpr u32 M2 = ((1u << BITS) - 1u) * 0x00010001u;
 #pragma unroll
         for (int wi = 0; wi < 4; ++wi) {
@@ -603,7 +602,10 @@ struct FastPieces {
             const u32 y = ((w[i][wi] >> (BITS * k)) & M2) | 0x64006400u;  // 1024 + code, two halves
             u32 code;
             asm("sub.f16x2 %0, %1, %2;" : "=r"(code) : "r"(y), "r"(0x64006400u));
-            if constexpr (!CODES) asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(code) : "r"(code), "r"(s2), "r"(b2));
+            if constexpr (!CODES) {  // (CODES: sc/bi hold only a group's first piece's scales)
+              const u32 s2 = sc[i] | (sc[i] << 16), b2 = bi[i] | (bi[i] << 16);
+              asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(code) : "r"(code), "r"(s2), "r"(b2));
+            }
             h[wi * HP + k] = code;  // columns 2k, 2k + 1 of word wi: elements k, k + HP
           }
         }
